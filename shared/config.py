@@ -1,0 +1,103 @@
+"""One settings object for every lorafleet process (api, worker, cli), read from ``LORAFLEET_*``.
+
+Every command reads the same variables so that `serve`, `worker`, `up` and `train` started in one
+shell agree on where the database, broker and artifacts live without further flags.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Runtime configuration; defaults give the zero-setup embedded mode under ``./data``."""
+
+    model_config = SettingsConfigDict(env_prefix="LORAFLEET_", extra="ignore")
+
+    data_dir: Path = Field(
+        Path("./data"),
+        description="Holds the SQLite file, the embedded broker's folders and local storage.",
+    )
+    database_url: str | None = Field(
+        None, description="SQLAlchemy URL; default sqlite:///$DATA_DIR/lorafleet.db."
+    )
+    broker_url: str | None = Field(
+        None, description="Celery broker; default the no-server filesystem transport in DATA_DIR."
+    )
+    storage_url: str | None = Field(
+        None, description="file:///path or s3://bucket/prefix; default $DATA_DIR/storage."
+    )
+    s3_endpoint_url: str | None = Field(None, description="S3 endpoint (MinIO, moto...).")
+    models_dir: Path | None = Field(
+        None, description="Base models by folder name; default $DATA_DIR/models."
+    )
+    allowed_hub_models: str = Field(
+        "*",
+        description="Comma-separated hub ids `base_model` may name when it is no local folder; "
+        "'*' allows any id of the form org/name, '' allows none.",
+    )
+    worker_procs: int = Field(1, ge=1, le=64, description="DDP processes per job on a CPU worker.")
+    worker_gpu_type: str | None = Field(None, description="Override the detected GPU type label.")
+    lease_seconds: float = Field(30.0, gt=0, description="A running job's lease.")
+    requeue_grace_seconds: float = Field(
+        60.0, gt=0, description="A queued job older than this with no claim is re-published."
+    )
+    max_attempts: int = Field(3, ge=1, description="Attempts before a job that keeps dying fails.")
+    checkpoints_keep: int = Field(3, ge=1, description="Checkpoints kept per job in storage.")
+    progress_interval_seconds: float = Field(
+        1.0, gt=0, description="Minimum time between progress writes to the database."
+    )
+    # Security (issue 5): auth on unless explicitly disabled, and then only on loopback.
+    auth_disabled: bool = Field(False, description="Serve without API keys (loopback only).")
+    max_upload_bytes: int = Field(512 * 1024 * 1024, gt=0, description="Largest upload.")
+    max_rows: int = Field(1_000_000, gt=0, description="Most rows a dataset may hold.")
+    max_line_bytes: int = Field(4 * 1024 * 1024, gt=0, description="Longest dataset line.")
+    max_active_jobs_per_owner: int = Field(
+        50, gt=0, description="Queued + running jobs one owner may hold."
+    )
+    webhook_secret: str = Field("", description="HMAC key for webhook signatures.")
+    sync_db_echo: bool = False
+
+    @model_validator(mode="after")
+    def _fill_derived(self) -> Settings:
+        self.data_dir = self.data_dir.expanduser()
+        if self.database_url is None:
+            self.database_url = f"sqlite:///{(self.data_dir / 'lorafleet.db').resolve()}"
+        if self.broker_url is None:
+            self.broker_url = "filesystem://"
+        if self.storage_url is None:
+            self.storage_url = f"file://{(self.data_dir / 'storage').resolve()}"
+        if self.models_dir is None:
+            self.models_dir = self.data_dir / "models"
+        self.models_dir = self.models_dir.expanduser()
+        return self
+
+    @property
+    def broker_dir(self) -> Path:
+        """Folder of the embedded filesystem broker (shared by api and workers on one host)."""
+        return (self.data_dir / "broker").resolve()
+
+    @property
+    def db_url(self) -> str:
+        assert self.database_url is not None
+        return self.database_url
+
+    @property
+    def models_path(self) -> Path:
+        assert self.models_dir is not None
+        return self.models_dir
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process-wide settings, read once."""
+    return Settings()
+
+
+def reset_settings() -> None:
+    """Forget cached settings (tests change the environment between servers)."""
+    get_settings.cache_clear()

@@ -1,0 +1,295 @@
+"""JSONL dataset parsing and validation, shared by the upload route and the training engine.
+
+Pure Python (no torch) so the API can refuse a bad file at upload time with the same rules the
+engine applies later. Every error names the 1-based line and what is wrong with it.
+
+Formats, one JSON object a line (the file's first line decides; every line must agree):
+- chat: ``{"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": str,
+  "weight": 0|1?}, ...]}``; loss on assistant messages (``weight: 0`` skips one).
+- completion: ``{"prompt": str, "completion": str}``; loss on the completion.
+- alpaca: ``{"instruction": str, "input": str?, "output": str}``; loss on the output.
+- text: ``{"text": str}``; loss on every token.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import IO, Any, Literal
+
+Format = Literal["chat", "completion", "alpaca", "text"]
+FORMATS: tuple[Format, ...] = ("chat", "completion", "alpaca", "text")
+ROLES = ("system", "user", "assistant", "tool", "developer")
+
+ALPACA_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further "
+    "context. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately "
+    "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+)
+
+
+class DatasetError(ValueError):
+    """A dataset problem; ``line`` is 1-based (0 when it concerns the whole file)."""
+
+    def __init__(self, line: int, message: str) -> None:
+        self.line = line
+        self.problem = message
+        super().__init__(f"line {line}: {message}" if line else message)
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str
+    content: str
+    train: bool
+
+
+@dataclass(frozen=True)
+class Example:
+    """One normalised training example.
+
+    ``messages`` is set for chat rows; otherwise ``segments`` holds (text, trained) pieces in order.
+    """
+
+    format: Format
+    messages: tuple[Message, ...] = ()
+    segments: tuple[tuple[str, bool], ...] = ()
+
+
+@dataclass
+class DatasetSummary:
+    """What the upload route stores about a validated file."""
+
+    format: Format
+    rows: int
+    bytes: int
+    sha256: str
+    examples_preview: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_rows: int = 1_000_000
+    max_line_bytes: int = 4 * 1024 * 1024
+    max_bytes: int = 1 << 40
+
+
+def detect_format(obj: dict[str, Any]) -> Format | None:
+    """The format a row's keys announce, or None."""
+    if "messages" in obj:
+        return "chat"
+    if "prompt" in obj and "completion" in obj:
+        return "completion"
+    if "instruction" in obj and "output" in obj:
+        return "alpaca"
+    if "text" in obj:
+        return "text"
+    return None
+
+
+def _text_content(value: Any, where: str) -> str:
+    """OpenAI allows content as a string or a list of ``{"type": "text", "text": ...}`` parts."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        parts = []
+        for part in value:
+            if not isinstance(part, dict) or part.get("type") != "text":
+                raise ValueError(f"{where}: only text content parts are supported")
+            text = part.get("text")
+            if not isinstance(text, str):
+                raise ValueError(f"{where}: a text part needs a string 'text'")
+            parts.append(text)
+        return "".join(parts)
+    raise ValueError(f"{where} must be a string")
+
+
+def _require_str(obj: dict[str, Any], key: str, *, allow_empty: bool = False) -> str:
+    value = obj.get(key)
+    if not isinstance(value, str):
+        raise ValueError(f"'{key}' must be a string")
+    if not allow_empty and not value.strip():
+        raise ValueError(f"'{key}' is empty")
+    return value
+
+
+def parse_row(obj: Any, expected: Format | None = None) -> Example:
+    """Validate one decoded JSON value; raises ValueError describing the problem (no line)."""
+    if not isinstance(obj, dict):
+        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+    fmt = detect_format(obj)
+    if fmt is None:
+        raise ValueError(
+            "unknown row format: expected 'messages', 'prompt'+'completion', "
+            "'instruction'+'output' or 'text'"
+        )
+    if expected is not None and fmt != expected:
+        raise ValueError(f"row is {fmt} but the file is {expected} (line 1 decides)")
+    if fmt == "chat":
+        return _parse_chat(obj)
+    if fmt == "completion":
+        prompt = _require_str(obj, "prompt", allow_empty=True)
+        completion = _require_str(obj, "completion")
+        return Example("completion", segments=((prompt, False), (completion, True)))
+    if fmt == "alpaca":
+        instruction = _require_str(obj, "instruction")
+        extra = obj.get("input", "")
+        if extra is None:
+            extra = ""
+        if not isinstance(extra, str):
+            raise ValueError("'input' must be a string")
+        output = _require_str(obj, "output")
+        template = ALPACA_WITH_INPUT if extra.strip() else ALPACA_NO_INPUT
+        prompt = template.format(instruction=instruction, input=extra)
+        return Example("alpaca", segments=((prompt, False), (output, True)))
+    text = _require_str(obj, "text")
+    return Example("text", segments=((text, True),))
+
+
+def _parse_chat(obj: dict[str, Any]) -> Example:
+    raw = obj["messages"]
+    if not isinstance(raw, list) or not raw:
+        raise ValueError("'messages' must be a non-empty list")
+    messages = []
+    for i, msg in enumerate(raw):
+        where = f"messages[{i}]"
+        if not isinstance(msg, dict):
+            raise ValueError(f"{where} must be an object")
+        role = msg.get("role")
+        if role not in ROLES:
+            raise ValueError(f"{where}.role must be one of {', '.join(ROLES)}, got {role!r}")
+        content_value = msg.get("content")
+        if content_value is None and role == "assistant":
+            raise ValueError(f"{where}.content is missing (tool calls are not supported)")
+        content = _text_content(content_value, f"{where}.content")
+        weight = msg.get("weight", 1)
+        if weight not in (0, 1) or isinstance(weight, bool):
+            raise ValueError(f"{where}.weight must be 0 or 1")
+        messages.append(Message(role, content, role == "assistant" and weight == 1))
+    if not any(m.train and m.content.strip() for m in messages):
+        raise ValueError("no assistant message with content to train on")
+    return Example("chat", messages=tuple(messages))
+
+
+def iter_lines(stream: IO[bytes], limits: Limits) -> Iterator[tuple[int, bytes]]:
+    """Yield (line number, raw line) of non-blank lines, enforcing byte limits while reading.
+
+    Reads in bounded chunks so a hostile single 50 MB line is refused without being held whole.
+    """
+    number = 0
+    total = 0
+    buffer = b""
+    while True:
+        chunk = stream.read(1 << 16)
+        if not chunk:
+            break
+        total += len(chunk)
+        if total > limits.max_bytes:
+            raise DatasetError(0, f"file is larger than the limit of {limits.max_bytes} bytes")
+        buffer += chunk
+        *lines, buffer = buffer.split(b"\n")
+        for line in lines:
+            number += 1
+            if len(line) > limits.max_line_bytes:
+                raise DatasetError(number, f"line longer than {limits.max_line_bytes} bytes")
+            if line.strip():
+                yield number, line
+        if len(buffer) > limits.max_line_bytes:
+            raise DatasetError(number + 1, f"line longer than {limits.max_line_bytes} bytes")
+    if buffer.strip():
+        yield number + 1, buffer
+
+
+def decode_line(number: int, raw: bytes) -> Any:
+    """Decode one raw line to JSON, with errors that name the line."""
+    if b"\x00" in raw:
+        raise DatasetError(number, "contains a NUL byte")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DatasetError(number, f"invalid UTF-8 at byte {exc.start}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DatasetError(number, f"invalid JSON: {exc.msg} (column {exc.colno})") from None
+
+
+def iter_examples(stream: IO[bytes], limits: Limits | None = None) -> Iterator[Example]:
+    """Parse and validate a JSONL stream, yielding examples; raises DatasetError on the first bad
+    line."""
+    limits = limits or Limits()
+    fmt: Format | None = None
+    rows = 0
+    for number, raw in iter_lines(stream, limits):
+        obj = decode_line(number, raw)
+        try:
+            example = parse_row(obj, fmt)
+        except ValueError as exc:
+            raise DatasetError(number, str(exc)) from None
+        fmt = example.format
+        rows += 1
+        if rows > limits.max_rows:
+            raise DatasetError(number, f"more than the limit of {limits.max_rows} rows")
+        yield example
+    if rows == 0:
+        raise DatasetError(0, "the file holds no rows (empty dataset)")
+
+
+class _HashingReader:
+    """Wraps a binary stream, hashing and counting what is read through it."""
+
+    def __init__(self, stream: IO[bytes]) -> None:
+        self._stream = stream
+        self.sha256 = hashlib.sha256()
+        self.bytes = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._stream.read(size)
+        self.sha256.update(data)
+        self.bytes += len(data)
+        return data
+
+
+def summarize(stream: IO[bytes], limits: Limits | None = None) -> DatasetSummary:
+    """Validate a whole stream and return rows, format, size and sha256 in one pass."""
+    reader = _HashingReader(stream)
+    rows = 0
+    fmt: Format = "text"
+    for example in iter_examples(reader, limits):  # type: ignore[arg-type]
+        rows += 1
+        fmt = example.format
+    return DatasetSummary(format=fmt, rows=rows, bytes=reader.bytes, sha256=reader.sha256.hexdigest())
+
+
+def load_examples(path: str, limits: Limits | None = None) -> list[Example]:
+    """Read a whole local JSONL file (engine side)."""
+    with open(path, "rb") as stream:
+        return list(iter_examples(stream, limits))
+
+
+def sha256_file(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for chunk in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def examples_from_objects(objs: Iterable[Any]) -> list[Example]:
+    """Validate in-memory rows (tests, tooling); line numbers count from 1."""
+    fmt: Format | None = None
+    out = []
+    for number, obj in enumerate(objs, start=1):
+        try:
+            example = parse_row(obj, fmt)
+        except ValueError as exc:
+            raise DatasetError(number, str(exc)) from None
+        fmt = example.format
+        out.append(example)
+    return out

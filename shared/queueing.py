@@ -1,0 +1,74 @@
+"""The Celery app both sides agree on, and publishing a job id.
+
+The API publishes by task *name* so it never imports the worker (nor torch). The broker only
+carries job ids: the database row is the truth, and a lost message is re-published by the reaper.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any
+
+from celery import Celery
+
+from shared.config import Settings, get_settings
+
+TRAIN_TASK = "lorafleet.train_job"
+DEFAULT_QUEUE = "lorafleet"
+
+
+def broker_options(settings: Settings) -> dict[str, Any]:
+    """Transport options; the embedded filesystem broker keeps its folders in DATA_DIR."""
+    url = settings.broker_url or ""
+    if url.startswith("filesystem://"):
+        folder = settings.broker_dir
+        (folder / "queue").mkdir(parents=True, exist_ok=True)
+        (folder / "processed").mkdir(parents=True, exist_ok=True)
+        return {
+            "data_folder_in": str(folder / "queue"),
+            "data_folder_out": str(folder / "queue"),
+            "processed_folder": str(folder / "processed"),
+            "store_processed": False,
+            "polling_interval": 0.5,
+        }
+    if url.startswith(("redis://", "rediss://")):
+        # Training runs for hours: never let Redis re-deliver a running task (celery#5935).
+        # Recovery of dead workers' jobs comes from the database lease instead.
+        return {"visibility_timeout": 7 * 24 * 3600}
+    return {}
+
+
+def make_celery(settings: Settings | None = None) -> Celery:
+    """A Celery app configured for long, idempotent training tasks."""
+    settings = settings or get_settings()
+    app = Celery("lorafleet", broker=settings.broker_url)
+    app.conf.update(
+        broker_transport_options=broker_options(settings),
+        broker_connection_retry_on_startup=True,
+        task_default_queue=DEFAULT_QUEUE,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_serializer="json",
+        accept_content=["json"],
+        result_backend=None,
+        task_ignore_result=True,
+        worker_hijack_root_logger=False,
+        broker_heartbeat=0,
+        task_send_sent_event=False,
+    )
+    return app
+
+
+@lru_cache
+def _publisher() -> Celery:
+    return make_celery()
+
+
+def reset_publisher() -> None:
+    _publisher.cache_clear()
+
+
+def publish_job(job_id: str, queue: str = DEFAULT_QUEUE, priority: int = 0) -> None:
+    """Send the job id to the workers. Call only after the job row is committed."""
+    _publisher().send_task(TRAIN_TASK, args=[job_id], queue=queue, retry=True)

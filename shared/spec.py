@@ -1,0 +1,145 @@
+"""The job body: what to train. One schema for `POST /jobs`, `POST /estimate` and `lorafleet train`.
+
+Validation lives here so the API refuses a bad job before it is queued and the engine can trust
+what it gets. Every field carries a description and a range; cross-field rules name the field.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+_MODULE_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
+
+
+class LoraSettings(BaseModel):
+    """LoRA adapter shape (peft ``LoraConfig``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    r: int = Field(8, ge=1, le=1024, description="Rank of the update matrices.")
+    alpha: float = Field(16, gt=0, le=4096, description="Scaling numerator: update * alpha / r.")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        default_factory=lambda: ["q_proj", "v_proj"],
+        description="Module name suffixes to adapt (e.g. q_proj, v_proj; c_attn for GPT-2), "
+        "or 'all-linear'. Checked against the model before the job is queued.",
+    )
+
+    @field_validator("target_modules")
+    @classmethod
+    def _check_modules(cls, value: list[str] | str) -> list[str] | str:
+        if isinstance(value, str):
+            return value
+        if not value:
+            raise ValueError("target_modules must name at least one module")
+        if len(value) > 64:
+            raise ValueError("target_modules may name at most 64 modules")
+        for name in value:
+            if not _MODULE_NAME.match(name) or len(name) > 128:
+                raise ValueError(f"target_modules: {name!r} is not a module name")
+        return sorted(set(value), key=value.index)
+
+
+class TrainingSettings(BaseModel):
+    """Optimisation settings. ``max_steps`` wins over ``epochs`` when both are set."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: int = Field(1, ge=1, le=1000, description="Whole passes over the data.")
+    max_steps: int | None = Field(
+        None, ge=1, le=10_000_000, description="Optimizer steps; wins over epochs when set."
+    )
+    batch_size: int = Field(
+        4,
+        ge=1,
+        le=4096,
+        description="Sequences per device per micro-step (a packed row holds several examples).",
+    )
+    gradient_accumulation_steps: int = Field(
+        1, ge=1, le=1024, description="Micro-steps per optimizer step."
+    )
+    learning_rate: float = Field(2e-4, gt=0, le=1.0, description="Peak learning rate (AdamW).")
+    weight_decay: float = Field(0.0, ge=0.0, le=1.0, description="AdamW weight decay.")
+    lr_scheduler: Literal["cosine", "linear", "constant"] = Field(
+        "cosine", description="Decay after warmup."
+    )
+    warmup_ratio: float = Field(0.03, ge=0.0, le=1.0, description="Share of steps warming up.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping; null = off.")
+    max_seq_length: int = Field(
+        512, ge=8, le=131072, description="Tokens per sequence; longer examples are truncated."
+    )
+    packing: bool = Field(
+        True, description="Pack several examples per row (no cross-example attention)."
+    )
+    gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 autocast on GPUs that support it, fp32 on CPU."
+    )
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="Seeds data order, init and dropout.")
+    checkpoint_every_steps: int | None = Field(
+        None, ge=1, description="Checkpoint interval in steps; null = the service default."
+    )
+    eval_every_steps: int | None = Field(
+        None, ge=1, description="Eval interval on validation_file; eval also runs at the end."
+    )
+
+
+class Resources(BaseModel):
+    """Where the job may run."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    gpus: int | Literal["all"] = Field(
+        "all", description="GPUs for the job: a count, or 'all' of the worker's."
+    )
+    gpu_type: str | None = Field(
+        None, max_length=64, description="Only workers whose GPU type contains this string."
+    )
+
+    @field_validator("gpus")
+    @classmethod
+    def _check_gpus(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and not 0 <= value <= 1024:
+            raise ValueError("gpus must be between 0 and 1024 or 'all'")
+        return value
+
+
+class JobSpec(BaseModel):
+    """A fine-tuning job body."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base_model: str = Field(
+        ...,
+        min_length=1,
+        max_length=200,
+        description="A model folder name in LORAFLEET_MODELS_DIR, or an allowed hub id (org/name).",
+    )
+    training_file: str = Field(
+        ..., min_length=1, max_length=4096, description="File id (service) or local path (CLI)."
+    )
+    validation_file: str | None = Field(
+        None, max_length=4096, description="Optional file for eval loss."
+    )
+    suffix: str | None = Field(
+        None, max_length=64, description="Free label added to the fine-tuned model name."
+    )
+    lora: LoraSettings = Field(default_factory=LoraSettings)  # type: ignore[arg-type]
+    training: TrainingSettings = Field(default_factory=TrainingSettings)  # type: ignore[arg-type]
+    resources: Resources = Field(default_factory=Resources)  # type: ignore[arg-type]
+    priority: int = Field(0, ge=-100, le=100, description="Higher runs first within a queue.")
+    webhook_url: str | None = Field(
+        None, max_length=2048, description="POSTed the job (HMAC-signed) on a final state."
+    )
+    max_attempts: int | None = Field(
+        None, ge=1, le=100, description="Attempts before failing; default LORAFLEET_MAX_ATTEMPTS."
+    )
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> JobSpec:
+        if self.webhook_url and not re.match(r"^https?://", self.webhook_url):
+            raise ValueError("webhook_url must be an http(s) URL")
+        return self
