@@ -237,9 +237,8 @@ class S3Storage:
         self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
 
     def list(self, prefix: str = "") -> list[str]:
-        full = self._key(prefix) if prefix else (f"{self.prefix}/" if self.prefix else "")
-        if prefix.endswith("/") and not full.endswith("/"):
-            full += "/"
+        # A prefix is only a filter (it need not be a whole key), so it is not check_key'd.
+        full = f"{self.prefix}/{prefix}" if self.prefix else prefix
         strip = len(self.prefix) + 1 if self.prefix else 0
         keys = []
         paginator = self.client.get_paginator("list_objects_v2")
@@ -304,3 +303,8 @@ __all__ = [
     "copy_between",
     "storage_from_url",
 ]
+
+
+def storage_from_settings(settings: Any) -> Storage:
+    """The storage the settings name (``storage_url`` + ``s3_endpoint_url``)."""
+    return storage_from_url(settings.storage_url, settings.s3_endpoint_url)

@@ -193,7 +193,11 @@ def tokenize_example(tokenizer: Any, example: Example, max_seq_length: int) -> t
     else:
         ids, mask = _segments_to_ids(tokenizer, example.segments, eos_after_trained=True)
     truncated = len(ids) > max_seq_length
-    ids, mask = ids[:max_seq_length], mask[:max_seq_length]
+    if truncated and not any(mask[1:max_seq_length]):
+        # Cutting the tail would leave nothing to learn (a long prompt): keep the end instead.
+        ids, mask = ids[-max_seq_length:], mask[-max_seq_length:]
+    else:
+        ids, mask = ids[:max_seq_length], mask[:max_seq_length]
     targets = [ids[t + 1] if mask[t + 1] else IGNORE for t in range(len(ids) - 1)] + [IGNORE]
     return TokenizedExample(ids, targets), truncated
 

@@ -1,0 +1,80 @@
+"""Typed dependencies so routes never repeat session, storage or auth lookups."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from functools import lru_cache
+from typing import Annotated
+
+from fastapi import Depends, Header, Request
+from sqlalchemy.orm import Session
+
+from shared.config import Settings, get_settings
+from shared.db import session_factory
+from shared.errors import Forbidden, Unauthorized
+from shared.models import ApiKey
+from shared.services.keys import authenticate
+from shared.storage import Storage, storage_from_url
+
+LOOPBACK = {"127.0.0.1", "::1", "localhost", "testclient"}
+
+
+def get_session() -> Iterator[Session]:
+    """One session per request, closed (and rolled back if uncommitted) afterwards."""
+    session = session_factory()()
+    try:
+        yield session
+    finally:
+        session.close()
+
+
+@lru_cache(maxsize=8)
+def _storage(url: str, endpoint_url: str | None) -> Storage:
+    return storage_from_url(url, endpoint_url)
+
+
+def get_storage() -> Storage:
+    """The configured storage backend (one client per URL, reused across requests)."""
+    settings = get_settings()
+    assert settings.storage_url is not None
+    return _storage(settings.storage_url, settings.s3_endpoint_url)
+
+
+def current_owner(
+    request: Request,
+    session: Annotated[Session, Depends(get_session)],
+    authorization: Annotated[str | None, Header()] = None,
+) -> ApiKey:
+    """The API key of the request (``Authorization: Bearer KEY``); 401 when missing or wrong.
+
+    With auth disabled every request acts as the admin owner "local", and only loopback clients
+    are served: a disabled-auth server reachable from the network would be open to anyone.
+    """
+    if get_settings().auth_disabled:
+        host = request.client.host if request.client else ""
+        if host not in LOOPBACK:
+            raise Forbidden("authentication is disabled; only loopback clients are served")
+        return ApiKey(id="local", key_hash="", owner="local", admin=True)
+    if not authorization:
+        raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthorized("malformed Authorization header: expected 'Bearer <key>'")
+    key = authenticate(session, token.strip())
+    if key is None:
+        raise Unauthorized("invalid or revoked API key")
+    return key
+
+
+def require_admin(key: Annotated[ApiKey, Depends(current_owner)]) -> ApiKey:
+    """The key, if it is an admin key; 403 otherwise."""
+    if not key.admin:
+        raise Forbidden("this needs an admin API key")
+    return key
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+StorageDep = Annotated[Storage, Depends(get_storage)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+CurrentOwner = Annotated[ApiKey, Depends(current_owner)]
+AdminKey = Annotated[ApiKey, Depends(require_admin)]

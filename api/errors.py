@@ -1,0 +1,96 @@
+"""One place where domain errors become HTTP responses.
+
+Every error body has the same shape: ``{"detail": message, "error": {"code", "message",
+"param"}}``. ``detail`` keeps FastAPI's conventional key (a string here, so clients print it as is);
+``error`` is what programs switch on.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from shared.errors import (
+    Conflict,
+    Forbidden,
+    InvalidInput,
+    LorafleetError,
+    NotFound,
+    QuotaExceeded,
+    TooLarge,
+    Unauthorized,
+)
+
+STATUS: dict[type[LorafleetError], int] = {
+    NotFound: 404,
+    Conflict: 409,
+    TooLarge: 413,
+    InvalidInput: 422,
+    QuotaExceeded: 429,
+    Unauthorized: 401,
+    Forbidden: 403,
+}
+
+
+def error_response(
+    status: int,
+    message: str,
+    code: str,
+    param: str | None = None,
+    headers: dict[str, str] | None = None,
+    **extra: Any,
+) -> JSONResponse:
+    """The common error body."""
+    body = {"detail": message, "error": {"code": code, "message": message, "param": param}}
+    body.update(extra)
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _status_of(exc: LorafleetError) -> int:
+    for cls in type(exc).__mro__:
+        if cls in STATUS:
+            return STATUS[cls]  # type: ignore[index]
+    return 400
+
+
+async def _domain(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, LorafleetError)
+    status = _status_of(exc)
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return error_response(status, exc.message, exc.code, exc.param, headers)
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    # Drop the "body"/"query" prefix: clients know where they sent it, they want the field.
+    parts = [str(p) for p in loc[1:]] if loc and loc[0] in ("body", "query", "path") else loc
+    return ".".join(str(p) for p in parts) or "body"
+
+
+async def _validation(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = exc.errors()
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+    param = _loc(tuple(first.get("loc", ())))
+    message = "; ".join(f"{_loc(tuple(e.get('loc', ())))}: {e.get('msg')}" for e in errors)
+    details = [
+        {"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")} for e in errors
+    ]
+    return error_response(422, message, "invalid_request", param, errors=details)
+
+
+async def _http(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    return error_response(exc.status_code, message, code, headers=exc.headers)
+
+
+def install(app: FastAPI) -> None:
+    """Register the handlers on ``app``."""
+    app.add_exception_handler(LorafleetError, _domain)
+    app.add_exception_handler(RequestValidationError, _validation)
+    app.add_exception_handler(StarletteHTTPException, _http)

@@ -1,0 +1,40 @@
+"""The FastAPI app: wiring only. Routes live in ``api/routes``, logic in ``shared/services``.
+
+``lorafleet serve`` runs ``uvicorn --factory api.main:create_app``. The lifespan migrates the
+database to head (``prepare_database``) before the first request, so a fresh data directory or a
+new release needs no separate migration step; concurrent starts on PostgreSQL serialise on an
+advisory lock inside ``upgrade_to_head``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from starlette.concurrency import run_in_threadpool
+
+from api import errors
+from api.routes import files, health, jobs, metrics
+from shared.config import get_settings
+from shared.db import upgrade_to_head
+
+
+def prepare_database() -> None:
+    """Bring the configured database to the newest schema (idempotent)."""
+    upgrade_to_head(get_settings().db_url)
+
+
+@asynccontextmanager
+async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+    await run_in_threadpool(prepare_database)
+    yield
+
+
+def create_app() -> FastAPI:
+    """A new app instance (uvicorn factory mode; tests build one per settings)."""
+    app = FastAPI(title="lorafleet", version="0.1.0", lifespan=lifespan)
+    errors.install(app)
+    for module in (health, metrics, files, jobs):
+        app.include_router(module.router)
+    return app

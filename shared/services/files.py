@@ -1,0 +1,159 @@
+"""Dataset files: validated while they are read, stored whole, then recorded.
+
+Order matters: validate (nothing stored for a bad file) → put to storage under a fresh id →
+insert the row. A crash between the last two leaves an orphan object, never a row pointing at
+nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from typing import IO
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from shared.datasets import DatasetError, Limits, summarize
+from shared.errors import Conflict, InvalidInput, NotFound, TooLarge
+from shared.ids import new_file_id
+from shared.models import File
+from shared.storage import Storage
+
+PURPOSES = ("fine-tune", "validation")
+
+
+class _TeeReader:
+    """Copies what the validator reads into a spool file and enforces the byte limit.
+
+    Validation and spooling happen in one pass, so an oversized or invalid upload is refused as
+    soon as the offending byte arrives.
+    """
+
+    def __init__(self, source: IO[bytes], sink: IO[bytes], max_bytes: int) -> None:
+        self._source = source
+        self._sink = sink
+        self._max = max_bytes
+        self.count = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._source.read(size)
+        self.count += len(data)
+        if self.count > self._max:
+            raise TooLarge(f"file is larger than the limit of {self._max} bytes", param="file")
+        self._sink.write(data)
+        return data
+
+
+def storage_key(file_id: str) -> str:
+    """Where a file's bytes live in storage."""
+    return f"files/{file_id}.jsonl"
+
+
+def _request_hash(sha256: str, filename: str, purpose: str) -> str:
+    return hashlib.sha256(f"{sha256}\0{filename}\0{purpose}".encode()).hexdigest()
+
+
+def _by_idempotency_key(session: Session, owner: str, key: str) -> File | None:
+    query = select(File).where(File.owner == owner, File.idempotency_key == key)
+    return session.scalar(query.execution_options(populate_existing=True))
+
+
+def _replay(existing: File, request_hash: str) -> File:
+    if existing.request_hash != request_hash:
+        raise Conflict(
+            "Idempotency-Key was already used with a different file",
+            param="Idempotency-Key",
+            code="idempotency_key_reused",
+        )
+    return existing
+
+
+def create_file(
+    session: Session,
+    storage: Storage,
+    owner: str,
+    filename: str,
+    stream: IO[bytes],
+    purpose: str = "fine-tune",
+    idempotency_key: str | None = None,
+    limits: Limits | None = None,
+    max_bytes: int | None = None,
+) -> tuple[File, bool]:
+    """Validate, store and record an uploaded JSONL dataset; returns (file, created).
+
+    ``created`` is False when ``idempotency_key`` replays an earlier identical upload. Raises
+    InvalidInput naming the line for bad data, TooLarge past ``max_bytes``, Conflict when the key
+    was used for different content.
+    """
+    if purpose not in PURPOSES:
+        raise InvalidInput(f"purpose must be one of {', '.join(PURPOSES)}", param="purpose")
+    filename = os.path.basename(filename or "").strip() or "data.jsonl"
+    if len(filename) > 512:
+        raise InvalidInput("filename is longer than 512 characters", param="file")
+    limits = limits or Limits()
+    limit = max_bytes if max_bytes is not None else limits.max_bytes
+
+    with tempfile.TemporaryFile() as spool:
+        try:
+            summary = summarize(_TeeReader(stream, spool, limit), limits)  # type: ignore[arg-type]
+        except DatasetError as exc:
+            message = f"invalid dataset: {exc}"
+            raise InvalidInput(message, param="file", code="invalid_file") from None
+        request_hash = _request_hash(summary.sha256, filename, purpose)
+        if idempotency_key:
+            existing = _by_idempotency_key(session, owner, idempotency_key)
+            if existing is not None:
+                return _replay(existing, request_hash), False
+
+        file_id = new_file_id()
+        key = storage_key(file_id)
+        spool.seek(0)
+        storage.put_stream(key, spool)
+
+    row = File(
+        id=file_id,
+        owner=owner,
+        filename=filename,
+        purpose=purpose,
+        bytes=summary.bytes,
+        rows=summary.rows,
+        format=summary.format,
+        sha256=summary.sha256,
+        storage_key=key,
+        idempotency_key=idempotency_key or None,
+        request_hash=request_hash,
+    )
+    session.add(row)
+    try:
+        session.commit()
+    except IntegrityError:
+        # A concurrent request with the same key won the insert: answer as its replay.
+        session.rollback()
+        storage.delete(key)
+        existing = _by_idempotency_key(session, owner, idempotency_key or "")
+        if existing is None:
+            raise
+        return _replay(existing, request_hash), False
+    return row, True
+
+
+def get_file(session: Session, owner: str, file_id: str) -> File:
+    """The owner's file; another owner's id is NotFound exactly like a missing one."""
+    row = session.get(File, file_id)
+    if row is None or row.owner != owner:
+        raise NotFound(f"no file {file_id}", param="file_id")
+    return row
+
+
+def list_files(
+    session: Session, owner: str, purpose: str | None = None, limit: int = 100
+) -> list[File]:
+    """The owner's files, newest first."""
+    query = select(File).where(File.owner == owner)
+    if purpose:
+        query = query.where(File.purpose == purpose)
+    query = query.order_by(File.created_at.desc(), File.id.desc()).limit(limit)
+    return list(session.scalars(query.execution_options(populate_existing=True)))

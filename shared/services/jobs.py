@@ -1,0 +1,289 @@
+"""Jobs as the API sees them: create (idempotent), read, list, cancel.
+
+The job id is published to the broker only after the row is committed, so a worker never looks
+up a job that is not there yet. If publishing fails the job stays queued in the database and the
+reaper re-publishes it (``runs.stale_queued``): the broker is a hint, the row is the truth.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from datetime import datetime
+from typing import Any, cast
+
+from sqlalchemy import CursorResult, and_, func, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from shared.config import Settings, get_settings
+from shared.errors import Conflict, InvalidInput, NotFound, QuotaExceeded
+from shared.ids import new_job_id
+from shared.models import Checkpoint, File, Job, JobEvent, JobMetric, utcnow
+from shared.queueing import DEFAULT_QUEUE, publish_job
+from shared.spec import JobSpec
+from shared.states import ACTIVE, CANCELLED, QUEUED, RUNNING
+
+log = logging.getLogger(__name__)
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+_FOLDER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+
+
+def request_hash(spec: JobSpec) -> str:
+    """A stable digest of a job body, to tell an idempotent retry from a different request."""
+    canonical = json.dumps(spec.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def queue_for(spec: JobSpec) -> str:
+    """The Celery queue a job goes to. One queue today; routing by GPU type would go here."""
+    return DEFAULT_QUEUE
+
+
+def check_base_model(name: str, settings: Settings) -> None:
+    """Allow a folder name in MODELS_DIR or an allowed hub id; never an arbitrary server path."""
+    if _FOLDER_NAME.match(name) and ".." not in name:
+        if (settings.models_path / name).is_dir():
+            return
+        raise InvalidInput(
+            f"base_model {name!r} is no model folder in the models directory", param="base_model"
+        )
+    allowed = settings.allowed_hub_models.strip()
+    if _HUB_ID.match(name) and ".." not in name:
+        names = {n.strip() for n in allowed.split(",") if n.strip()}
+        if "*" in names or name in names:
+            return
+        raise InvalidInput(f"base_model {name!r} is not an allowed hub model", param="base_model")
+    raise InvalidInput(
+        f"base_model {name!r} must be a model folder name or a hub id (org/name)",
+        param="base_model",
+    )
+
+
+def _check_file(session: Session, owner: str, file_id: str | None, param: str) -> None:
+    if file_id is None:
+        return
+    row = session.get(File, file_id)
+    if row is None or row.owner != owner:
+        raise InvalidInput(f"{param} {file_id!r} names no file of yours", param=param)
+
+
+def _by_idempotency_key(session: Session, owner: str, key: str) -> Job | None:
+    query = select(Job).where(Job.owner == owner, Job.idempotency_key == key)
+    return session.scalar(query.execution_options(populate_existing=True))
+
+
+def _replay(existing: Job, digest: str) -> tuple[Job, bool]:
+    if existing.request_hash != digest:
+        raise Conflict(
+            "Idempotency-Key was already used with a different job body",
+            param="Idempotency-Key",
+            code="idempotency_key_reused",
+        )
+    return existing, False
+
+
+def create_job(
+    session: Session,
+    owner: str,
+    spec: JobSpec,
+    idempotency_key: str | None = None,
+    settings: Settings | None = None,
+) -> tuple[Job, bool]:
+    """Validate references, insert a queued job, commit, publish; returns (job, created).
+
+    The same ``idempotency_key`` with the same body returns the first job (created False); with a
+    different body it is a Conflict.
+    """
+    settings = settings or get_settings()
+    digest = request_hash(spec)
+    if idempotency_key:
+        existing = _by_idempotency_key(session, owner, idempotency_key)
+        if existing is not None:
+            return _replay(existing, digest)
+
+    _check_file(session, owner, spec.training_file, "training_file")
+    _check_file(session, owner, spec.validation_file, "validation_file")
+    check_base_model(spec.base_model, settings)
+    active = session.scalar(
+        select(func.count()).select_from(Job).where(Job.owner == owner, Job.status.in_(ACTIVE))
+    )
+    if (active or 0) >= settings.max_active_jobs_per_owner:
+        raise QuotaExceeded(
+            f"you already have {active} queued or running jobs "
+            f"(limit {settings.max_active_jobs_per_owner})"
+        )
+
+    now = utcnow()
+    job = Job(
+        id=new_job_id(),
+        owner=owner,
+        status=QUEUED.value,
+        spec=spec.model_dump(mode="json"),
+        base_model=spec.base_model,
+        training_file=spec.training_file,
+        validation_file=spec.validation_file,
+        queue=queue_for(spec),
+        priority=spec.priority,
+        created_at=now,
+        updated_at=now,
+        enqueued_at=now,
+        attempts=0,
+        max_attempts=spec.max_attempts or settings.max_attempts,
+        cancel_requested=False,
+        idempotency_key=idempotency_key or None,
+        request_hash=digest,
+        webhook_url=spec.webhook_url,
+    )
+    session.add(job)
+    session.add(JobEvent(job_id=job.id, level="info", message="job created", created_at=now))
+    try:
+        session.commit()
+    except IntegrityError:
+        session.rollback()
+        existing = _by_idempotency_key(session, owner, idempotency_key or "")
+        if existing is None:
+            raise
+        return _replay(existing, digest)
+
+    try:
+        publish_job(job.id, job.queue, job.priority)
+    except Exception:  # the reaper re-publishes queued jobs without a live message
+        log.exception("publishing job %s failed; it stays queued for the reaper", job.id)
+    return job, True
+
+
+def get_job(session: Session, owner: str, job_id: str) -> Job:
+    """The owner's job; another owner's id is NotFound exactly like a missing one."""
+    job = session.get(Job, job_id, populate_existing=True)
+    if job is None or job.owner != owner:
+        raise NotFound(f"no job {job_id}", param="job_id")
+    return job
+
+
+def list_jobs(
+    session: Session,
+    owner: str,
+    status: str | None = None,
+    limit: int = 20,
+    after: str | None = None,
+) -> tuple[list[Job], bool]:
+    """The owner's jobs newest first; ``after`` is the last id of the previous page.
+
+    Returns (jobs, has_more). Ordering is (created_at, id) descending so ties are stable.
+    """
+    query = select(Job).where(Job.owner == owner)
+    if status:
+        query = query.where(Job.status == status)
+    if after:
+        cursor = session.get(Job, after, populate_existing=True)
+        if cursor is None or cursor.owner != owner:
+            raise InvalidInput(f"after {after!r} names no job of yours", param="after")
+        query = query.where(
+            or_(
+                Job.created_at < cursor.created_at,
+                and_(Job.created_at == cursor.created_at, Job.id < cursor.id),
+            )
+        )
+    query = query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
+    rows = list(session.scalars(query.execution_options(populate_existing=True)))
+    return rows[:limit], len(rows) > limit
+
+
+def _conditional(session: Session, stmt: Any) -> int:
+    result = cast(CursorResult[Any], session.execute(stmt))
+    return result.rowcount
+
+
+def cancel_job(session: Session, owner: str, job_id: str) -> Job:
+    """Cancel: a queued job ends at once; a running one gets ``cancel_requested`` for its worker.
+
+    Cancelling a cancelled job returns it unchanged (safe to retry); a succeeded or failed job
+    is a Conflict.
+    """
+    for _ in range(3):  # the job may start running between our two conditional updates
+        now = utcnow()
+        done = _conditional(
+            session,
+            update(Job)
+            .where(Job.id == job_id, Job.owner == owner, Job.status == QUEUED.value)
+            .values(status=CANCELLED.value, finished_at=now, updated_at=now, cancel_requested=True)
+            .execution_options(synchronize_session=False),
+        )
+        if done:
+            session.add(JobEvent(job_id=job_id, level="info", message="cancelled while queued"))
+            session.commit()
+            return get_job(session, owner, job_id)
+        requested = _conditional(
+            session,
+            update(Job)
+            .where(Job.id == job_id, Job.owner == owner, Job.status == RUNNING.value)
+            .values(cancel_requested=True, updated_at=now)
+            .execution_options(synchronize_session=False),
+        )
+        if requested:
+            session.add(JobEvent(job_id=job_id, level="info", message="cancel requested; stopping"))
+            session.commit()
+            return get_job(session, owner, job_id)
+        session.rollback()
+        job = get_job(session, owner, job_id)
+        if job.status == CANCELLED.value:
+            return job
+        if job.status not in (QUEUED.value, RUNNING.value):
+            raise Conflict(f"job {job_id} already {job.status}", code="job_final")
+    raise Conflict(f"job {job_id} changed state while cancelling; retry")
+
+
+def get_progress(session: Session, owner: str, job_id: str) -> dict[str, Any]:
+    """The job's latest progress snapshot merged with its status."""
+    job = get_job(session, owner, job_id)
+    progress = dict(job.progress or {})
+    progress["status"] = job.status
+    return progress
+
+
+def list_events(
+    session: Session, owner: str, job_id: str, after_id: int = 0, limit: int = 1000
+) -> list[JobEvent]:
+    """Events oldest first with id greater than ``after_id`` (the SSE / polling cursor)."""
+    get_job(session, owner, job_id)
+    return events_after(session, job_id, after_id, limit)
+
+
+def events_after(session: Session, job_id: str, after_id: int, limit: int = 1000) -> list[JobEvent]:
+    """Events of a job past a cursor, without the ownership check (callers did it once)."""
+    query = (
+        select(JobEvent)
+        .where(JobEvent.job_id == job_id, JobEvent.id > after_id)
+        .order_by(JobEvent.id)
+        .limit(limit)
+    )
+    return list(session.scalars(query.execution_options(populate_existing=True)))
+
+
+def list_metrics(session: Session, owner: str, job_id: str) -> list[JobMetric]:
+    """The per-step series, by step."""
+    get_job(session, owner, job_id)
+    query = select(JobMetric).where(JobMetric.job_id == job_id).order_by(JobMetric.step)
+    return list(session.scalars(query.execution_options(populate_existing=True)))
+
+
+def list_checkpoints(session: Session, owner: str, job_id: str) -> list[Checkpoint]:
+    """Recorded checkpoints, by step."""
+    get_job(session, owner, job_id)
+    query = select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step)
+    return list(session.scalars(query.execution_options(populate_existing=True)))
+
+
+def count_by_status(session: Session) -> dict[str, int]:
+    """Jobs per status over all owners (for /metrics)."""
+    rows = session.execute(select(Job.status, func.count()).group_by(Job.status))
+    return {status: int(count) for status, count in rows}
+
+
+def oldest_queued_at(session: Session) -> datetime | None:
+    """When the longest-waiting queued job was created (queue latency for /metrics)."""
+    return session.scalar(select(func.min(Job.created_at)).where(Job.status == QUEUED.value))

@@ -1,0 +1,399 @@
+"""The worker's side of a job: claim, lease, progress, artifacts, outcome, and recovery.
+
+Knows nothing of Celery or torch. Each state change is ONE conditional UPDATE whose WHERE clause
+states what must still be true (queued and not cancelled; running and still ours), so a duplicate
+delivery, a late worker or a reaper racing with a live worker can never both win: the loser sees
+zero rows updated and drops out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from datetime import datetime, timedelta
+from typing import Any, cast
+
+from sqlalchemy import CursorResult, delete, select, update
+from sqlalchemy.orm import Session
+
+from shared.models import Checkpoint, Job, JobEvent, JobMetric, Worker, utcnow
+from shared.states import CANCELLED, FAILED, FINAL, QUEUED, RUNNING, SUCCEEDED, JobStatus
+
+PROGRESS_FIELDS = (
+    "step",
+    "total_steps",
+    "epoch",
+    "train_loss",
+    "eval_loss",
+    "learning_rate",
+    "tokens_per_second",
+    "eta_seconds",
+)
+METRIC_FIELDS = ("train_loss", "eval_loss", "learning_rate", "tokens_per_second")
+WORKER_STATUSES = ("idle", "busy", "draining", "offline")
+
+
+def _rows(session: Session, stmt: Any) -> int:
+    stmt = stmt.execution_options(synchronize_session=False)
+    result = cast(CursorResult[Any], session.execute(stmt))
+    return result.rowcount
+
+
+def _event(session: Session, job_id: str, level: str, message: str, data: Any = None) -> None:
+    session.add(JobEvent(job_id=job_id, level=level, message=message, data=data))
+
+
+def claim_job(session: Session, job_id: str, worker_id: str, lease_s: float) -> Job | None:
+    """Take a queued job for ``worker_id``; None when it is not (or no longer) claimable."""
+    now = utcnow()
+    job = session.get(Job, job_id, populate_existing=True)
+    started_at = job.started_at if job is not None and job.started_at else now
+    claimed = _rows(
+        session,
+        update(Job)
+        .where(Job.id == job_id, Job.status == QUEUED.value, Job.cancel_requested.is_(False))
+        .values(
+            status=RUNNING.value,
+            attempts=Job.attempts + 1,
+            started_at=started_at,
+            worker_id=worker_id,
+            lease_expires_at=now + timedelta(seconds=lease_s),
+            updated_at=now,
+        ),
+    )
+    if not claimed:
+        session.rollback()
+        return None
+    session.commit()
+    job = session.get(Job, job_id, populate_existing=True)
+    assert job is not None
+    return job
+
+
+def renew_lease(session: Session, job_id: str, worker_id: str, lease_s: float) -> bool:
+    """Extend our lease; False means the job is no longer ours or running: stop training."""
+    now = utcnow()
+    renewed = _rows(
+        session,
+        update(Job)
+        .where(Job.id == job_id, Job.worker_id == worker_id, Job.status == RUNNING.value)
+        .values(lease_expires_at=now + timedelta(seconds=lease_s)),
+    )
+    session.commit()
+    return bool(renewed)
+
+
+def cancel_requested(session: Session, job_id: str) -> bool:
+    """Whether someone asked this job to stop (or it is gone / already cancelled)."""
+    row = session.execute(
+        select(Job.cancel_requested, Job.status).where(Job.id == job_id)
+    ).one_or_none()
+    session.rollback()  # end the read transaction so the next poll sees fresh data
+    if row is None:
+        return True
+    return bool(row.cancel_requested) or row.status == CANCELLED.value
+
+
+is_cancel_requested = cancel_requested  # the name the worker glue reads best with
+
+
+def record_progress(session: Session, job_id: str, progress: Mapping[str, Any]) -> None:
+    """Store the latest progress snapshot (known fields only) with ``updated_at``."""
+    now = utcnow()
+    snapshot: dict[str, Any] = {k: progress.get(k) for k in PROGRESS_FIELDS}
+    snapshot["updated_at"] = now.isoformat()
+    _rows(session, update(Job).where(Job.id == job_id).values(progress=snapshot, updated_at=now))
+    session.commit()
+
+
+def add_event(
+    session: Session, job_id: str, level: str, message: str, data: dict[str, Any] | None = None
+) -> None:
+    """Append a line to the job's history."""
+    _event(session, job_id, level, message, data)
+    session.commit()
+
+
+def add_metrics(session: Session, job_id: str, rows: Iterable[Mapping[str, Any]]) -> None:
+    """Upsert per-step metric points: a resumed attempt overwrites the steps it repeats."""
+    points = [dict(r) for r in rows]
+    if not points:
+        return
+    steps = [int(p["step"]) for p in points]
+    session.execute(delete(JobMetric).where(JobMetric.job_id == job_id, JobMetric.step.in_(steps)))
+    by_step = {int(p["step"]): p for p in points}  # the last value of a repeated step wins
+    session.add_all(
+        JobMetric(job_id=job_id, step=step, **{k: p.get(k) for k in METRIC_FIELDS})
+        for step, p in sorted(by_step.items())
+    )
+    session.commit()
+
+
+def record_checkpoint(
+    session: Session,
+    job_id: str,
+    step: int,
+    key: str,
+    sha256: str | None,
+    metrics: dict[str, Any] | None = None,
+) -> Checkpoint:
+    """Record a checkpoint after its upload finished (a retry of the same step replaces it)."""
+    session.execute(delete(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.step == step))
+    row = Checkpoint(job_id=job_id, step=step, storage_key=key, sha256=sha256, metrics=metrics)
+    session.add(row)
+    session.commit()
+    return row
+
+
+def latest_checkpoint(session: Session, job_id: str) -> Checkpoint | None:
+    """The checkpoint a new attempt resumes from."""
+    query = (
+        select(Checkpoint)
+        .where(Checkpoint.job_id == job_id)
+        .order_by(Checkpoint.step.desc())
+        .limit(1)
+    )
+    return session.scalar(query.execution_options(populate_existing=True))
+
+
+def list_checkpoints(session: Session, job_id: str) -> list[Checkpoint]:
+    """All recorded checkpoints by step (to prune old ones beyond ``checkpoints_keep``)."""
+    query = select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step)
+    return list(session.scalars(query.execution_options(populate_existing=True)))
+
+
+def delete_checkpoint(session: Session, job_id: str, step: int) -> None:
+    """Forget a pruned checkpoint (delete its storage object first)."""
+    session.execute(delete(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.step == step))
+    session.commit()
+
+
+def prune_checkpoints(session: Session, job_id: str, keep: int) -> list[str]:
+    """Forget all but the newest ``keep`` checkpoints; returns the storage keys to delete.
+
+    Rows go first (committed), objects after: a crash in between leaves orphan objects, never a
+    row that points at a deleted checkpoint.
+    """
+    rows = list_checkpoints(session, job_id)
+    old = rows[:-keep] if keep > 0 else rows
+    if old:
+        session.execute(delete(Checkpoint).where(Checkpoint.id.in_([r.id for r in old])))
+        session.commit()
+    return [r.storage_key for r in old]
+
+
+def finish_job(
+    session: Session,
+    job_id: str,
+    worker_id: str,
+    status: str,
+    error_code: str | None = None,
+    error_message: str | None = None,
+    adapter_key: str | None = None,
+    adapter_sha256: str | None = None,
+    adapter_bytes: int | None = None,
+    manifest: dict[str, Any] | None = None,
+    trained_tokens: int | None = None,
+) -> bool:
+    """Set a final state if the job is still running under ``worker_id``; False otherwise.
+
+    Also writes the closing event, so every finished job's history ends with its outcome.
+    """
+    final = JobStatus(status)
+    if final not in FINAL:
+        raise ValueError(f"finish_job needs a final status, not {status!r}")
+    now = utcnow()
+    values: dict[str, Any] = {
+        "status": final.value,
+        "finished_at": now,
+        "updated_at": now,
+        "lease_expires_at": None,
+        "error_code": error_code,
+        "error_message": error_message,
+    }
+    optional = {
+        "adapter_key": adapter_key,
+        "adapter_sha256": adapter_sha256,
+        "adapter_bytes": adapter_bytes,
+        "manifest": manifest,
+        "trained_tokens": trained_tokens,
+    }
+    values.update({k: v for k, v in optional.items() if v is not None})
+    done = _rows(
+        session,
+        update(Job)
+        .where(Job.id == job_id, Job.worker_id == worker_id, Job.status == RUNNING.value)
+        .values(**values),
+    )
+    if not done:
+        session.rollback()
+        return False
+    if final == SUCCEEDED:
+        _event(session, job_id, "info", "job succeeded", {"trained_tokens": trained_tokens})
+    elif final == CANCELLED:
+        _event(session, job_id, "info", "job cancelled")
+    else:
+        message = f"job failed: {error_message or error_code or 'unknown error'}"
+        _event(session, job_id, "error", message, {"code": error_code})
+    session.commit()
+    return True
+
+
+def reap_expired(session: Session, now: datetime | None = None) -> list[tuple[str, str]]:
+    """Recover running jobs whose lease expired (their worker died); returns (job_id, status).
+
+    A cancel request ends them cancelled; out of attempts ends them failed; otherwise they go back
+    to queued for another worker (the caller re-publishes them). Each move is conditional on the
+    lease still being expired, so a worker that renews at the last moment keeps its job.
+    """
+    now = now or utcnow()
+    expired = list(
+        session.scalars(
+            select(Job)
+            .where(Job.status == RUNNING.value, Job.lease_expires_at < now)
+            .execution_options(populate_existing=True)
+        )
+    )
+    session.rollback()
+    outcomes: list[tuple[str, str]] = []
+    for job in expired:
+        still_expired = (
+            (Job.id == job.id) & (Job.status == RUNNING.value) & (Job.lease_expires_at < now)
+        )
+        common = {"updated_at": now, "lease_expires_at": None}
+        if job.cancel_requested:
+            new, values = CANCELLED, {"status": CANCELLED.value, "finished_at": now}
+            message = "worker lost while cancelling; job cancelled"
+        elif job.attempts >= job.max_attempts:
+            new = FAILED
+            text = f"worker lost on attempt {job.attempts} of {job.max_attempts}; giving up"
+            values = {
+                "status": FAILED.value,
+                "finished_at": now,
+                "error_code": "max_attempts_exceeded",
+                "error_message": f"max attempts exceeded: {text}",
+            }
+            message = f"max attempts exceeded: {text}"
+        else:
+            new, values = QUEUED, {"status": QUEUED.value, "enqueued_at": now, "worker_id": None}
+            message = f"worker lost; requeued (attempt {job.attempts} of {job.max_attempts})"
+        if _rows(session, update(Job).where(still_expired).values(**common, **values)):
+            _event(session, job.id, "error" if new == FAILED else "warning", message)
+            session.commit()
+            outcomes.append((job.id, new.value))
+        else:
+            session.rollback()
+    return outcomes
+
+
+def stale_queued(
+    session: Session, older_than: datetime | float, now: datetime | None = None
+) -> list[Job]:
+    """Queued jobs not (re)published since ``older_than``; touches their ``enqueued_at``.
+
+    ``older_than`` is a cutoff datetime or an age in seconds. The touch is conditional on the old
+    value, so of several reapers only one re-publishes a given job.
+    """
+    now = now or utcnow()
+    if not isinstance(older_than, datetime):
+        older_than = now - timedelta(seconds=older_than)
+    cutoff = older_than
+    candidates = list(
+        session.scalars(
+            select(Job)
+            .where(Job.status == QUEUED.value, Job.enqueued_at < cutoff)
+            .order_by(Job.priority.desc(), Job.created_at)
+            .execution_options(populate_existing=True)
+        )
+    )
+    session.rollback()
+    touched: list[Job] = []
+    for job in candidates:
+        if _rows(
+            session,
+            update(Job)
+            .where(Job.id == job.id, Job.status == QUEUED.value, Job.enqueued_at == job.enqueued_at)
+            .values(enqueued_at=now),
+        ):
+            session.commit()
+            touched.append(job)
+        else:
+            session.rollback()
+    for job in touched:
+        session.refresh(job)
+    return touched
+
+
+def register_worker(
+    session: Session,
+    worker_id: str,
+    hostname: str,
+    gpus: int = 0,
+    gpu_type: str | None = None,
+    gpu_memory_bytes: int | None = None,
+    procs: int = 1,
+    version: str | None = None,
+    queues: list[str] | None = None,
+) -> Worker:
+    """Insert or refresh a worker's record when it starts."""
+    now = utcnow()
+    row = session.get(Worker, worker_id, populate_existing=True) or Worker(id=worker_id)
+    row.hostname = hostname
+    row.gpus = gpus
+    row.gpu_type = gpu_type
+    row.gpu_memory_bytes = gpu_memory_bytes
+    row.procs = procs
+    row.version = version
+    row.queues = queues
+    row.status = "idle"
+    row.current_job = None
+    row.last_heartbeat = now
+    row.started_at = now
+    session.add(row)
+    session.commit()
+    return row
+
+
+def heartbeat_worker(
+    session: Session, worker_id: str, status: str | None = None, current_job: str | None = None
+) -> bool:
+    """Record that the worker is alive (and what it does); False if it was never registered."""
+    if status is not None and status not in WORKER_STATUSES:
+        raise ValueError(f"worker status must be one of {WORKER_STATUSES}")
+    values: dict[str, Any] = {"last_heartbeat": utcnow(), "current_job": current_job}
+    if status is not None:
+        values["status"] = status
+    done = _rows(session, update(Worker).where(Worker.id == worker_id).values(**values))
+    session.commit()
+    return bool(done)
+
+
+def mark_worker_offline(session: Session, worker_id: str) -> None:
+    """The worker shut down cleanly (or was found dead)."""
+    _rows(
+        session,
+        update(Worker).where(Worker.id == worker_id).values(status="offline", current_job=None),
+    )
+    session.commit()
+
+
+def mark_stale_workers_offline(session: Session, older_than: float) -> list[str]:
+    """Workers silent for ``older_than`` seconds are marked offline; returns their ids."""
+    cutoff = utcnow() - timedelta(seconds=older_than)
+    ids = list(
+        session.scalars(
+            select(Worker.id).where(Worker.status != "offline", Worker.last_heartbeat < cutoff)
+        )
+    )
+    if ids:
+        _rows(
+            session,
+            update(Worker).where(Worker.id.in_(ids)).values(status="offline", current_job=None),
+        )
+    session.commit()
+    return ids
+
+
+def list_workers(session: Session) -> list[Worker]:
+    """All known workers, most recently seen first."""
+    query = select(Worker).order_by(Worker.last_heartbeat.desc())
+    return list(session.scalars(query.execution_options(populate_existing=True)))

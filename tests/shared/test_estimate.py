@@ -1,0 +1,168 @@
+"""The job estimate: exact parameter counts, memory terms that follow the documented formulas,
+and an activation model that stays close to (and above) what autograd really keeps."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from shared.estimate import CUDA_CONTEXT_BYTES, estimate
+from shared.modelinfo import ModelInfo, read_model_info
+from shared.spec import JobSpec
+from tests.shared.test_modelinfo import write_model
+
+GIB = 1024**3
+
+
+def spec(lora: dict[str, Any] | None = None, **training: Any) -> JobSpec:
+    return JobSpec.model_validate(
+        {
+            "base_model": "m",
+            "training_file": "file-1",
+            "lora": {"r": 8, "dropout": 0.0, "target_modules": ["dense"], **(lora or {})},
+            "training": {"batch_size": 2, "max_seq_length": 128, **training},
+        }
+    )
+
+
+@pytest.fixture
+def square(tmp_path: Path) -> ModelInfo:
+    """One 1000x1000 linear layer in a one-layer model with a 10-token vocabulary."""
+    folder = write_model(
+        tmp_path / "square",
+        {"model_type": "custom", "hidden_size": 1000, "num_hidden_layers": 1, "vocab_size": 10,
+         "num_attention_heads": 10, "intermediate_size": 1000, "max_position_embeddings": 256},
+        {"layer.dense.weight": ("F32", [1000, 1000])},
+    )  # fmt: skip
+    return read_model_info(folder)
+
+
+def test_thousand_square_at_rank_8(square: ModelInfo) -> None:
+    result = estimate(spec(), square, 1, None)
+    assert result["parameters"] == {
+        "total": 1_000_000,
+        "trainable": 16_000,
+        "trainable_percent": 1.6,
+    }
+    memory = result["memory_bytes"]
+    assert memory["weights"] == 4_000_000  # fp32 on CPU
+    assert memory["lora_weights"] == memory["gradients"] == 64_000
+    assert memory["optimizer"] == 128_000
+    assert memory["logits"] == 256 * 10 * 4 * 2  # 2 x 128 tokens < one 1024-token chunk
+    parts = sum(v for k, v in memory.items() if k not in ("overhead", "total"))
+    assert memory["total"] == parts + memory["overhead"]
+    assert result["precision"] == "fp32"
+    assert result["fits"] is None and "CPU" in result["reason"]
+
+
+def test_precision_ddp_and_fit(square: ModelInfo) -> None:
+    cpu = estimate(spec(), square, 1, None)["memory_bytes"]
+    gpu = estimate(spec(), square, 2, 80 * GIB)
+    memory = gpu["memory_bytes"]
+    assert gpu["precision"] == "bf16"
+    assert memory["weights"] == cpu["weights"] // 2
+    assert memory["activations"] == cpu["activations"] // 2
+    assert memory["gradients"] == 2 * cpu["gradients"]  # DDP buckets
+    assert memory["overhead"] >= CUDA_CONTEXT_BYTES
+    assert gpu["fits"] is True and "80.00 GiB" in gpu["reason"]
+    small = estimate(spec(), square, 1, 256 * 1024**2)
+    assert small["fits"] is False and "largest part" in small["reason"]
+    fp32 = estimate(spec(precision="fp32"), square, 1, 80 * GIB)["memory_bytes"]
+    assert fp32["weights"] == cpu["weights"]
+
+
+def test_logits_are_chunked(square: ModelInfo) -> None:
+    long = estimate(spec(batch_size=8, max_seq_length=256), square, 1, None)
+    assert long["memory_bytes"]["logits"] == 1024 * 10 * 4 * 2
+
+
+def test_steps_and_tokens(square: ModelInfo) -> None:
+    packed = estimate(spec(gradient_accumulation_steps=2), square, 2, None, dataset_tokens=10_000)
+    assert packed["global_batch"] == 8
+    assert packed["sequences_per_epoch"] == 79  # ceil(10000 / 128)
+    assert packed["steps_per_epoch"] == 10
+    assert packed["total_steps"] == 10 and packed["tokens_per_epoch"] == 10_000
+    rows = estimate(spec(packing=False, epochs=3), square, 1, None, dataset_rows=9)
+    assert (rows["steps_per_epoch"], rows["total_steps"]) == (5, 15)
+    capped = estimate(spec(max_steps=7, epochs=50), square, 1, None, dataset_rows=9)
+    assert capped["total_steps"] == 7
+    unknown = estimate(spec(), square, 1, None)
+    assert unknown["tokens_per_epoch"] is None and unknown["total_steps"] is None
+
+
+def test_warnings_and_errors(square: ModelInfo) -> None:
+    result = estimate(spec(max_seq_length=512), square, 1, None)
+    assert any("max_position_embeddings 256" in w for w in result["warnings"])
+    with pytest.raises(ValueError, match="q_proj"):
+        estimate(spec({"target_modules": ["q_proj"]}), square, 1, None)
+    with pytest.raises(ValueError, match="world_size"):
+        estimate(spec(), square, 0, None)
+
+
+# --- against the real tiny model ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from worker.training.tiny import make_tiny
+
+    # Wider than the default so activations, not constant terms, dominate what is measured.
+    return make_tiny(
+        tmp_path_factory.mktemp("tiny") / "m", hidden_size=128, layers=3, intermediate=320
+    )
+
+
+def _saved_activation_bytes(model: Any, input_ids: Any) -> int:
+    """Bytes of the tensors autograd keeps for backward during the backbone's forward."""
+    import torch
+
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = max(seen.get(storage.data_ptr(), 0), storage.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model.get_base_model().model(input_ids=input_ids)
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize(
+    ("targets", "dropout"),
+    [(["q_proj", "v_proj"], 0.0), ("all-linear", 0.0), ("all-linear", 0.05)],
+)
+def test_tiny_model_counts_and_activations(
+    tiny: Path, targets: list[str] | str, dropout: float
+) -> None:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    info = read_model_info(tiny)
+    job = spec({"target_modules": targets, "dropout": dropout}, batch_size=2, max_seq_length=256)
+    result = estimate(job, info, 1, None)
+    base = AutoModelForCausalLM.from_pretrained(tiny)
+    model = get_peft_model(
+        copy.deepcopy(base), LoraConfig(r=8, lora_dropout=dropout, target_modules=targets)
+    )
+    trainable, total = model.get_nb_trainable_parameters()
+    assert result["parameters"]["trainable"] == trainable
+    assert result["parameters"]["total"] == total - trainable
+    model.train()
+    torch.manual_seed(0)
+    measured = _saved_activation_bytes(model, torch.randint(0, 500, (2, 256)))
+    estimated = result["memory_bytes"]["activations"]
+    assert measured <= estimated <= 1.6 * measured, (estimated, measured)
+    checkpointed = estimate(
+        spec({"target_modules": targets, "dropout": dropout}, gradient_checkpointing=True),
+        info,
+        1,
+        None,
+    )
+    assert checkpointed["memory_bytes"]["activations"] < estimated / 2

@@ -1,0 +1,37 @@
+"""Engine fixtures: tiny models built by the project itself (no hub), sample data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from worker.training.tiny import make_tiny, make_tiny_gpt2, sample_chat_rows
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny(tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_plain_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Same architecture, tokenizer without a chat template (the documented default format)."""
+    return make_tiny(tmp_path_factory.mktemp("models") / "tiny-plain", chat_template=False)
+
+
+@pytest.fixture(scope="session")
+def gpt2_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_gpt2(tmp_path_factory.mktemp("models") / "gpt2")
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="session")
+def chat_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_jsonl(tmp_path_factory.mktemp("data") / "chat.jsonl", sample_chat_rows(120))

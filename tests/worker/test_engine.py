@@ -1,0 +1,280 @@
+"""The training engine end to end on tiny models: packing isolation, DDP equivalence, resume,
+adapters that peft loads, every dataset format. Real torch, transformers and peft; CPU/gloo."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from shared.datasets import load_examples
+from shared.spec import JobSpec
+from tests.worker.conftest import write_jsonl
+from worker.training import data
+from worker.training.engine import LoraTrainer, TrainPaths
+from worker.training.launch import launch
+from worker.training.manifest import verify_manifest
+from worker.training.model import CausalLMLoss, apply_lora, load_base_model, load_tokenizer
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def make_spec(model: Path, train: Path, **training: object) -> JobSpec:
+    lora = training.pop("lora", {"r": 4, "alpha": 8, "dropout": 0.0})
+    body = {
+        "base_model": str(model),
+        "training_file": str(train),
+        "lora": lora,
+        "training": {
+            "max_steps": 4,
+            "batch_size": 2,
+            "learning_rate": 5e-3,
+            "max_seq_length": 128,
+            "warmup_ratio": 0.0,
+            **training,
+        },
+    }
+    return JobSpec.model_validate(body)
+
+
+def run_inprocess(spec: JobSpec, out: Path, resume: Path | None = None) -> tuple[dict, LoraTrainer]:
+    trainer = LoraTrainer(
+        spec, TrainPaths(model=spec.base_model, output_dir=out, resume_from=resume), progress=None
+    )
+    trainer.setup()
+    manifest = trainer.train()
+    trainer.cleanup()
+    return manifest, trainer
+
+
+def adapter_weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def test_packed_loss_equals_examples_run_one_by_one(tiny_model: Path, chat_file: Path) -> None:
+    tok = load_tokenizer(str(tiny_model))
+    tokenized, _ = data.tokenize_all(tok, load_examples(str(chat_file))[:6], 128)
+    torch.manual_seed(0)
+    model = apply_lora(load_base_model(str(tiny_model)), make_spec(tiny_model, chat_file).lora)
+    # make the adapter non-trivial so attention differences would show
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.5)
+    loss_fn = CausalLMLoss(model).eval()
+    (row,) = data.pack(tokenized, sum(len(t.input_ids) for t in tokenized) + 3, tok.pad_token_id)
+    with torch.no_grad():
+        packed_sum, packed_count = loss_fn(
+            torch.tensor([row.input_ids]),
+            torch.tensor([row.targets]),
+            position_ids=torch.tensor([row.position_ids]),
+        )
+        alone_sum, alone_count = 0.0, 0
+        for example in tokenized:
+            s, c = loss_fn(torch.tensor([example.input_ids]), torch.tensor([example.targets]))
+            alone_sum += float(s)
+            alone_count += int(c)
+        # plain causal attention across the packed documents would give another loss
+        leaky_sum, _ = loss_fn(
+            torch.tensor([row.input_ids]),
+            torch.tensor([row.targets]),
+            attention_mask=torch.ones(1, len(row.input_ids), dtype=torch.long),
+        )
+    assert int(packed_count) == alone_count
+    packed_mean = float(packed_sum) / alone_count
+    assert abs(packed_mean - alone_sum / alone_count) < 1e-4
+    assert abs(float(leaky_sum) / alone_count - packed_mean) > 1e-3
+
+
+def test_chunked_loss_matches_model_forward(tiny_model: Path, chat_file: Path) -> None:
+    tok = load_tokenizer(str(tiny_model))
+    (example,), _ = data.tokenize_all(tok, load_examples(str(chat_file))[:1], 128)
+    model = apply_lora(load_base_model(str(tiny_model)), make_spec(tiny_model, chat_file).lora)
+    loss_fn = CausalLMLoss(model, chunk_tokens=3).eval()
+    ids = torch.tensor([example.input_ids])
+    with torch.no_grad():
+        s, c = loss_fn(ids, torch.tensor([example.targets]))
+        logits = model(input_ids=ids, use_cache=False).logits[0, :-1]
+    targets = torch.tensor(example.targets[:-1])
+    keep = targets != data.IGNORE
+    reference = torch.nn.functional.cross_entropy(logits[keep], targets[keep], reduction="sum")
+    assert int(c) == int(keep.sum())
+    assert abs(float(s) - float(reference)) < 1e-3
+
+
+def test_adapter_loads_with_peft_and_lowers_loss(
+    tiny_model: Path, chat_file: Path, tmp_path: Path
+) -> None:
+    spec = make_spec(
+        tiny_model,
+        chat_file,
+        max_steps=30,
+        batch_size=4,
+        learning_rate=1e-2,
+        lora={"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"},
+    )
+    manifest, trainer = run_inprocess(spec, tmp_path / "out")
+    out = tmp_path / "out"
+    assert (out / "adapter_config.json").exists() and (out / "adapter_model.safetensors").exists()
+    assert verify_manifest(out) == []
+    assert manifest["steps"] == 30 and manifest["world_size"] == 1
+    assert manifest["trained_tokens"] > 0 and manifest["dataset_sha256"]
+
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model))
+    loaded = PeftModel.from_pretrained(base, str(out)).eval()
+    trained = trainer.peft_model.eval()
+    row = trainer.rows[0]
+    ids = torch.tensor([row.input_ids[: row.real_tokens]])
+    with torch.no_grad():
+        assert torch.allclose(
+            loaded(input_ids=ids).logits, trained(input_ids=ids).logits, atol=1e-5
+        )
+        fresh = AutoModelForCausalLM.from_pretrained(str(tiny_model)).eval()
+        targets = torch.tensor([row.targets[: row.real_tokens]])
+        base_loss = CausalLMLoss(apply_lora(fresh, spec.lora)).eval()(ids, targets)
+        tuned_loss = CausalLMLoss(loaded)(ids, targets)
+    assert float(tuned_loss[0]) < float(base_loss[0]) * 0.97
+
+
+@pytest.mark.parametrize(
+    "rows",
+    [
+        [{"prompt": f"Q{i}: 2+{i}?", "completion": f" {2 + i}"} for i in range(12)],
+        [{"instruction": "Add one", "input": str(i), "output": str(i + 1)} for i in range(12)],
+        [{"text": f"counting {i} {i + 1} {i + 2}"} for i in range(12)],
+    ],
+    ids=["completion", "alpaca", "text"],
+)
+def test_each_dataset_format_trains(tiny_model: Path, tmp_path: Path, rows: list[dict]) -> None:
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    manifest, _ = run_inprocess(make_spec(tiny_model, train, max_steps=2), tmp_path / "out")
+    assert manifest["steps"] == 2 and manifest["final_train_loss"] > 0
+
+
+def test_gpt2_naming_without_chat_template(
+    gpt2_model: Path, chat_file: Path, tmp_path: Path
+) -> None:
+    spec = make_spec(
+        gpt2_model,
+        chat_file,
+        max_steps=2,
+        packing=False,
+        lora={"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["c_attn"]},
+    )
+    manifest, _ = run_inprocess(spec, tmp_path / "out")
+    config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["c_attn"]
+    assert manifest["parameters"]["trainable"] > 0
+
+
+def test_epochs_run_whole_when_no_max_steps(tiny_model: Path, tmp_path: Path) -> None:
+    train = write_jsonl(tmp_path / "t.jsonl", [{"text": f"row {i}"} for i in range(10)])
+    spec = make_spec(tiny_model, train, max_steps=None, epochs=2, packing=False, batch_size=3)
+    manifest, _ = run_inprocess(spec, tmp_path / "out")
+    assert manifest["steps"] == 2 * 4  # ceil(10 / 3) steps per epoch
+
+
+def test_resume_is_step_exact(tiny_model: Path, chat_file: Path, tmp_path: Path) -> None:
+    """Interrupted at step 3 and resumed == uninterrupted, dropout included."""
+    spec = make_spec(
+        tiny_model,
+        chat_file,
+        max_steps=6,
+        checkpoint_every_steps=3,
+        gradient_accumulation_steps=2,
+        lora={"r": 4, "alpha": 8, "dropout": 0.1},
+    )
+    run_inprocess(spec, tmp_path / "full")
+    checkpoint = tmp_path / "full" / "checkpoints" / "step_3"
+    assert (checkpoint / "trainer_state.pt").exists()
+    _, resumed = run_inprocess(spec, tmp_path / "resumed", resume=checkpoint)
+    assert resumed.start_step == 3
+    diff = max_diff(adapter_weights(tmp_path / "full"), adapter_weights(tmp_path / "resumed"))
+    assert diff < 1e-6
+
+
+def test_two_processes_equal_one(tiny_model: Path, chat_file: Path, tmp_path: Path) -> None:
+    """Same global batch (1x4 vs 2x2) and seed -> the same adapter, through real gloo DDP."""
+    outs = {}
+    for nproc, batch in ((1, 4), (2, 2)):
+        spec = make_spec(tiny_model, chat_file, max_steps=5, batch_size=batch)
+        spec_path = tmp_path / f"spec{nproc}.json"
+        spec_path.write_text(spec.model_dump_json())
+        out = tmp_path / f"out{nproc}"
+        group = launch(spec_path, out, nproc, work_dir=tmp_path / f"work{nproc}")
+        assert group.wait() == 0, group.log_tail()
+        outs[nproc] = out
+    manifest = json.loads((outs[2] / "manifest.json").read_text())
+    assert manifest["world_size"] == 2 and manifest["effective_batch"] == 4
+    assert max_diff(adapter_weights(outs[1]), adapter_weights(outs[2])) < 1e-5
+
+
+def test_cli_train_with_two_processes(tiny_model: Path, tmp_path: Path) -> None:
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"hi {i}"},
+                {"role": "assistant", "content": f"hello {i}"},
+            ]
+        }
+        for i in range(16)
+    ]
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    spec = make_spec(tiny_model, train, max_steps=3).model_dump()
+    spec["training_file"] = "train.jsonl"  # relative to the spec file
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cli",
+            "train",
+            str(tmp_path / "spec.json"),
+            "--out",
+            str(tmp_path / "adapter"),
+            "--nproc",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "step 3/3" in result.stderr
+    assert json.loads((tmp_path / "adapter" / "manifest.json").read_text())["world_size"] == 2
+
+
+def test_cli_train_reports_bad_line(tiny_model: Path, tmp_path: Path) -> None:
+    train = tmp_path / "bad.jsonl"
+    train.write_text('{"text": "fine"}\n{"text": "fine"}\n{"text": 5}\n')
+    spec = make_spec(tiny_model, train)
+    (tmp_path / "spec.json").write_text(spec.model_dump_json())
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cli",
+            "train",
+            str(tmp_path / "spec.json"),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "line 3" in result.stderr and "'text' must be a string" in result.stderr

@@ -1,0 +1,164 @@
+"""What every worker does besides training: register itself, heartbeat, and reap dead jobs.
+
+Why the reaper lives in every worker (not Celery beat, not the API): it needs no extra process to
+deploy, it keeps running as long as any worker can take the requeued job (a reaper with no worker
+alive would requeue into the void), and the conditional UPDATEs make concurrent reapers safe.
+A job whose worker died is requeued after its lease expires; a queued job whose broker message
+was lost (Redis flushed or restarted without persistence) is re-published after a grace period.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import socket
+import threading
+from datetime import UTC, datetime, timedelta
+from importlib import metadata
+
+from shared.config import get_settings
+from shared.db import session_scope
+from shared.queueing import publish_job
+from shared.services import runs
+
+log = logging.getLogger("lorafleet.fleet")
+
+_state_lock = threading.Lock()
+_current_job: str | None = None
+_worker_id: str | None = None
+_stop = threading.Event()
+_threads: list[threading.Thread] = []
+
+
+def worker_id(hostname: str | None = None) -> str:
+    """This worker's id: its Celery node name (unique per process, see `lorafleet worker`)."""
+    global _worker_id
+    if _worker_id is None:
+        _worker_id = hostname or f"worker-{os.getpid()}@{socket.gethostname()}"
+    return _worker_id
+
+
+def set_current_job(job_id: str | None) -> None:
+    global _current_job
+    with _state_lock:
+        _current_job = job_id
+    _heartbeat_once()
+
+
+def current_job() -> str | None:
+    with _state_lock:
+        return _current_job
+
+
+def capacity() -> dict[str, object]:
+    """GPUs (count, type, memory) or CPU processes this worker trains with."""
+    settings = get_settings()
+    gpus, gpu_type, gpu_memory = 0, None, None
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            gpus = torch.cuda.device_count()
+            props = torch.cuda.get_device_properties(0)
+            gpu_type, gpu_memory = props.name, int(props.total_memory)
+    except Exception:  # a worker without torch cannot train anyway; report no GPUs
+        log.exception("GPU detection failed")
+    return {
+        "gpus": gpus,
+        "gpu_type": settings.worker_gpu_type or gpu_type,
+        "gpu_memory_bytes": gpu_memory,
+        "procs": gpus or settings.worker_procs,
+    }
+
+
+def _version() -> str:
+    try:
+        return metadata.version("lorafleet")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _heartbeat_once() -> None:
+    if _worker_id is None:
+        return
+    job = current_job()
+    try:
+        with session_scope() as session:
+            runs.heartbeat_worker(session, _worker_id, "busy" if job else "idle", job)
+    except Exception:
+        log.exception("worker heartbeat failed")
+
+
+def reap_once() -> None:
+    """Requeue jobs of dead workers, re-publish queued jobs with no live message."""
+    settings = get_settings()
+    now = datetime.now(UTC)
+    with session_scope() as session:
+        changed = runs.reap_expired(session, now)
+    for job_id, status in changed:
+        log.warning("job %s lost its worker: now %s", job_id, status)
+        if status == "queued":
+            publish_job(job_id, _queue_of(job_id))
+    with session_scope() as session:
+        stale = runs.stale_queued(session, now - timedelta(seconds=settings.requeue_grace_seconds))
+        republish = [(job.id, job.queue) for job in stale]
+    for job_id, queue in republish:
+        log.info("re-publishing queued job %s", job_id)
+        publish_job(job_id, queue)
+
+
+def _queue_of(job_id: str) -> str:
+    from shared.models import Job
+
+    with session_scope() as session:
+        job = session.get(Job, job_id)
+        return job.queue if job is not None else "lorafleet"
+
+
+def _loop(interval: float, action: object) -> None:
+    while not _stop.wait(interval):
+        try:
+            action()  # type: ignore[operator]
+        except Exception:
+            log.exception("background task failed")
+
+
+def start_background(hostname: str) -> None:
+    """Register this worker and start the heartbeat and reaper threads (idempotent)."""
+    settings = get_settings()
+    wid = worker_id(hostname)
+    info = capacity()
+    with session_scope() as session:
+        runs.register_worker(
+            session,
+            wid,
+            hostname=platform.node(),
+            gpus=int(info["gpus"]),  # type: ignore[call-overload]
+            gpu_type=info["gpu_type"],  # type: ignore[arg-type]
+            gpu_memory_bytes=info["gpu_memory_bytes"],  # type: ignore[arg-type]
+            procs=int(info["procs"]),  # type: ignore[call-overload]
+            version=_version(),
+        )
+    if _threads:
+        return
+    _stop.clear()
+    try:
+        reap_once()
+    except Exception:
+        log.exception("initial reap failed")
+    period = max(0.5, min(settings.lease_seconds / 3, 10.0))
+    for target in (_heartbeat_once, reap_once):
+        thread = threading.Thread(target=_loop, args=(period, target), daemon=True)
+        thread.start()
+        _threads.append(thread)
+
+
+def stop_background() -> None:
+    _stop.set()
+    if _worker_id is not None:
+        try:
+            with session_scope() as session:
+                runs.mark_worker_offline(session, _worker_id)
+        except Exception:
+            log.exception("could not mark worker offline")
