@@ -7,6 +7,7 @@ Every error body has the same shape: ``{"detail": message, "error": {"code", "me
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -41,13 +42,13 @@ def error_response(
     message: str,
     code: str,
     param: str | None = None,
-    headers: dict[str, str] | None = None,
+    headers: Mapping[str, str] | None = None,
     **extra: Any,
 ) -> JSONResponse:
     """The common error body."""
     body = {"detail": message, "error": {"code": code, "message": message, "param": param}}
     body.update(extra)
-    return JSONResponse(body, status_code=status, headers=headers)
+    return JSONResponse(body, status_code=status, headers=dict(headers) if headers else None)
 
 
 def _status_of(exc: LorafleetError) -> int:

@@ -294,5 +294,13 @@ def keys_create(
         print(plaintext)
 
 
+@app.command()
+def demo() -> None:
+    """The whole user path on the embedded defaults (what `make demo` runs)."""
+    from cli.demo import main as run_demo
+
+    raise typer.Exit(run_demo())
+
+
 if __name__ == "__main__":
     app()

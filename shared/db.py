@@ -114,6 +114,33 @@ def alembic_config(url: str | None = None) -> Any:
     return config
 
 
+@contextmanager
+def _sqlite_migration_lock(url: str) -> Iterator[None]:
+    """Serialise migrations of one SQLite file across processes (``serve --workers N``, ``up``).
+
+    pysqlite runs DDL outside any transaction, so two processes migrating at once could both try
+    to create a table; an advisory file lock beside the database prevents that.
+    """
+    import fcntl
+
+    parsed = make_url(url)
+    if (
+        parsed.get_backend_name() != "sqlite"
+        or not parsed.database
+        or parsed.database == ":memory:"
+    ):
+        yield
+        return
+    lock_path = Path(parsed.database).expanduser()
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{lock_path}.migrate-lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def _run_alembic(url: str | None, action: str, revision: str) -> None:
     from alembic import command
 
@@ -121,7 +148,7 @@ def _run_alembic(url: str | None, action: str, revision: str) -> None:
     config = alembic_config(url)
     engine = make_engine(url)
     try:
-        with engine.begin() as connection:
+        with _sqlite_migration_lock(url), engine.begin() as connection:
             if connection.dialect.name == "postgresql":
                 # Several API replicas may start together: one migrates, the others wait here.
                 connection.execute(

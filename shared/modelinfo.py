@@ -225,7 +225,8 @@ def read_model_info(path: Path | str) -> ModelInfo:
     if not isinstance(config, dict):
         raise ValueError(f"{model_dir.name}/config.json: not a JSON object")
     # Multimodal wrappers keep the language model's numbers in text_config.
-    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    text_config = config.get("text_config")
+    text: dict[str, Any] = text_config if isinstance(text_config, dict) else {}
     merged = {**config, **{k: v for k, v in text.items() if v is not None}}
 
     model_type = str(config.get("model_type") or "")

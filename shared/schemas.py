@@ -20,7 +20,7 @@ class FileObject(BaseModel):
     """An uploaded, validated dataset."""
 
     id: str = Field(description="File id, `file-` + 24 hex digits.")
-    object: Literal["file"] = Field("file", description="Always `file`.")
+    object: Literal["file"] = Field(default="file", description="Always `file`.")
     filename: str = Field(description="Name the file was uploaded under.")
     bytes: int = Field(ge=0, description="Size in bytes.")
     rows: int = Field(ge=0, description="Non-blank JSONL lines (examples).")
@@ -28,7 +28,7 @@ class FileObject(BaseModel):
     sha256: str = Field(description="SHA-256 of the file's bytes, hex.")
     purpose: str = Field(description="`fine-tune` or `validation`.")
     status: Literal["processed"] = Field(
-        "processed", description="Always `processed`: files are validated at upload."
+        default="processed", description="Always `processed`: files are validated at upload."
     )
     created_at: int = Field(description="Upload time, Unix seconds.")
 
@@ -49,26 +49,30 @@ class FileObject(BaseModel):
 class FileList(BaseModel):
     """A page of files."""
 
-    object: Literal["list"] = Field("list", description="Always `list`.")
+    object: Literal["list"] = Field(default="list", description="Always `list`.")
     data: list[FileObject] = Field(description="Files, newest first.")
-    has_more: bool = Field(False, description="Whether more files exist past this page.")
+    has_more: bool = Field(default=False, description="Whether more files exist past this page.")
 
 
 class Progress(BaseModel):
     """A running job's latest progress snapshot (null fields: not known yet)."""
 
     status: str = Field(description="Job status.")
-    step: int | None = Field(None, ge=0, description="Optimizer steps done.")
-    total_steps: int | None = Field(None, ge=0, description="Optimizer steps planned.")
-    epoch: float | None = Field(None, ge=0, description="Fractional epoch reached.")
-    train_loss: float | None = Field(None, description="Latest training loss (answer tokens).")
-    eval_loss: float | None = Field(None, description="Latest validation loss.")
-    learning_rate: float | None = Field(None, ge=0, description="Current learning rate.")
+    step: int | None = Field(default=None, ge=0, description="Optimizer steps done.")
+    total_steps: int | None = Field(default=None, ge=0, description="Optimizer steps planned.")
+    epoch: float | None = Field(default=None, ge=0, description="Fractional epoch reached.")
+    train_loss: float | None = Field(
+        default=None, description="Latest training loss (answer tokens)."
+    )
+    eval_loss: float | None = Field(default=None, description="Latest validation loss.")
+    learning_rate: float | None = Field(default=None, ge=0, description="Current learning rate.")
     tokens_per_second: float | None = Field(
         None, ge=0, description="Trained tokens per second, all processes together."
     )
-    eta_seconds: float | None = Field(None, ge=0, description="Estimated seconds to finish.")
-    updated_at: datetime | None = Field(None, description="When this snapshot was written.")
+    eta_seconds: float | None = Field(
+        default=None, ge=0, description="Estimated seconds to finish."
+    )
+    updated_at: datetime | None = Field(default=None, description="When this snapshot was written.")
 
     @classmethod
     def from_job(cls, job: Job) -> Progress:
@@ -88,29 +92,35 @@ class JobObject(BaseModel):
     """A fine-tuning job."""
 
     id: str = Field(description="Job id, `ftjob-` + 24 hex digits.")
-    object: Literal["job"] = Field("job", description="Always `job`.")
+    object: Literal["job"] = Field(default="job", description="Always `job`.")
     status: str = Field(description="queued, running, succeeded, failed or cancelled.")
     created_at: datetime = Field(description="When the job was submitted (UTC).")
-    started_at: datetime | None = Field(None, description="When a worker first started it.")
-    finished_at: datetime | None = Field(None, description="When it reached a final state.")
+    started_at: datetime | None = Field(default=None, description="When a worker first started it.")
+    finished_at: datetime | None = Field(default=None, description="When it reached a final state.")
     base_model: str = Field(description="Model folder name or hub id being adapted.")
     training_file: str = Field(description="Training file id.")
-    validation_file: str | None = Field(None, description="Validation file id, if any.")
-    suffix: str | None = Field(None, description="Label added to the fine-tuned model name.")
+    validation_file: str | None = Field(default=None, description="Validation file id, if any.")
+    suffix: str | None = Field(
+        default=None, description="Label added to the fine-tuned model name."
+    )
     lora: LoraSettings = Field(description="Adapter shape.")
     training: TrainingSettings = Field(description="Optimisation settings.")
     resources: Resources = Field(description="Where the job may run.")
-    priority: int = Field(0, description="Higher runs first within a queue.")
-    error: ErrorInfo | None = Field(None, description="Set when the job failed.")
+    priority: int = Field(default=0, description="Higher runs first within a queue.")
+    error: ErrorInfo | None = Field(default=None, description="Set when the job failed.")
     attempts: int = Field(ge=0, description="Times a worker started the job.")
     max_attempts: int = Field(ge=1, description="Attempts before a job that keeps dying fails.")
-    cancel_requested: bool = Field(False, description="A cancel is pending for a running job.")
-    trained_tokens: int | None = Field(None, ge=0, description="Tokens trained on (with loss).")
+    cancel_requested: bool = Field(
+        default=False, description="A cancel is pending for a running job."
+    )
+    trained_tokens: int | None = Field(
+        default=None, ge=0, description="Tokens trained on (with loss)."
+    )
     fine_tuned_model: str | None = Field(
         None, description="`<base_model>:ft-<id>` once the job succeeded."
     )
-    adapter_sha256: str | None = Field(None, description="SHA-256 of the adapter .tar.gz.")
-    progress: Progress | None = Field(None, description="Latest progress snapshot.")
+    adapter_sha256: str | None = Field(default=None, description="SHA-256 of the adapter .tar.gz.")
+    progress: Progress | None = Field(default=None, description="Latest progress snapshot.")
 
     @classmethod
     def from_row(cls, job: Job) -> JobObject:
@@ -149,7 +159,7 @@ class JobObject(BaseModel):
 class JobList(BaseModel):
     """A page of jobs, newest first; pass the last id as `after` for the next page."""
 
-    object: Literal["list"] = Field("list", description="Always `list`.")
+    object: Literal["list"] = Field(default="list", description="Always `list`.")
     data: list[JobObject] = Field(description="Jobs, newest first.")
     has_more: bool = Field(description="Whether more jobs exist past this page.")
 
@@ -158,11 +168,11 @@ class Event(BaseModel):
     """One line of a job's history."""
 
     id: int = Field(ge=1, description="Increasing id; the cursor for polling and SSE.")
-    object: Literal["job.event"] = Field("job.event", description="Always `job.event`.")
+    object: Literal["job.event"] = Field(default="job.event", description="Always `job.event`.")
     created_at: datetime = Field(description="When it happened (UTC).")
     level: str = Field(description="info, warning or error.")
     message: str = Field(description="What happened.")
-    data: dict[str, Any] | None = Field(None, description="Structured details, if any.")
+    data: dict[str, Any] | None = Field(default=None, description="Structured details, if any.")
 
     @classmethod
     def from_row(cls, row: JobEvent) -> Event:
@@ -178,19 +188,19 @@ class Event(BaseModel):
 class EventList(BaseModel):
     """A job's events, oldest first."""
 
-    object: Literal["list"] = Field("list", description="Always `list`.")
+    object: Literal["list"] = Field(default="list", description="Always `list`.")
     data: list[Event] = Field(description="Events, oldest first.")
-    has_more: bool = Field(False, description="Whether more events exist past this page.")
+    has_more: bool = Field(default=False, description="Whether more events exist past this page.")
 
 
 class MetricPoint(BaseModel):
     """The training curve at one optimizer step."""
 
     step: int = Field(ge=0, description="Optimizer step.")
-    train_loss: float | None = Field(None, description="Training loss at this step.")
-    eval_loss: float | None = Field(None, description="Validation loss, on eval steps.")
-    learning_rate: float | None = Field(None, ge=0, description="Learning rate used.")
-    tokens_per_second: float | None = Field(None, ge=0, description="Throughput.")
+    train_loss: float | None = Field(default=None, description="Training loss at this step.")
+    eval_loss: float | None = Field(default=None, description="Validation loss, on eval steps.")
+    learning_rate: float | None = Field(default=None, ge=0, description="Learning rate used.")
+    tokens_per_second: float | None = Field(default=None, ge=0, description="Throughput.")
     created_at: datetime = Field(description="When the point was recorded.")
 
     @classmethod
@@ -208,7 +218,7 @@ class MetricPoint(BaseModel):
 class MetricList(BaseModel):
     """The per-step series of a job."""
 
-    object: Literal["list"] = Field("list", description="Always `list`.")
+    object: Literal["list"] = Field(default="list", description="Always `list`.")
     data: list[MetricPoint] = Field(description="Points by step.")
 
 
@@ -216,10 +226,12 @@ class CheckpointObject(BaseModel):
     """A saved checkpoint a retry can resume from."""
 
     id: int = Field(ge=1, description="Row id.")
-    object: Literal["checkpoint"] = Field("checkpoint", description="Always `checkpoint`.")
+    object: Literal["checkpoint"] = Field(default="checkpoint", description="Always `checkpoint`.")
     step: int = Field(ge=0, description="Optimizer step it was taken at.")
-    sha256: str | None = Field(None, description="SHA-256 of the stored checkpoint archive.")
-    metrics: dict[str, Any] | None = Field(None, description="Metrics at that step.")
+    sha256: str | None = Field(
+        default=None, description="SHA-256 of the stored checkpoint archive."
+    )
+    metrics: dict[str, Any] | None = Field(default=None, description="Metrics at that step.")
     created_at: datetime = Field(description="When it was recorded.")
 
     @classmethod
@@ -236,7 +248,7 @@ class CheckpointObject(BaseModel):
 class CheckpointList(BaseModel):
     """A job's checkpoints by step."""
 
-    object: Literal["list"] = Field("list", description="Always `list`.")
+    object: Literal["list"] = Field(default="list", description="Always `list`.")
     data: list[CheckpointObject] = Field(description="Checkpoints by step.")
 
 

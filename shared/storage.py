@@ -133,7 +133,7 @@ class LocalStorage:
             self.path(key).unlink()
 
     def list(self, prefix: str = "") -> list[str]:
-        keys = []
+        keys: list[str] = []
         for dirpath, _dirs, files in os.walk(self.root):
             for name in files:
                 if name.startswith(_TMP_PREFIX):
@@ -240,7 +240,7 @@ class S3Storage:
         # A prefix is only a filter (it need not be a whole key), so it is not check_key'd.
         full = f"{self.prefix}/{prefix}" if self.prefix else prefix
         strip = len(self.prefix) + 1 if self.prefix else 0
-        keys = []
+        keys: list[str] = []
         paginator = self.client.get_paginator("list_objects_v2")
         for page in paginator.paginate(Bucket=self.bucket, Prefix=full):
             keys.extend(item["Key"][strip:] for item in page.get("Contents", []))

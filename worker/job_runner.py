@@ -194,7 +194,7 @@ class JobRunner:
         self._last_lease = now
         with session_scope() as session:
             ours = runs.renew_lease(session, self.job_id, self.worker_id, self.settings.lease_seconds)
-            cancel = runs.is_cancel_requested(session, self.job_id)
+            cancel = runs.cancel_requested(session, self.job_id)
         if cancel:
             group.terminate(grace_seconds=2.0)
             raise InterruptedError
@@ -263,7 +263,6 @@ class JobRunner:
         except InterruptedError:
             self._flush_progress(None, force=True)
             self._finish("cancelled")
-            self._event("cancelled by request; training processes stopped")
             return "cancelled"
         except JobLost:
             log.warning("job %s is no longer ours; dropped", self.job_id)
@@ -278,7 +277,6 @@ class JobRunner:
             "message": (group.log_tail(1500).strip().splitlines() or ["exit code " + str(code)])[-1],
         }
         log.error("job %s failed: %s", self.job_id, error)
-        self._event(f"failed: {error['message']}", "error", {"exit_code": code})
         self._finish("failed", error_code=error["code"], error_message=error["message"])
         return "failed"
 
@@ -295,10 +293,5 @@ class JobRunner:
             adapter_bytes=size,
             manifest=manifest,
             trained_tokens=int(manifest.get("trained_tokens") or 0),
-        )
-        self._event(
-            f"succeeded: {manifest.get('steps')} steps, final train loss "
-            f"{manifest.get('final_train_loss'):.4f}",
-            data={"adapter_sha256": sha},
         )
         return "succeeded"

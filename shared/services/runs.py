@@ -259,7 +259,8 @@ def reap_expired(session: Session, now: datetime | None = None) -> list[tuple[st
         still_expired = (
             (Job.id == job.id) & (Job.status == RUNNING.value) & (Job.lease_expires_at < now)
         )
-        common = {"updated_at": now, "lease_expires_at": None}
+        common: dict[str, Any] = {"updated_at": now, "lease_expires_at": None}
+        values: dict[str, Any]
         if job.cancel_requested:
             new, values = CANCELLED, {"status": CANCELLED.value, "finished_at": now}
             message = "worker lost while cancelling; job cancelled"

@@ -61,7 +61,7 @@ def test_too_large_is_413(client: Any, monkeypatch: pytest.MonkeyPatch) -> None:
 
     def chunked() -> Any:  # no Content-Length: the limit applies while streaming
         boundary = b"xyz"
-        yield b"--xyz\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.jsonl\"\r\n\r\n"
+        yield b'--xyz\r\nContent-Disposition: form-data; name="file"; filename="a.jsonl"\r\n\r\n'
         for _ in range(50):
             yield b'{"text": "0123456789"}\n'
         yield b"\r\n--" + boundary + b"--\r\n"

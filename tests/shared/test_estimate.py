@@ -33,10 +33,17 @@ def square(tmp_path: Path) -> ModelInfo:
     """One 1000x1000 linear layer in a one-layer model with a 10-token vocabulary."""
     folder = write_model(
         tmp_path / "square",
-        {"model_type": "custom", "hidden_size": 1000, "num_hidden_layers": 1, "vocab_size": 10,
-         "num_attention_heads": 10, "intermediate_size": 1000, "max_position_embeddings": 256},
+        {
+            "model_type": "custom",
+            "hidden_size": 1000,
+            "num_hidden_layers": 1,
+            "vocab_size": 10,
+            "num_attention_heads": 10,
+            "intermediate_size": 1000,
+            "max_position_embeddings": 256,
+        },
         {"layer.dense.weight": ("F32", [1000, 1000])},
-    )  # fmt: skip
+    )
     return read_model_info(folder)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -131,9 +132,11 @@ def test_gpt2_variant_uses_conv1d_names_and_ties(tmp_path: Path) -> None:
     path = make_tiny_gpt2(tmp_path / "gpt2")
     model = AutoModelForCausalLM.from_pretrained(path)
     assert type(model).__name__ == "GPT2LMHeadModel"
-    names = {n for n, _ in model.named_modules()}
-    assert "transformer.h.0.attn.c_attn" in names
-    assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
+    modules = dict(model.named_modules())
+    assert "transformer.h.0.attn.c_attn" in modules
+    head, embedding = modules["lm_head"], modules["transformer.wte"]
+    assert isinstance(head, torch.nn.Linear) and isinstance(embedding, torch.nn.Embedding)
+    assert head.weight.data_ptr() == embedding.weight.data_ptr()
     assert AutoTokenizer.from_pretrained(path).eos_token == "</s>"
 
 
@@ -172,7 +175,7 @@ def test_a_few_steps_lower_the_loss(tiny: Path) -> None:
     tok = AutoTokenizer.from_pretrained(tiny)
     model = AutoModelForCausalLM.from_pretrained(tiny)
     rows = sample_chat_rows(64)
-    batch = tok.apply_chat_template(
+    batch: Any = tok.apply_chat_template(
         [r["messages"] for r in rows],
         tokenize=True,
         return_dict=True,

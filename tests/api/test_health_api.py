@@ -1,0 +1,53 @@
+"""Probes and Prometheus metrics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from shared.config import reset_settings
+
+
+def test_healthz_readyz(client: Any) -> None:
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200, ready.text
+    assert ready.json()["checks"] == {"database": "ok", "broker": "ok"}
+
+
+def test_readyz_with_redis(client: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LORAFLEET_BROKER_URL", "redis://127.0.0.1:6379/15")
+    reset_settings()
+    assert client.get("/readyz").status_code == 200
+
+
+def test_readyz_broker_down_is_503(client: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LORAFLEET_BROKER_URL", "redis://127.0.0.1:1/0")  # nothing listens
+    reset_settings()
+    response = client.get("/readyz")
+    assert response.status_code == 503
+    assert response.json()["checks"]["database"] == "ok"
+    assert response.json()["checks"]["broker"] != "ok"
+
+
+def test_metrics(client: Any) -> None:
+    file_id = client.post("/files", files={"file": ("t.jsonl", b'{"text": "hi"}\n')}).json()["id"]
+    body = {"base_model": "tiny", "training_file": file_id}
+    job_id = client.post("/jobs", json=body).json()["id"]
+    client.post("/jobs", json=body)
+    client.post(f"/jobs/{job_id}/cancel")
+    response = client.get("/metrics", headers={"Authorization": ""})
+    assert response.status_code == 200
+    text = response.text
+    assert 'lorafleet_jobs{state="queued"} 1.0' in text
+    assert 'lorafleet_jobs{state="cancelled"} 1.0' in text
+    assert 'lorafleet_jobs{state="running"} 0.0' in text
+    assert "lorafleet_oldest_queued_job_age_seconds" in text
+
+
+def test_auth_disabled_acts_as_local(client: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LORAFLEET_AUTH_DISABLED", "1")
+    reset_settings()
+    response = client.get("/files", headers={"Authorization": ""})
+    assert response.status_code == 200 and response.json()["data"] == []
