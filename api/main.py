@@ -15,7 +15,7 @@ from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from api import errors
-from api.routes import files, health, jobs, metrics
+from api.routes import checkpoints, files, health, jobs, metrics, openai_compat, web
 from shared.config import get_settings
 from shared.db import upgrade_to_head
 
@@ -37,4 +37,7 @@ def create_app() -> FastAPI:
     errors.install(app)
     for module in (health, metrics, files, jobs):
         app.include_router(module.router)
+    app.include_router(checkpoints.router)
+    app.include_router(openai_compat.router)
+    app.include_router(web.router)
     return app

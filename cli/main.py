@@ -168,7 +168,7 @@ def train(
 
     from shared.datasets import DatasetError, load_examples
     from shared.spec import JobSpec
-    from worker.training.engine import iter_progress
+    from worker.training.launch import iter_progress
     from worker.training.launch import device_count, launch
 
     try:

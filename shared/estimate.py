@@ -21,7 +21,8 @@ micro-step = batch_size * max_seq_length (packing fills rows, so this is also th
                      gate*up) and X is LoRA's own: per adapted module its dropout copy of the input
                      and the dropout mask (``in`` values + ``in`` bytes, only when dropout > 0) and
                      the rank-r intermediate. Checked against the tensors autograd saves on the
-                     tiny Llama (tests/shared/test_estimate.py): within -10%..+45%, high side.
+                     tiny Llamas (tests/shared/test_estimate.py): 3% to 44% above, in every case
+                     measured.
                      With gradient checkpointing only the layer inputs are kept, plus one layer
                      recomputed during backward: N * a * (L * H + (8H + 2K + 4I) + X / L + 2H).
                      Attention is taken as SDPA/flash (memory linear in sequence length); eager

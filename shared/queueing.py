@@ -6,7 +6,9 @@ carries job ids: the database row is the truth, and a lost message is re-publish
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 from celery import Celery
@@ -72,3 +74,39 @@ def reset_publisher() -> None:
 def publish_job(job_id: str, queue: str = DEFAULT_QUEUE, priority: int = 0) -> None:
     """Send the job id to the workers. Call only after the job row is committed."""
     _publisher().send_task(TRAIN_TASK, args=[job_id], queue=queue, retry=True)
+
+
+_JOB_ID = re.compile(rb"ftjob-[0-9a-f]+")
+
+
+def pending_job_ids(settings: Settings | None = None, queues: tuple[str, ...] = (DEFAULT_QUEUE,)) -> set[str] | None:
+    """Job ids that have a message waiting in (or reserved from) the broker; None if unknowable.
+
+    Lets the reaper re-publish only jobs whose message is really gone (a Redis flushed or
+    restarted without persistence), instead of piling duplicates behind a long training run.
+    """
+    settings = settings or get_settings()
+    url = settings.broker_url or ""
+    found: set[str] = set()
+    if url.startswith(("redis://", "rediss://")):
+        import redis
+
+        client = redis.Redis.from_url(url, socket_timeout=5)
+        try:
+            for queue in queues:
+                for raw in client.lrange(queue, 0, -1):
+                    found.update(m.decode() for m in _JOB_ID.findall(raw))
+            for raw in client.hvals("unacked"):
+                found.update(m.decode() for m in _JOB_ID.findall(raw))
+        finally:
+            client.close()
+        return found
+    if url.startswith("filesystem://"):
+        folder = Path(broker_options(settings)["data_folder_in"])
+        for item in folder.iterdir():
+            try:
+                found.update(m.decode() for m in _JOB_ID.findall(item.read_bytes()))
+            except OSError:  # consumed while we looked
+                continue
+        return found
+    return None

@@ -19,7 +19,7 @@ from importlib import metadata
 
 from shared.config import get_settings
 from shared.db import session_scope
-from shared.queueing import publish_job
+from shared.queueing import pending_job_ids, publish_job
 from shared.services import runs
 
 log = logging.getLogger("lorafleet.fleet")
@@ -103,6 +103,11 @@ def reap_once() -> None:
     with session_scope() as session:
         stale = runs.stale_queued(session, now - timedelta(seconds=settings.requeue_grace_seconds))
         republish = [(job.id, job.queue) for job in stale]
+    if republish:
+        queues = tuple({queue for _, queue in republish})
+        pending = pending_job_ids(settings, queues)
+        if pending is not None:
+            republish = [(job_id, queue) for job_id, queue in republish if job_id not in pending]
     for job_id, queue in republish:
         log.info("re-publishing queued job %s", job_id)
         publish_job(job_id, queue)

@@ -13,6 +13,7 @@ import json
 import logging
 import shutil
 import tarfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -20,10 +21,10 @@ from typing import Any
 from shared.config import Settings
 from shared.db import session_scope
 from shared.models import File, Job
-from shared.services import runs
+from shared.services import runs, webhooks
 from shared.spec import JobSpec
 from shared.storage import Storage, storage_from_url
-from worker.training.launch import RankGroup, device_count, launch
+from worker.training.launch import device_count, iter_progress, launch
 
 log = logging.getLogger("lorafleet.runner")
 
@@ -53,6 +54,40 @@ def make_adapter_tarball(folder: Path, dest: Path) -> tuple[str, int]:
     return digest, dest.stat().st_size
 
 
+class LeaseKeeper(threading.Thread):
+    """Renews the job's lease from its own thread, so a slow step of the runner (a first torch
+    import, a multi-GB checkpoint upload) can never let the lease lapse while the worker lives;
+    and notices a cancel request or the loss of the job."""
+
+    def __init__(self, job_id: str, worker_id: str, settings: Settings) -> None:
+        super().__init__(name=f"lease-{job_id}", daemon=True)
+        self.job_id = job_id
+        self.worker_id = worker_id
+        self.lease_seconds = settings.lease_seconds
+        self.period = max(0.2, min(2.0, settings.lease_seconds / 4))
+        self.cancelled = threading.Event()
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop.wait(self.period):
+            try:
+                with session_scope() as session:
+                    ours = runs.renew_lease(session, self.job_id, self.worker_id, self.lease_seconds)
+                    cancel = runs.cancel_requested(session, self.job_id)
+            except Exception:  # a database hiccup: try again next period
+                log.exception("lease renewal failed for %s", self.job_id)
+                continue
+            if cancel:
+                self.cancelled.set()
+            if not ours:
+                self.lost.set()
+                return
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
 class JobRunner:
     """One attempt of one job on this worker."""
 
@@ -76,7 +111,9 @@ class JobRunner:
 
     def _finish(self, status: str, **fields: Any) -> None:
         with session_scope() as session:
-            runs.finish_job(session, self.job_id, self.worker_id, status, **fields)
+            done = runs.finish_job(session, self.job_id, self.worker_id, status, **fields)
+        if done:  # only the attempt that set the final state announces it
+            webhooks.notify_final(self.job_id, self.settings)
 
     def _fetch_inputs(self, spec: JobSpec) -> tuple[JobSpec, str]:
         """Download dataset files; resolve the base model to a local folder or hub id."""
@@ -186,29 +223,16 @@ class JobRunner:
         self._pending_metrics = []
         self._last_progress_write = now
 
-    def _keep_lease(self, group: RankGroup) -> None:
-        """Renew the lease; stop the ranks if the job was cancelled or taken from us."""
-        now = time.monotonic()
-        if now - self._last_lease < min(2.0, self.settings.lease_seconds / 4):
-            return
-        self._last_lease = now
-        with session_scope() as session:
-            ours = runs.renew_lease(session, self.job_id, self.worker_id, self.settings.lease_seconds)
-            cancel = runs.cancel_requested(session, self.job_id)
-        if cancel:
-            group.terminate(grace_seconds=2.0)
-            raise InterruptedError
-        if not ours:
-            group.kill()
-            raise JobLost
-
     # ------------------------------------------------------------------ run
     def run(self) -> str:
         shutil.rmtree(self.work, ignore_errors=True)
         self.work.mkdir(parents=True, exist_ok=True)
+        self.lease = LeaseKeeper(self.job_id, self.worker_id, self.settings)
+        self.lease.start()
         try:
             return self._run()
         finally:
+            self.lease.stop()
             shutil.rmtree(self.work.parent, ignore_errors=True)
 
     def _run(self) -> str:
@@ -249,12 +273,16 @@ class JobRunner:
         )
         code: int | None = None
         try:
-            from worker.training.engine import iter_progress
 
             def stopped() -> bool:
                 nonlocal code
                 code = group.poll()
-                self._keep_lease(group)
+                if self.lease.cancelled.is_set():
+                    group.terminate(grace_seconds=2.0)
+                    raise InterruptedError
+                if self.lease.lost.is_set():
+                    group.kill()
+                    raise JobLost
                 return code is not None
 
             for record in iter_progress(progress_file, stopped):

@@ -87,7 +87,6 @@ def cancel_requested(session: Session, job_id: str) -> bool:
     row = session.execute(
         select(Job.cancel_requested, Job.status).where(Job.id == job_id)
     ).one_or_none()
-    session.rollback()  # end the read transaction so the next poll sees fresh data
     if row is None:
         return True
     return bool(row.cancel_requested) or row.status == CANCELLED.value

@@ -198,3 +198,13 @@ def test_sse_on_a_final_job_ends_at_once(client: Any) -> None:
     client.post(f"/jobs/{job['id']}/cancel")
     messages = [e["message"] for e in _sse_events(client, job["id"])]
     assert messages == ["job created", "cancelled while queued"]
+
+
+def test_sse_resumes_after_last_event_id(client: Any) -> None:
+    job = _job(client)
+    client.post(f"/jobs/{job['id']}/cancel")
+    first = client.get(f"/jobs/{job['id']}/events").json()["data"][0]["id"]
+    headers = {"Accept": "text/event-stream", "Last-Event-ID": str(first)}
+    with client.stream("GET", f"/jobs/{job['id']}/events", headers=headers) as response:
+        lines = [line for line in response.iter_lines() if line.startswith("data: ")]
+    assert [json.loads(line[6:])["message"] for line in lines] == ["cancelled while queued"]

@@ -136,3 +136,30 @@ def test_missing_models_dir_folder_is_refused(
     (settings.models_path / "tiny2").write_text("not a folder")
     with pytest.raises(InvalidInput):
         jobs.create_job(session, "alice", _spec(make_file().id, base_model="tiny2"))
+
+
+def test_publish_through_redis(
+    session: Session, make_file: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import redis
+
+    from shared.config import reset_settings
+    from shared.queueing import DEFAULT_QUEUE, reset_publisher
+
+    # db 14, not 15: other suites' live workers use 15 and must not lose their queue to us.
+    client = redis.Redis.from_url("redis://127.0.0.1:6379/14")
+    try:
+        client.ping()
+    except redis.ConnectionError:
+        pytest.skip("Redis not reachable")
+    client.delete(DEFAULT_QUEUE)
+    monkeypatch.setenv("LORAFLEET_BROKER_URL", "redis://127.0.0.1:6379/14")
+    reset_settings()
+    reset_publisher()
+    try:
+        job, _ = jobs.create_job(session, "alice", _spec(make_file().id))
+        messages = client.lrange(DEFAULT_QUEUE, 0, -1)
+        assert len(messages) == 1 and job.id.encode() in messages[0]
+    finally:
+        client.delete(DEFAULT_QUEUE)
+        reset_publisher()

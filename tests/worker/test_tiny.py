@@ -91,8 +91,9 @@ def test_chat_template_marks_the_answer(tiny: Path) -> None:
         "<|im_start|>assistant\n2 + 3 = 5.<|im_end|>\n"
     )
     prompt = tok.apply_chat_template(MESSAGES[:2], tokenize=False, add_generation_prompt=True)
+    assert isinstance(prompt, str)
     assert prompt.endswith("<|im_start|>user\nWhat is 2 + 3?<|im_end|>\n<|im_start|>assistant\n")
-    out = tok.apply_chat_template(
+    out: Any = tok.apply_chat_template(
         MESSAGES, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
     )
     ids, mask = out["input_ids"], out["assistant_masks"]

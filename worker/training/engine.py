@@ -33,7 +33,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -560,27 +560,6 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
-
-
-def iter_progress(path: Path, stop: Callable[[], bool], poll: float = 0.2) -> Iterator[dict[str, Any]]:
-    """Tail a progress file until ``stop()`` is true and nothing more is written."""
-    position = 0
-    pending = b""
-    while True:
-        finished = stop()
-        if path.exists():
-            with open(path, "rb") as stream:
-                stream.seek(position)
-                chunk = stream.read()
-            position += len(chunk)
-            pending += chunk
-            *lines, pending = pending.split(b"\n")
-            for line in lines:
-                if line.strip():
-                    yield json.loads(line)
-        if finished:
-            return
-        time.sleep(poll)
 
 
 if __name__ == "__main__":

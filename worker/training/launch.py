@@ -9,15 +9,17 @@ asks the kernel for SIGKILL when its parent dies (see engine._die_with_parent).
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 
 def free_port() -> int:
@@ -167,3 +169,24 @@ def launch(
             )
         procs.append(proc)
     return RankGroup(procs, logs)
+
+
+def iter_progress(path: Path, stop: Callable[[], bool], poll: float = 0.2) -> Iterator[dict[str, Any]]:
+    """Tail a progress file until ``stop()`` is true and nothing more is written."""
+    position = 0
+    pending = b""
+    while True:
+        finished = stop()
+        if path.exists():
+            with open(path, "rb") as stream:
+                stream.seek(position)
+                chunk = stream.read()
+            position += len(chunk)
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                if line.strip():
+                    yield json.loads(line)
+        if finished:
+            return
+        time.sleep(poll)

@@ -6,17 +6,16 @@ models users fine-tune: q/k/v/o + gate/up/down, GQA) with random weights from a 
 byte-level BPE tokenizer trained on a small built-in English corpus plus the text of the sample
 chat dataset, so the demo data tokenizes into few tokens and a tiny model visibly learns it.
 
-Sizes (parameters counted as ``sum(p.numel())``; the tokenizer is the same for all):
+Sizes (parameters as ``sum(p.numel())``, measured; the tokenizer is the same for all):
 
-================  =========================================================================
-default           ``make_tiny(DIR)``: about 0.15 M (hidden 64, 2 layers): tests, ``make demo``
-``TINY_SIZES["5m"]``   about 5 M (hidden 256, 6 layers, 8 heads / 4 kv heads, vocab 2048)
-``TINY_SIZES["40m"]``  about 40 M (hidden 512, 12 layers, 8 heads / 4 kv heads, vocab 4096)
-================  =========================================================================
+- ``make_tiny(DIR)``: 139,584 (hidden 64, 2 layers, 4 heads / 2 kv heads, vocab 512): tests, demo.
+- ``make_tiny(DIR, **TINY_SIZES["5m"])``: 5,180,672 (hidden 256, 6 layers, 8/4 heads, vocab 2048).
+- ``make_tiny(DIR, **TINY_SIZES["40m"])``: 41,955,840 (hidden 512, 12 layers, 8/4 heads, vocab
+  4096), the size the benchmarks compare against the Trainer.
 
-e.g. ``make_tiny(Path("models/tiny-40m"), **TINY_SIZES["40m"])``. The model's ``vocab_size`` is
-its embedding rows; the tokenizer has at most that many tokens (a small corpus can run out of
-merges), the rest are unused rows, as in many released models that pad their vocabulary.
+The model's ``vocab_size`` is its embedding rows. The built-in corpus yields 1,671 tokens at most
+(it runs out of merges), so in the larger sizes the remaining rows are unused, as in released
+models that pad their vocabulary; ``len(tokenizer) <= vocab_size`` always holds.
 
 Deterministic: the same arguments give byte-identical weights and the same tokenizer.
 """
@@ -28,7 +27,14 @@ import random
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TINY_SIZES", "make_tiny", "make_tiny_gpt2", "sample_chat_rows"]
+__all__ = [
+    "CHAT_TEMPLATE",
+    "TINY_SIZES",
+    "make_tiny",
+    "make_tiny_gpt2",
+    "sample_chat_rows",
+    "write_sample",
+]
 
 # Argument sets for the benchmark sizes (see the module docstring for the measured counts).
 TINY_SIZES: dict[str, dict[str, int]] = {
