@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import sys
 import tarfile
 import time
 from pathlib import Path
@@ -21,9 +19,7 @@ FINAL = {"succeeded", "failed", "cancelled"}
 EXIT_CODES = {"succeeded": 0, "failed": 1, "cancelled": 3}
 err = Console(stderr=True)
 
-ApiUrl = Annotated[
-    str, typer.Option("--api-url", envvar="LORAFLEET_API_URL", help="API base URL.")
-]
+ApiUrl = Annotated[str, typer.Option("--api-url", envvar="LORAFLEET_API_URL", help="API base URL.")]
 ApiKey = Annotated[
     str | None, typer.Option("--api-key", envvar="LORAFLEET_API_KEY", help="Bearer key.")
 ]
@@ -72,7 +68,8 @@ def upload_file(http: httpx.Client, path: Path) -> dict[str, Any]:
 
         with open(path, "rb") as stream:
             files = {"file": (path.name, Reader(stream), "application/jsonl")}
-            return _check(http.post("/files", files=files, data={"purpose": "fine-tune"}))  # type: ignore[no-any-return]
+            response = http.post("/files", files=files, data={"purpose": "fine-tune"})  # type: ignore[arg-type]
+            return _check(response)  # type: ignore[no-any-return]
 
 
 def watch_job(http: httpx.Client, job_id: str, as_json: bool = False) -> str:
@@ -171,14 +168,17 @@ def register(app: typer.Typer) -> None:
 
     @app.command()
     def status(
-        job_id: str, api_url: ApiUrl = "http://127.0.0.1:8000", api_key: ApiKey = None,
+        job_id: str,
+        api_url: ApiUrl = "http://127.0.0.1:8000",
+        api_key: ApiKey = None,
         as_json: JsonFlag = False,
     ) -> None:
         """Show a job."""
         with _client(api_url, api_key) as http:
             job = _check(http.get(f"/jobs/{job_id}"))
             progress = job.get("progress") or {}
-            summary = f"{job['id']} {job['status']} step {progress.get('step')}/{progress.get('total_steps')}"
+            step = f"{progress.get('step')}/{progress.get('total_steps')}"
+            summary = f"{job['id']} {job['status']} step {step}"
             if job.get("error"):
                 summary += f" error {job['error']['code']}: {job['error']['message']}"
             _out(job, as_json, summary)
@@ -202,7 +202,9 @@ def register(app: typer.Typer) -> None:
 
     @app.command()
     def watch(
-        job_id: str, api_url: ApiUrl = "http://127.0.0.1:8000", api_key: ApiKey = None,
+        job_id: str,
+        api_url: ApiUrl = "http://127.0.0.1:8000",
+        api_key: ApiKey = None,
         as_json: JsonFlag = False,
     ) -> None:
         """Live progress until the job ends; exit code 0 succeeded, 1 failed, 3 cancelled."""
@@ -213,7 +215,9 @@ def register(app: typer.Typer) -> None:
 
     @app.command()
     def events(
-        job_id: str, api_url: ApiUrl = "http://127.0.0.1:8000", api_key: ApiKey = None,
+        job_id: str,
+        api_url: ApiUrl = "http://127.0.0.1:8000",
+        api_key: ApiKey = None,
         as_json: JsonFlag = False,
     ) -> None:
         """Print a job's events."""
@@ -224,7 +228,9 @@ def register(app: typer.Typer) -> None:
 
     @app.command()
     def cancel(
-        job_id: str, api_url: ApiUrl = "http://127.0.0.1:8000", api_key: ApiKey = None,
+        job_id: str,
+        api_url: ApiUrl = "http://127.0.0.1:8000",
+        api_key: ApiKey = None,
         as_json: JsonFlag = False,
     ) -> None:
         """Cancel a queued or running job."""
@@ -264,5 +270,3 @@ def register(app: typer.Typer) -> None:
         merged.save_pretrained(str(out))
         AutoTokenizer.from_pretrained(base_path).save_pretrained(str(out))
         print(out.resolve())
-
-

@@ -70,7 +70,9 @@ def serve(
 @app.command()
 def worker(
     queues: Annotated[str, typer.Option(help="Comma-separated queues to consume.")] = "",
-    name: Annotated[str | None, typer.Option(help="Node name (default unique per process).")] = None,
+    name: Annotated[
+        str | None, typer.Option(help="Node name (default unique per process).")
+    ] = None,
     loglevel: Annotated[str, typer.Option(help="Log level.")] = "INFO",
 ) -> None:
     """Run a Celery worker that trains jobs; this process *becomes* the Celery main process."""
@@ -161,15 +163,16 @@ def train(
     nproc: Annotated[int | None, typer.Option(help="DDP processes (default: GPUs, or 1).")] = None,
     resume_from: Annotated[Path | None, typer.Option(help="A step_N checkpoint folder.")] = None,
     checkpoint_dir: Annotated[Path | None, typer.Option(help="Default OUT/checkpoints.")] = None,
-    json_output: Annotated[bool, typer.Option("--json", help="Print progress as JSON lines.")] = False,
+    json_output: Annotated[
+        bool, typer.Option("--json", help="Print progress as JSON lines.")
+    ] = False,
 ) -> None:
     """Train an adapter with the engine alone: no server, no database."""
     from pydantic import ValidationError
 
     from shared.datasets import DatasetError, load_examples
     from shared.spec import JobSpec
-    from worker.training.launch import iter_progress
-    from worker.training.launch import device_count, launch
+    from worker.training.launch import device_count, iter_progress, launch
 
     try:
         spec = JobSpec.model_validate_json(spec_file.read_text())
@@ -181,7 +184,11 @@ def train(
     for field in ("training_file", "validation_file"):
         value = getattr(spec, field)
         if value:
-            path = (base / value) if not Path(value).is_absolute() and not Path(value).exists() else Path(value)
+            path = (
+                (base / value)
+                if not Path(value).is_absolute() and not Path(value).exists()
+                else Path(value)
+            )
             try:
                 load_examples(str(path))
             except (OSError, DatasetError) as exc:

@@ -264,7 +264,9 @@ def summarize(stream: IO[bytes], limits: Limits | None = None) -> DatasetSummary
     for example in iter_examples(reader, limits):  # type: ignore[arg-type]
         rows += 1
         fmt = example.format
-    return DatasetSummary(format=fmt, rows=rows, bytes=reader.bytes, sha256=reader.sha256.hexdigest())
+    return DatasetSummary(
+        format=fmt, rows=rows, bytes=reader.bytes, sha256=reader.sha256.hexdigest()
+    )
 
 
 def load_examples(path: str, limits: Limits | None = None) -> list[Example]:

@@ -79,7 +79,9 @@ def publish_job(job_id: str, queue: str = DEFAULT_QUEUE, priority: int = 0) -> N
 _JOB_ID = re.compile(rb"ftjob-[0-9a-f]+")
 
 
-def pending_job_ids(settings: Settings | None = None, queues: tuple[str, ...] = (DEFAULT_QUEUE,)) -> set[str] | None:
+def pending_job_ids(
+    settings: Settings | None = None, queues: tuple[str, ...] = (DEFAULT_QUEUE,)
+) -> set[str] | None:
     """Job ids that have a message waiting in (or reserved from) the broker; None if unknowable.
 
     Lets the reaper re-publish only jobs whose message is really gone (a Redis flushed or
@@ -94,10 +96,16 @@ def pending_job_ids(settings: Settings | None = None, queues: tuple[str, ...] = 
         client = redis.Redis.from_url(url, socket_timeout=5)
         try:
             for queue in queues:
-                for raw in client.lrange(queue, 0, -1):
-                    found.update(m.decode() for m in _JOB_ID.findall(raw))
-            for raw in client.hvals("unacked"):
-                found.update(m.decode() for m in _JOB_ID.findall(raw))
+                for raw in client.lrange(queue, 0, -1):  # type: ignore[union-attr]
+                    found.update(
+                        m.decode()
+                        for m in _JOB_ID.findall(raw if isinstance(raw, bytes) else raw.encode())
+                    )
+            for raw in client.hvals("unacked"):  # type: ignore[union-attr]
+                found.update(
+                    m.decode()
+                    for m in _JOB_ID.findall(raw if isinstance(raw, bytes) else raw.encode())
+                )
         finally:
             client.close()
         return found

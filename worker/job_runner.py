@@ -73,7 +73,9 @@ class LeaseKeeper(threading.Thread):
         while not self._stop.wait(self.period):
             try:
                 with session_scope() as session:
-                    ours = runs.renew_lease(session, self.job_id, self.worker_id, self.lease_seconds)
+                    ours = runs.renew_lease(
+                        session, self.job_id, self.worker_id, self.lease_seconds
+                    )
                     cancel = runs.cancel_requested(session, self.job_id)
             except Exception:  # a database hiccup: try again next period
                 log.exception("lease renewal failed for %s", self.job_id)
@@ -96,7 +98,9 @@ class JobRunner:
         self.worker_id = worker_id
         self.attempt = attempt
         self.settings = settings
-        self.storage: Storage = storage_from_url(settings.storage_url or "", settings.s3_endpoint_url)
+        self.storage: Storage = storage_from_url(
+            settings.storage_url or "", settings.s3_endpoint_url
+        )
         self.work = settings.data_dir.resolve() / "work" / job_id / f"attempt-{attempt}"
         self._last_progress_write = 0.0
         self._pending_metrics: list[dict[str, Any]] = []
@@ -302,7 +306,9 @@ class JobRunner:
             return self._succeed(out_dir)
         error = self._error or {
             "code": "training_failed",
-            "message": (group.log_tail(1500).strip().splitlines() or ["exit code " + str(code)])[-1],
+            "message": (group.log_tail(1500).strip().splitlines() or ["exit code " + str(code)])[
+                -1
+            ],
         }
         log.error("job %s failed: %s", self.job_id, error)
         self._finish("failed", error_code=error["code"], error_message=error["message"])

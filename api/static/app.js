@@ -180,7 +180,10 @@ async function refreshJob(jobId) {
   drawChart($("loss-chart"), metrics.data);
   renderCheckpoints(job.id, checkpoints.data);
   await appendEvents(job.id);
-  if (FINAL.has(job.status)) stopPolling(); // nothing will change any more
+  if (FINAL.has(job.status)) {
+    stopPolling(); // nothing will change any more
+    $("job-view").dataset.settled = job.status; // lets tests (and scripts) wait for the end state
+  }
 }
 
 function renderCheckpoints(jobId, rows) {
@@ -299,6 +302,7 @@ function route() {
   const match = location.hash.match(/^#\/jobs\/([A-Za-z0-9_-]+)$/);
   if (match) {
     currentJobId = match[1];
+    delete $("job-view").dataset.settled;
     lastEventId = 0;
     $("events").replaceChildren();
     $("loss-chart").replaceChildren();

@@ -78,10 +78,8 @@ def stop_group(proc: subprocess.Popen[Any], grace: float = 10.0) -> None:
         return
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGTERM)
-    try:
+    with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        pass
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=10)
@@ -203,8 +201,8 @@ def live_stack(base: Path, with_worker: bool = True, **env_overrides: str) -> It
             yield live
 
 
-def chat_rows(n: int = 24) -> list[dict[str, Any]]:
+def chat_rows(n: int = 24, seed: int = 0) -> list[dict[str, Any]]:
     """A small chat dataset the tiny model trains on in a few steps."""
     from worker.training.tiny import sample_chat_rows
 
-    return sample_chat_rows(n)
+    return sample_chat_rows(n, seed=seed)

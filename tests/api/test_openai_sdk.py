@@ -13,7 +13,6 @@ import threading
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -76,17 +75,13 @@ def sdk(live: Live) -> OpenAI:
 
 @pytest.fixture(scope="module")
 def training_file(sdk: OpenAI) -> str:
-    upload = sdk.files.create(
-        file=("train.jsonl", _jsonl(chat_rows(24))), purpose="fine-tune"
-    )
+    upload = sdk.files.create(file=("train.jsonl", _jsonl(chat_rows(24))), purpose="fine-tune")
     assert upload.object == "file" and upload.status == "processed"
     return upload.id
 
 
 @pytest.fixture(scope="module")
-def finished_job(
-    sdk: OpenAI, live: Live, training_file: str, receiver: tuple[str, Any]
-) -> Any:
+def finished_job(sdk: OpenAI, live: Live, training_file: str, receiver: tuple[str, Any]) -> Any:
     url, _ = receiver
     job = sdk.fine_tuning.jobs.create(
         model="tiny",

@@ -77,7 +77,11 @@ class Deployment:
     def _spawn(self, args: list[str], name: str) -> subprocess.Popen[bytes]:
         log = open(self.root / f"{name}.log", "ab")  # noqa: SIM115 (lives as long as the process)
         proc = subprocess.Popen(
-            args, env=self.env, cwd=self.root, stdout=log, stderr=subprocess.STDOUT,
+            args,
+            env=self.env,
+            cwd=self.root,
+            stdout=log,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
         self.procs.append(proc)

@@ -22,7 +22,7 @@ from sqlalchemy import create_engine, text
 from transformers import AutoModelForCausalLM
 
 from shared.spec import JobSpec
-from tests.e2e.live import chat_rows, deployment, job_body, upload, wait_for, wait_final
+from tests.e2e.live import chat_rows, deployment, job_body, upload, wait_final, wait_for
 from worker.training.engine import LoraTrainer, TrainPaths
 
 PG = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -52,8 +52,11 @@ def s3_url() -> Iterator[tuple[str, str]]:
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
     boto3.client(
-        "s3", endpoint_url=endpoint, region_name="us-east-1",
-        aws_access_key_id="test", aws_secret_access_key="test",
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="test",
+        aws_secret_access_key="test",
     ).create_bucket(Bucket="lorafleet")
     yield "s3://lorafleet/artifacts", endpoint
     server.stop()
@@ -195,7 +198,9 @@ def test_cancel_failures_and_bad_input(tiny_dir: Path, tmp_path: Path) -> None:
             # running job cancelled: stops within seconds, its processes end
             wait_for(
                 lambda: (http.get(f"/jobs/{long_job['id']}/progress").json()["step"] or 0) > 2,
-                180, 0.3, "long job to run",
+                180,
+                0.3,
+                "long job to run",
             )
             assert http.post(f"/jobs/{long_job['id']}/cancel").status_code == 200
             done = wait_final(http, long_job["id"], timeout=30)

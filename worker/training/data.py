@@ -90,7 +90,7 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
 def _segments_to_ids(
     tokenizer: Any, segments: Sequence[tuple[str, bool]], *, eos_after_trained: bool
 ) -> tuple[list[int], list[bool]]:
-    """Tokenise pieces separately; trained pieces are followed by EOS (so the model learns to stop)."""
+    """Tokenise pieces separately; trained pieces are followed by EOS (the model learns to stop)."""
     ids = _bos_prefix(tokenizer)
     mask = [False] * len(ids)
     eos = tokenizer.eos_token_id
@@ -117,9 +117,9 @@ def _default_chat_segments(example: Example) -> list[tuple[str, bool]]:
     return segments
 
 
-def _template_spans(tokenizer: Any, messages: list[dict[str, str]], trained: list[bool]) -> tuple[
-    str, list[tuple[int, int]]
-] | None:
+def _template_spans(
+    tokenizer: Any, messages: list[dict[str, str]], trained: list[bool]
+) -> tuple[str, list[tuple[int, int]]] | None:
     """Render with the chat template; return the text and the character spans to train on.
 
     Returns None when the template does not render conversation prefixes as prefixes of the whole
@@ -130,9 +130,11 @@ def _template_spans(tokenizer: Any, messages: list[dict[str, str]], trained: lis
     for i, train in enumerate(trained):
         if not train:
             continue
-        prompt = tokenizer.apply_chat_template(
-            messages[:i], tokenize=False, add_generation_prompt=True
-        ) if i else ""
+        prompt = (
+            tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+            if i
+            else ""
+        )
         upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
         if not (full.startswith(upto) and upto.startswith(prompt)):
             return None
@@ -144,9 +146,9 @@ def _template_spans(tokenizer: Any, messages: list[dict[str, str]], trained: lis
     return full, spans
 
 
-def _content_spans(full: str, messages: list[dict[str, str]], trained: list[bool]) -> list[
-    tuple[int, int]
-]:
+def _content_spans(
+    full: str, messages: list[dict[str, str]], trained: list[bool]
+) -> list[tuple[int, int]]:
     spans = []
     cursor = 0
     for message, train in zip(messages, trained, strict=True):
@@ -180,9 +182,9 @@ def _chat_template_ids(tokenizer: Any, example: Example) -> tuple[list[int], lis
     return ids, mask
 
 
-def tokenize_example(tokenizer: Any, example: Example, max_seq_length: int) -> tuple[
-    TokenizedExample, bool
-]:
+def tokenize_example(
+    tokenizer: Any, example: Example, max_seq_length: int
+) -> tuple[TokenizedExample, bool]:
     """Token ids and shifted targets of one example; the bool says whether it was truncated."""
     if example.format == "chat" and getattr(tokenizer, "chat_template", None):
         ids, mask = _chat_template_ids(tokenizer, example)

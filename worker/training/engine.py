@@ -4,7 +4,7 @@ Launch (one process per device; ``lorafleet train`` and the Celery task both use
 
     # one process, no DDP
     python -m worker.training.engine --spec spec.json --out OUT
-    # N ranks: RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT set per process (torchrun works too)
+    # N ranks: RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT per process (torchrun works too)
     torchrun --nproc-per-node 2 -m worker.training.engine --spec spec.json --out OUT
 
 The engine knows nothing of HTTP, Celery or the database: it gets a validated ``JobSpec`` whose
@@ -185,10 +185,16 @@ class LoraTrainer:
         )
         self.total_steps = datamod.total_steps(self.plan, t.epochs, t.max_steps)
 
-        load_dtype = self.autocast_dtype if self.device.type == "cuda" and self.autocast_dtype else torch.float32
+        load_dtype = (
+            self.autocast_dtype
+            if self.device.type == "cuda" and self.autocast_dtype
+            else torch.float32
+        )
         base = load_base_model(self.paths.model, dtype=load_dtype)
         if t.gradient_checkpointing:
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            base.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
         try:
             self.peft_model = apply_lora(base, spec.lora)
         except ValueError as exc:
@@ -273,7 +279,9 @@ class LoraTrainer:
 
     # ---------------------------------------------------------------- training
     def train_step(self, step: int) -> float:
-        torch.manual_seed(self.spec.training.seed * 100_003 + step * self.dist.world_size + self.dist.rank)
+        torch.manual_seed(
+            self.spec.training.seed * 100_003 + step * self.dist.world_size + self.dist.rank
+        )
         self.model.train()
         step_rows = self.plan.step_rows(step)
         global_tokens = max(1, sum(self.rows[i].label_tokens for i in step_rows))
@@ -283,7 +291,7 @@ class LoraTrainer:
             batch = self._collate(indices, self.rows, self.spec.training.packing)
             last = micro == self.plan.accumulation - 1
             sync = (
-                self.model.no_sync()
+                self.model.no_sync()  # type: ignore[operator]
                 if self.dist.enabled and not last
                 else contextlib.nullcontext()
             )
@@ -353,7 +361,11 @@ class LoraTrainer:
                 if done == self.total_steps
                 else None,
             )
-            if t.checkpoint_every_steps and done % t.checkpoint_every_steps == 0 and done < self.total_steps:
+            if (
+                t.checkpoint_every_steps
+                and done % t.checkpoint_every_steps == 0
+                and done < self.total_steps
+            ):
                 self.save_checkpoint(done)
         self.eval_loss = self.evaluate() if self.eval_rows else self.eval_loss
         return self.save_final(time.monotonic() - started)
@@ -410,7 +422,9 @@ class LoraTrainer:
     def _load_checkpoint(self, path: Path, state: dict[str, Any]) -> None:
         weights = load_file(str(path / "adapter_model.safetensors"), device=str(self.device))
         set_peft_model_state_dict(self.peft_model, weights)
-        trainer_state = torch.load(path / "trainer_state.pt", map_location=self.device, weights_only=False)
+        trainer_state = torch.load(
+            path / "trainer_state.pt", map_location=self.device, weights_only=False
+        )
         self.optimizer.load_state_dict(trainer_state["optimizer"])
         self.scheduler.load_state_dict(trainer_state["scheduler"])
         self.scaler.load_state_dict(trainer_state["scaler"])
@@ -438,7 +452,10 @@ class LoraTrainer:
                     "world_size": self.dist.world_size,
                     "steps": self.total_steps,
                     "trained_tokens": sum(self._tokens_of_step(s) for s in range(self.total_steps)),
-                    "base_model": {"name": self.spec.base_model, **model_fingerprint(self.paths.model)},
+                    "base_model": {
+                        "name": self.spec.base_model,
+                        **model_fingerprint(self.paths.model),
+                    },
                     "dataset_sha256": sha256_file(self.spec.training_file),
                     "validation_sha256": sha256_file(self.spec.validation_file)
                     if self.spec.validation_file
@@ -511,7 +528,9 @@ def _configure_threads(info: DistInfo) -> None:
     if torch.cuda.is_available():
         return
     local = int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size))
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = (
+        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    )
     torch.set_num_threads(max(1, cores // max(1, local)))
 
 
@@ -553,7 +572,13 @@ def main(argv: list[str] | None = None) -> int:
         code = 2
     except Exception as exc:
         if sink:
-            sink({"type": "error", "code": "training_failed", "message": f"{type(exc).__name__}: {exc}"})
+            sink(
+                {
+                    "type": "error",
+                    "code": "training_failed",
+                    "message": f"{type(exc).__name__}: {exc}",
+                }
+            )
         raise
     finally:
         trainer.cleanup()

@@ -171,7 +171,9 @@ def launch(
     return RankGroup(procs, logs)
 
 
-def iter_progress(path: Path, stop: Callable[[], bool], poll: float = 0.2) -> Iterator[dict[str, Any]]:
+def iter_progress(
+    path: Path, stop: Callable[[], bool], poll: float = 0.2
+) -> Iterator[dict[str, Any]]:
     """Tail a progress file until ``stop()`` is true and nothing more is written."""
     position = 0
     pending = b""

@@ -42,7 +42,7 @@ def apply_lora(model: PreTrainedModel, lora: LoraSettings) -> PeftModel:
     """Wrap with peft; everything but the adapters is frozen by peft itself."""
     config = LoraConfig(
         r=lora.r,
-        lora_alpha=lora.alpha,
+        lora_alpha=lora.alpha,  # type: ignore[arg-type]  # peft accepts floats
         lora_dropout=lora.dropout,
         target_modules=lora.target_modules,
         bias="none",
@@ -52,7 +52,7 @@ def apply_lora(model: PreTrainedModel, lora: LoraSettings) -> PeftModel:
 
 
 def _backbone(causal_lm: nn.Module) -> nn.Module:
-    """The decoder stack under the LM head (``model`` for Llama/Qwen2, ``transformer`` for GPT-2)."""
+    """The decoder under the LM head (``model`` for Llama/Qwen2, ``transformer`` for GPT-2)."""
     prefix = getattr(causal_lm, "base_model_prefix", "model")
     backbone = getattr(causal_lm, prefix, None)
     if backbone is None:
@@ -87,7 +87,7 @@ class CausalLMLoss(nn.Module):
         self.peft_model = peft_model
         causal_lm = peft_model.get_base_model()
         self._backbone = _backbone(causal_lm)
-        head = causal_lm.get_output_embeddings()
+        head = causal_lm.get_output_embeddings()  # type: ignore[operator]
         if head is None:
             raise ValueError("model has no output embeddings (LM head)")
         self._head = head
