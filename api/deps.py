@@ -73,6 +73,21 @@ def require_admin(key: Annotated[ApiKey, Depends(current_owner)]) -> ApiKey:
     return key
 
 
+def metrics_access(
+    request: Request,
+    session: Annotated[Session, Depends(get_session)],
+    authorization: Annotated[str | None, Header()] = None,
+) -> None:
+    """Gate for ``/metrics``: an admin key, unless ``LORAFLEET_METRICS_PUBLIC=true``.
+
+    The numbers are fleet-wide (every tenant's job counts, worker and GPU totals), which is
+    operator information; a Prometheus scrape config sends the admin key as a bearer token.
+    """
+    if get_settings().metrics_public:
+        return
+    require_admin(current_owner(request, session, authorization))
+
+
 SessionDep = Annotated[Session, Depends(get_session)]
 StorageDep = Annotated[Storage, Depends(get_storage)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]

@@ -7,6 +7,7 @@ Every error body has the same shape: ``{"detail": message, "error": {"code", "me
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -25,6 +26,8 @@ from shared.errors import (
     TooLarge,
     Unauthorized,
 )
+
+log = logging.getLogger(__name__)
 
 STATUS: dict[type[LorafleetError], int] = {
     NotFound: 404,
@@ -90,8 +93,15 @@ async def _http(_request: Request, exc: Exception) -> JSONResponse:
     return error_response(exc.status_code, message, code, headers=exc.headers)
 
 
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    # The traceback goes to the server log only: a 500 body names no file, query or setting.
+    log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return error_response(500, "internal server error", "internal_error")
+
+
 def install(app: FastAPI) -> None:
     """Register the handlers on ``app``."""
+    app.add_exception_handler(Exception, _unexpected)
     app.add_exception_handler(LorafleetError, _domain)
     app.add_exception_handler(RequestValidationError, _validation)
     app.add_exception_handler(StarletteHTTPException, _http)

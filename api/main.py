@@ -15,7 +15,18 @@ from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from api import errors
-from api.routes import checkpoints, files, health, jobs, metrics, openai_compat, web
+from api.guards import HostileInputGuard
+from api.routes import (
+    checkpoints,
+    downloads,
+    files,
+    fleet,
+    health,
+    jobs,
+    metrics,
+    openai_compat,
+    web,
+)
 from shared.config import get_settings
 from shared.db import upgrade_to_head
 
@@ -35,9 +46,11 @@ def create_app() -> FastAPI:
     """A new app instance (uvicorn factory mode; tests build one per settings)."""
     app = FastAPI(title="lorafleet", version="0.1.0", lifespan=lifespan)
     errors.install(app)
-    for module in (health, metrics, files, jobs):
+    app.add_middleware(HostileInputGuard)
+    for module in (health, metrics, files, jobs, fleet):
         app.include_router(module.router)
     app.include_router(checkpoints.router)
+    app.include_router(downloads.router)
     app.include_router(openai_compat.router)
     app.include_router(web.router)
     return app

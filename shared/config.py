@@ -59,6 +59,15 @@ class Settings(BaseSettings):
     max_active_jobs_per_owner: int = Field(
         50, gt=0, description="Queued + running jobs one owner may hold."
     )
+    max_json_bytes: int = Field(
+        1024 * 1024, gt=0, description="Largest JSON request body (job bodies are a few KB)."
+    )
+    metrics_public: bool = Field(
+        False, description="Serve /metrics without a key (otherwise it needs an admin key)."
+    )
+    adapter_url_expires_seconds: int = Field(
+        300, ge=1, le=7 * 24 * 3600, description="Lifetime of presigned adapter download URLs."
+    )
     webhook_secret: str = Field("", description="HMAC key for webhook signatures.")
     sync_db_echo: bool = False
 

@@ -113,6 +113,8 @@ class Job(Base):
         Index(None, "status", "queue", "priority", "created_at"),
         # GET /jobs: an owner's jobs newest first.
         Index(None, "owner", "created_at"),
+        # runs.claim_next: the queued jobs a worker of N GPUs can run.
+        Index(None, "status", "gpus_required"),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
@@ -145,6 +147,10 @@ class Job(Base):
     adapter_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     manifest: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     webhook_url: Mapped[str | None] = mapped_column(String(2048), nullable=True)
+    # Routing copies of spec.resources, as columns so the claim query can filter in SQL:
+    # gpus_required 0 means "any worker" (resources.gpus "all" or 0, CPU workers included).
+    gpus_required: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    gpu_type: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
 
 class JobEvent(Base):

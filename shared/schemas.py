@@ -257,3 +257,33 @@ class ErrorBody(BaseModel):
 
     detail: Any = Field(description="Human-readable message (FastAPI's conventional key).")
     error: dict[str, Any] = Field(description="`{code, message, param}` for programs.")
+
+
+class AdapterUrl(BaseModel):
+    """A time-limited direct download link for a job's adapter (S3/MinIO storage only)."""
+
+    url: str = Field(description="Presigned GET URL of the adapter .tar.gz; no key needed.")
+    expires_at: datetime = Field(description="When the URL stops working (UTC).")
+
+
+class WorkerObject(BaseModel):
+    """A registered worker as ``GET /workers`` shows it."""
+
+    id: str = Field(description="The worker's Celery node name (unique per worker process).")
+    hostname: str = Field(description="Host (or container) the worker runs on.")
+    gpus: int = Field(ge=0, description="GPUs the worker trains on (0: a CPU worker).")
+    gpu_type: str | None = Field(description="GPU model name, or the configured label.")
+    gpu_memory_bytes: int | None = Field(description="Memory of one GPU; null on CPU workers.")
+    procs: int = Field(ge=1, description="Training processes per job (GPUs, or CPU processes).")
+    status: Literal["idle", "busy", "draining", "offline"] = Field(
+        description="`offline` also when the last heartbeat is older than 3 leases."
+    )
+    current_job: str | None = Field(description="The job it is training, if any.")
+    last_heartbeat: datetime = Field(description="When it last reported (UTC).")
+    version: str | None = Field(description="lorafleet version the worker runs.")
+
+
+class WorkerList(BaseModel):
+    """All registered workers, most recently seen first."""
+
+    data: list[WorkerObject] = Field(description="Workers.")

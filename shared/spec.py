@@ -143,3 +143,19 @@ class JobSpec(BaseModel):
         if self.webhook_url and not re.match(r"^https?://", self.webhook_url):
             raise ValueError("webhook_url must be an http(s) URL")
         return self
+
+
+class EstimateRequest(JobSpec):
+    """``POST /estimate``: a job body whose ``training_file`` may be left out."""
+
+    training_file: str | None = Field(  # type: ignore[assignment]
+        None,
+        max_length=4096,
+        description="A file id of yours: adds tokens_per_epoch and step counts when given.",
+    )
+
+    def job_spec(self) -> JobSpec:
+        """The body as a JobSpec (a placeholder file id when none was given)."""
+        body = self.model_dump()
+        body["training_file"] = self.training_file or "none"
+        return JobSpec.model_validate(body)

@@ -8,8 +8,10 @@ filesystem transport inside the test's own data directory: real Celery publishin
 from __future__ import annotations
 
 import json
+import math
 import os
 import secrets
+import struct
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -42,6 +44,53 @@ ALPACA_ROWS = [
     {"instruction": "Reverse the word.", "input": w, "output": w[::-1]} for w in ("abc", "hello")
 ] + [{"instruction": "Say hi.", "output": "hi"}]
 TEXT_ROWS = [{"text": f"Document number {i}."} for i in range(3)]
+
+
+HEADER_LLAMA_CONFIG = {
+    "model_type": "llama",
+    "architectures": ["LlamaForCausalLM"],
+    "hidden_size": 16,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 1,
+    "intermediate_size": 32,
+    "vocab_size": 100,
+    "max_position_embeddings": 2048,
+    "tie_word_embeddings": False,
+}
+HEADER_LLAMA_TENSORS: dict[str, list[int]] = {
+    "model.embed_tokens.weight": [100, 16],
+    "model.layers.0.self_attn.q_proj.weight": [16, 16],
+    "model.layers.0.self_attn.k_proj.weight": [4, 16],
+    "model.layers.0.self_attn.v_proj.weight": [4, 16],
+    "model.layers.0.self_attn.o_proj.weight": [16, 16],
+    "model.layers.0.mlp.gate_proj.weight": [32, 16],
+    "model.layers.0.mlp.up_proj.weight": [32, 16],
+    "model.layers.0.mlp.down_proj.weight": [16, 32],
+    "model.layers.0.input_layernorm.weight": [16],
+    "model.layers.0.post_attention_layernorm.weight": [16],
+    "model.norm.weight": [16],
+    "lm_head.weight": [100, 16],
+}
+
+
+def write_header_model(folder: Path) -> Path:
+    """A Llama-shaped model folder the service can read (config + a safetensors of zeros).
+
+    No torch: services only read the header (shapes) to check target_modules and estimate memory.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(HEADER_LLAMA_CONFIG))
+    header: dict[str, Any] = {}
+    offset = 0
+    for name, shape in HEADER_LLAMA_TENSORS.items():
+        size = 4 * math.prod(shape)
+        header[name] = {"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    (folder / "model.safetensors").write_bytes(struct.pack("<Q", len(blob)) + blob + bytes(offset))
+    return folder
 
 
 def jsonl(rows: list[dict[str, Any]]) -> bytes:
@@ -88,8 +137,7 @@ def settings(db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> It
     """Settings for one test: its own data dir, database, storage, broker, and a `tiny` model."""
     data_dir = tmp_path / "data"
     models = data_dir / "models"
-    (models / "tiny").mkdir(parents=True)
-    (models / "tiny" / "config.json").write_text('{"model_type": "llama"}')
+    write_header_model(models / "tiny")
     for name in list(os.environ):
         if name.startswith("LORAFLEET_") and name != "LORAFLEET_TEST_POSTGRES_URL":
             monkeypatch.delenv(name)

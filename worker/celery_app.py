@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from celery.signals import worker_ready, worker_shutdown
+from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
 
 from shared.config import get_settings
 from shared.queueing import make_celery
@@ -33,6 +33,14 @@ def _start_fleet_threads(sender: Any = None, **_: Any) -> None:
 
     hostname = getattr(sender, "hostname", None) or "worker"
     start_background(hostname)
+
+
+@worker_shutting_down.connect
+def _drain(**_: Any) -> None:
+    """Warm shutdown (SIGTERM): stop taking jobs; the running one checkpoints and is requeued."""
+    from worker.fleet import draining
+
+    draining.set()
 
 
 @worker_shutdown.connect

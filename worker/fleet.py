@@ -20,14 +20,18 @@ from importlib import metadata
 from shared.config import get_settings
 from shared.db import session_scope
 from shared.queueing import pending_job_ids, publish_job
+from shared.routing import Capacity
 from shared.services import runs
+from shared.services.fleet import stale_after
 
 log = logging.getLogger("lorafleet.fleet")
 
 _state_lock = threading.Lock()
 _current_job: str | None = None
 _worker_id: str | None = None
+_capacity: Capacity | None = None
 _stop = threading.Event()
+draining = threading.Event()  # set on warm shutdown: checkpoint the current job and hand it back
 _threads: list[threading.Thread] = []
 
 
@@ -72,6 +76,19 @@ def capacity() -> dict[str, object]:
     }
 
 
+def routing_capacity() -> Capacity:
+    """What this worker offers the claim query (detected once: torch.cuda is slow to ask)."""
+    global _capacity
+    if _capacity is None:
+        info = capacity()
+        _capacity = Capacity(
+            gpus=int(info["gpus"]),  # type: ignore[call-overload]
+            gpu_type=info["gpu_type"],  # type: ignore[arg-type]
+            gpu_memory_bytes=info["gpu_memory_bytes"],  # type: ignore[arg-type]
+        )
+    return _capacity
+
+
 def _version() -> str:
     try:
         return metadata.version("lorafleet")
@@ -91,9 +108,13 @@ def _heartbeat_once() -> None:
 
 
 def reap_once() -> None:
-    """Requeue jobs of dead workers, re-publish queued jobs with no live message."""
+    """Mark silent workers offline, requeue jobs of dead workers, re-publish lost messages."""
     settings = get_settings()
     now = datetime.now(UTC)
+    with session_scope() as session:
+        gone = runs.mark_stale_workers_offline(session, stale_after(settings))
+    for wid in gone:
+        log.warning("worker %s sent no heartbeat for %.0f s: offline", wid, stale_after(settings))
     with session_scope() as session:
         changed = runs.reap_expired(session, now)
     for job_id, status in changed:
@@ -133,16 +154,16 @@ def start_background(hostname: str) -> None:
     """Register this worker and start the heartbeat and reaper threads (idempotent)."""
     settings = get_settings()
     wid = worker_id(hostname)
-    info = capacity()
+    offer = routing_capacity()
     with session_scope() as session:
         runs.register_worker(
             session,
             wid,
             hostname=platform.node(),
-            gpus=int(info["gpus"]),  # type: ignore[call-overload]
-            gpu_type=info["gpu_type"],  # type: ignore[arg-type]
-            gpu_memory_bytes=info["gpu_memory_bytes"],  # type: ignore[arg-type]
-            procs=int(info["procs"]),  # type: ignore[call-overload]
+            gpus=offer.gpus,
+            gpu_type=offer.gpu_type,
+            gpu_memory_bytes=offer.gpu_memory_bytes,
+            procs=offer.gpus or settings.worker_procs,
             version=_version(),
         )
     if _threads:

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import shutil
+import signal
 import tarfile
 import threading
 import time
@@ -21,10 +22,12 @@ from typing import Any
 from shared.config import Settings
 from shared.db import session_scope
 from shared.models import File, Job
+from shared.queueing import publish_job
 from shared.services import runs, webhooks
 from shared.spec import JobSpec
 from shared.storage import Storage, storage_from_url
-from worker.training.launch import device_count, iter_progress, launch
+from worker import fleet
+from worker.training.launch import EXIT_PREEMPTED, device_count, iter_progress, launch
 
 log = logging.getLogger("lorafleet.runner")
 
@@ -34,6 +37,12 @@ DEFAULT_CHECKPOINT_EVERY = 50
 
 class JobLost(Exception):
     """The row is no longer ours (lease taken over, or the job was cancelled/finished)."""
+
+
+def spec_queue(job_id: str) -> str:
+    with session_scope() as session:
+        job = session.get(Job, job_id)
+        return job.queue if job is not None else "lorafleet"
 
 
 def checkpoint_prefix(job_id: str, step: int) -> str:
@@ -106,7 +115,8 @@ class JobRunner:
         self._pending_metrics: list[dict[str, Any]] = []
         self._error: dict[str, str] | None = None
         self._manifest: dict[str, Any] | None = None
-        self._last_lease = time.monotonic()
+        self._last_step: int | None = None
+        self._drain_sent = False
 
     # ------------------------------------------------------------------ helpers
     def _event(self, message: str, level: str = "info", data: dict[str, Any] | None = None) -> None:
@@ -205,10 +215,13 @@ class JobRunner:
                 )
             }
             self._pending_metrics.append(point)
+            self._last_step = point["step"]
             self._flush_progress(point, force=point["step"] == point["total_steps"])
         elif kind == "checkpoint":
             self._flush_progress(None, force=True)
             self._upload_checkpoint(record)
+        elif kind == "preempted":
+            self._last_step = int(record["step"])
         elif kind == "done":
             self._manifest = record.get("manifest")
         elif kind == "error":
@@ -287,6 +300,13 @@ class JobRunner:
                 if self.lease.lost.is_set():
                     group.kill()
                     raise JobLost
+                if fleet.draining.is_set() and not self._drain_sent and code is None:
+                    self._drain_sent = True
+                    if self._last_step is None:  # not training yet: nothing worth saving
+                        group.terminate(grace_seconds=2.0)
+                        code = EXIT_PREEMPTED
+                    else:  # every rank checkpoints after the same step, then exits 75
+                        group.signal_all(signal.SIGUSR1)
                 return code is not None
 
             for record in iter_progress(progress_file, stopped):
@@ -304,6 +324,13 @@ class JobRunner:
                 group.kill()
         if code == 0 and (out_dir / "adapter_model.safetensors").exists():
             return self._succeed(out_dir)
+        if code == EXIT_PREEMPTED:
+            with session_scope() as session:
+                released = runs.release_job(session, self.job_id, self.worker_id, self._last_step)
+            if released:
+                publish_job(self.job_id, spec_queue(self.job_id))
+            return "released"
+
         error = self._error or {
             "code": "training_failed",
             "message": (group.log_tail(1500).strip().splitlines() or ["exit code " + str(code)])[

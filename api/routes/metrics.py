@@ -6,16 +6,16 @@ live in the database), not per-process counters that would disagree between repl
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Depends, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
 
-from api.deps import SessionDep
+from api.deps import SessionDep, metrics_access
 from shared.models import utcnow
 from shared.services import jobs as job_service
 from shared.services.runs import WORKER_STATUSES, list_workers
 from shared.states import ALL_STATES
 
-router = APIRouter(tags=["metrics"])
+router = APIRouter(tags=["metrics"], dependencies=[Depends(metrics_access)])
 
 
 @router.get("/metrics", response_class=Response)

@@ -10,7 +10,8 @@ errors (auth) and body validation as well as the route body.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import logging
+from collections.abc import Callable, Coroutine
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response
@@ -40,6 +41,8 @@ from shared.openai_shapes import (
 from shared.services import files as file_service
 from shared.services import jobs as job_service
 from shared.services.openai_facade import checkpoint_page, event_feed
+
+log = logging.getLogger(__name__)
 
 _TYPES = {
     401: "authentication_error",
@@ -77,7 +80,7 @@ def _status(exc: LorafleetError) -> int:
 class OpenAIRoute(APIRoute):
     """An APIRoute whose errors come out in OpenAI's shape (scoped to the routes using it)."""
 
-    def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
 
         async def route(request: Request) -> Response:
@@ -96,6 +99,10 @@ class OpenAIRoute(APIRoute):
                 return openai_error(400, message, "invalid_request", param)
             except StarletteHTTPException as exc:
                 return openai_error(exc.status_code, str(exc.detail), None, None)
+            except Exception:
+                # As the app-wide handler does: the traceback to the log, nothing in the body.
+                log.exception("unhandled error on %s %s", request.method, request.url.path)
+                return openai_error(500, "internal server error", "internal_error")
 
         return route
 

@@ -8,7 +8,6 @@ nothing.
 from __future__ import annotations
 
 import hashlib
-import os
 import tempfile
 from typing import IO
 
@@ -45,6 +44,22 @@ class _TeeReader:
             raise TooLarge(f"file is larger than the limit of {self._max} bytes", param="file")
         self._sink.write(data)
         return data
+
+
+def clean_filename(filename: str | None) -> str:
+    """The label kept for an uploaded file's name: its last path part, printable, bounded.
+
+    The name is only ever shown back (the storage key derives from the id alone), but it is
+    echoed in listings and headers, so path parts ("../../etc/passwd", "C:\\x\\y"), control
+    characters (NUL cannot be stored by PostgreSQL, CR/LF would split a header) and lone surrogates
+    go. Nothing left of it becomes "data.jsonl".
+    """
+    name = (filename or "").replace("\\", "/").rsplit("/", 1)[-1]
+    name = "".join(c for c in name if c.isprintable() and not 0xD800 <= ord(c) <= 0xDFFF)
+    name = name.strip().lstrip(".") or "data.jsonl"
+    if len(name) > 512:
+        raise InvalidInput("filename is longer than 512 characters", param="file")
+    return name
 
 
 def storage_key(file_id: str) -> str:
@@ -90,9 +105,7 @@ def create_file(
     """
     if purpose not in PURPOSES:
         raise InvalidInput(f"purpose must be one of {', '.join(PURPOSES)}", param="purpose")
-    filename = os.path.basename(filename or "").strip() or "data.jsonl"
-    if len(filename) > 512:
-        raise InvalidInput("filename is longer than 512 characters", param="file")
+    filename = clean_filename(filename)
     limits = limits or Limits()
     limit = max_bytes if max_bytes is not None else limits.max_bytes
 

@@ -23,6 +23,8 @@ from shared.errors import Conflict, InvalidInput, NotFound, QuotaExceeded
 from shared.ids import new_job_id
 from shared.models import Checkpoint, File, Job, JobEvent, JobMetric, utcnow
 from shared.queueing import DEFAULT_QUEUE, publish_job
+from shared.routing import requirements
+from shared.services.fleet import check_job_fits
 from shared.spec import JobSpec
 from shared.states import ACTIVE, CANCELLED, QUEUED, RUNNING
 
@@ -39,7 +41,11 @@ def request_hash(spec: JobSpec) -> str:
 
 
 def queue_for(spec: JobSpec) -> str:
-    """The Celery queue a job goes to. One queue today; routing by GPU type would go here."""
+    """The Celery queue a job goes to: one queue for all.
+
+    Routing is not done with queues: messages are wake-up tokens and the claiming worker picks a
+    job that fits it from the database (``runs.claim_next``), so no per-GPU-type queue is needed.
+    """
     return DEFAULT_QUEUE
 
 
@@ -108,6 +114,9 @@ def create_job(
     _check_file(session, owner, spec.training_file, "training_file")
     _check_file(session, owner, spec.validation_file, "validation_file")
     check_base_model(spec.base_model, settings)
+    # target_modules, routing and memory against the registered fleet: refuse now what could
+    # never run, with the reason, instead of a job that waits forever or fails on a worker.
+    check_job_fits(session, spec, settings)
     active = session.scalar(
         select(func.count()).select_from(Job).where(Job.owner == owner, Job.status.in_(ACTIVE))
     )
@@ -118,6 +127,7 @@ def create_job(
         )
 
     now = utcnow()
+    gpus_required, gpu_type = requirements(spec)
     job = Job(
         id=new_job_id(),
         owner=owner,
@@ -137,6 +147,8 @@ def create_job(
         idempotency_key=idempotency_key or None,
         request_hash=digest,
         webhook_url=spec.webhook_url,
+        gpus_required=gpus_required,
+        gpu_type=gpu_type,
     )
     session.add(job)
     session.add(JobEvent(job_id=job.id, level="info", message="job created", created_at=now))

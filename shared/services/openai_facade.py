@@ -70,7 +70,8 @@ def event_feed(
     job = get_job(session, owner, job_id)
     key = _cursor(session, job_id, after) if after else None
     items: list[FeedItem] = []
-    for kind, model in (("message", JobEvent), ("metrics", JobMetric)):
+    sources: tuple[tuple[str, Any], ...] = (("message", JobEvent), ("metrics", JobMetric))
+    for kind, model in sources:
         query = select(model).where(model.job_id == job_id)
         if key is not None:
             query = query.where(_below(model, kind, key))

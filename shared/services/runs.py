@@ -12,10 +12,11 @@ from collections.abc import Iterable, Mapping
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, delete, select, update
+from sqlalchemy import CursorResult, case, delete, func, literal, select, update
 from sqlalchemy.orm import Session
 
 from shared.models import Checkpoint, Job, JobEvent, JobMetric, Worker, utcnow
+from shared.routing import Capacity, fits
 from shared.states import CANCELLED, FAILED, FINAL, QUEUED, RUNNING, SUCCEEDED, JobStatus
 
 PROGRESS_FIELDS = (
@@ -67,6 +68,68 @@ def claim_job(session: Session, job_id: str, worker_id: str, lease_s: float) -> 
     job = session.get(Job, job_id, populate_existing=True)
     assert job is not None
     return job
+
+
+def claim_next(
+    session: Session,
+    worker_id: str,
+    capacity: Capacity,
+    lease_s: float,
+    preferred_job_id: str | None = None,
+    scan: int = 50,
+) -> Job | None:
+    """Claim the best queued job this worker can run; None when nothing fits.
+
+    The broker message is only a wake-up token: whichever job it names, the database picks the
+    job. Among queued, non-cancelled jobs that fit ``capacity`` (see :mod:`shared.routing`) the
+    order is priority (high first), then fairness (owners with fewer running jobs first, so one
+    owner's backlog cannot starve the others), then age (oldest first); ``preferred_job_id``, the
+    job the message named, only breaks exact ties. Each candidate is taken with the same
+    conditional UPDATE as :func:`claim_job`; losing a race to another worker moves on to the next.
+    """
+    running = (
+        select(Job.owner.label("owner"), func.count().label("n"))
+        .where(Job.status == RUNNING.value)
+        .group_by(Job.owner)
+        .subquery()
+    )
+    load = func.coalesce(running.c.n, 0)
+    query = (
+        select(Job.id, Job.gpus_required, Job.gpu_type)
+        .outerjoin(running, running.c.owner == Job.owner)
+        .where(
+            Job.status == QUEUED.value,
+            Job.cancel_requested.is_(False),
+            Job.gpus_required <= capacity.gpus,
+        )
+    )
+    if capacity.gpu_type:
+        # LIKE is a superset of the substring rule ('%' and '_' in a job's gpu_type are
+        # wildcards here); routing.fits below re-checks exactly.
+        query = query.where(
+            Job.gpu_type.is_(None)
+            | func.lower(literal(capacity.gpu_type)).like("%" + func.lower(Job.gpu_type) + "%")
+        )
+    else:
+        query = query.where(Job.gpu_type.is_(None))
+    tie = case((Job.id == (preferred_job_id or ""), 0), else_=1)
+    query = query.order_by(
+        Job.priority.desc(), load.asc(), Job.created_at.asc(), tie, Job.id
+    ).limit(scan)
+    for _ in range(3):  # a full page lost to other workers: look again
+        candidates = session.execute(query).all()
+        session.rollback()
+        if not candidates:
+            return None
+        for job_id, gpus_required, gpu_type in candidates:
+            if not fits(gpus_required, gpu_type, capacity):
+                continue
+            job = claim_job(session, job_id, worker_id, lease_s)
+            if job is not None:
+                return job
+        if len(candidates) < scan:
+            return None
+    return None
 
 
 def renew_lease(session: Session, job_id: str, worker_id: str, lease_s: float) -> bool:
@@ -397,3 +460,29 @@ def list_workers(session: Session) -> list[Worker]:
     """All known workers, most recently seen first."""
     query = select(Worker).order_by(Worker.last_heartbeat.desc())
     return list(session.scalars(query.execution_options(populate_existing=True)))
+
+
+def release_job(session: Session, job_id: str, worker_id: str, step: int | None) -> bool:
+    """Hand a running job back to the queue without spending an attempt (a draining worker
+    checkpointed it on request); False if it was no longer ours."""
+    now = utcnow()
+    done = _rows(
+        session,
+        update(Job)
+        .where(Job.id == job_id, Job.worker_id == worker_id, Job.status == RUNNING.value)
+        .values(
+            status=QUEUED.value,
+            worker_id=None,
+            lease_expires_at=None,
+            enqueued_at=now,
+            updated_at=now,
+            attempts=Job.attempts - 1,
+        ),
+    )
+    if not done:
+        session.rollback()
+        return False
+    where = f"checkpointed at step {step}" if step is not None else "before its first step"
+    _event(session, job_id, "warning", f"worker draining: {where}; requeued")
+    session.commit()
+    return True

@@ -31,7 +31,10 @@ def test_readyz_broker_down_is_503(client: Any, monkeypatch: pytest.MonkeyPatch)
     assert response.json()["checks"]["broker"] != "ok"
 
 
-def test_metrics(client: Any) -> None:
+def test_metrics(client: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Admin-only by default (tests/security); a public scrape endpoint is an explicit choice.
+    monkeypatch.setenv("LORAFLEET_METRICS_PUBLIC", "true")
+    reset_settings()
     file_id = client.post("/files", files={"file": ("t.jsonl", b'{"text": "hi"}\n')}).json()["id"]
     body = {"base_model": "tiny", "training_file": file_id}
     job_id = client.post("/jobs", json=body).json()["id"]

@@ -228,3 +228,29 @@ def test_concurrent_idempotent_submits_make_exactly_one_job_each(
                 "/jobs", json={**body, "priority": 5}, headers={"Idempotency-Key": keys[0]}
             )
             assert clash.status_code in (409, 422)
+
+
+def test_sigterm_drains_checkpoints_and_hands_the_job_back(tiny_dir: Path, tmp_path: Path) -> None:
+    with deployment(tmp_path, {"tiny": tiny_dir}) as dep:
+        dep.key = dep.create_key("ops")
+        dep.start_api()
+        with dep.client() as http:
+            body = job_body(upload(http, ROWS), **LONG)
+            job = http.post("/jobs", json=body).json()
+            dep.start_worker("worker-1")
+            worker = dep.procs[-1]
+            wait_for(lambda: _step(http, job["id"]) > 8, 240, 0.1, "training")
+            children = descendants(worker.pid)
+            os.kill(worker.pid, signal.SIGTERM)  # warm shutdown = drain
+            worker.wait(timeout=60)
+            assert not alive(children)
+            requeued = http.get(f"/jobs/{job['id']}").json()
+            assert requeued["status"] == "queued" and requeued["attempts"] == 0
+            drained = [m for m in _events(http, job["id"]) if m.startswith("worker draining")]
+            assert drained and "checkpointed at step" in drained[0]
+            step = int(drained[0].split("step ")[1].split(";")[0])
+            assert step > 8  # not the last periodic checkpoint (20): the step it was at
+            dep.start_worker("worker-2")
+            final = wait_final(http, job["id"], timeout=240)
+            assert final["status"] == "succeeded" and final["attempts"] == 1
+            assert f"resumed from step {step} (attempt 1)" in _events(http, job["id"])

@@ -33,6 +33,7 @@ import signal
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -49,6 +50,7 @@ from transformers import get_scheduler
 from shared.datasets import load_examples, sha256_file
 from shared.spec import JobSpec
 from worker.training import data as datamod
+from worker.training.launch import EXIT_PREEMPTED
 from worker.training.manifest import model_fingerprint, write_manifest
 from worker.training.model import CausalLMLoss, apply_lora, load_base_model, load_tokenizer
 
@@ -122,6 +124,8 @@ class LoraTrainer:
         self._progress = progress if self.dist.is_main else None
         self.keep_checkpoints = keep_checkpoints
         self.start_step = 0
+        self.stop_requested = False  # set by SIGUSR1: checkpoint at the end of this step and exit
+        self.stop_agreed = False
         self.eval_loss: float | None = None
         self.train_loss: float | None = None
 
@@ -311,7 +315,9 @@ class LoraTrainer:
         self.scaler.update()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        (total,) = self._all_sum(local_sum)
+        # The preemption flag rides on the loss all-reduce: every rank stops after the same step.
+        total, stop = self._all_sum(local_sum, float(self.stop_requested))
+        self.stop_agreed = stop > 0
         return total / global_tokens
 
     @torch.no_grad()
@@ -335,7 +341,8 @@ class LoraTrainer:
     def _tokens_of_step(self, step: int) -> int:
         return sum(self.rows[i].real_tokens for i in self.plan.step_rows(step))
 
-    def train(self) -> dict[str, Any]:
+    def train(self) -> dict[str, Any] | None:
+        """Run to the end and save the adapter; None when preempted (checkpoint saved instead)."""
         t = self.spec.training
         started = time.monotonic()
         tokens_done = 0
@@ -361,6 +368,10 @@ class LoraTrainer:
                 if done == self.total_steps
                 else None,
             )
+            if self.stop_agreed and done < self.total_steps:
+                self.save_checkpoint(done)
+                self.emit("preempted", step=done)
+                return None
             if (
                 t.checkpoint_every_steps
                 and done % t.checkpoint_every_steps == 0
@@ -561,10 +572,13 @@ def main(argv: list[str] | None = None) -> int:
         dist_info=info,
         keep_checkpoints=args.keep_checkpoints,
     )
+    # A draining worker asks for a checkpoint now instead of waiting for the job to finish.
+    signal.signal(signal.SIGUSR1, lambda *_: setattr(trainer, "stop_requested", True))
     code = 0
     try:
         trainer.setup()
-        trainer.train()
+        if trainer.train() is None:
+            code = EXIT_PREEMPTED
     except TrainingError as exc:
         if sink:
             sink({"type": "error", "code": "invalid_job", "message": str(exc)})
@@ -579,7 +593,8 @@ def main(argv: list[str] | None = None) -> int:
                     "message": f"{type(exc).__name__}: {exc}",
                 }
             )
-        raise
+        traceback.print_exc()
+        code = 1
     finally:
         trainer.cleanup()
     sys.stdout.flush()

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: a rank checkpointed on request (SIGUSR1) and exited
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -81,6 +83,10 @@ class RankGroup:
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 pass
+
+    def signal_all(self, sig: int) -> None:
+        """Send ``sig`` to every rank (e.g. SIGUSR1: checkpoint now and exit)."""
+        self._signal(sig)
 
     def _signal(self, sig: int) -> None:
         try:

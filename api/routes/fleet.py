@@ -1,0 +1,50 @@
+"""``/workers`` (admin) and ``/estimate``: the fleet, and whether a job fits it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+
+from api.deps import AdminKey, CurrentOwner, SessionDep, SettingsDep, StorageDep
+from shared.schemas import WorkerList, WorkerObject
+from shared.services import fleet
+from shared.spec import EstimateRequest
+
+router = APIRouter(tags=["fleet"])
+
+
+@router.get("/workers", response_model=WorkerList)
+def list_workers(_admin: AdminKey, session: SessionDep, settings: SettingsDep) -> WorkerList:
+    """Registered workers; silent ones (no heartbeat for 3 leases) show as ``offline``."""
+    return WorkerList(
+        data=[
+            WorkerObject(
+                id=w.id,
+                hostname=w.hostname,
+                gpus=w.gpus,
+                gpu_type=w.gpu_type,
+                gpu_memory_bytes=w.gpu_memory_bytes,
+                procs=w.procs,
+                status=status,  # type: ignore[arg-type]
+                current_job=w.current_job if status != "offline" else None,
+                last_heartbeat=w.last_heartbeat,
+                version=w.version,
+            )
+            for w, status in fleet.list_workers(session, settings)
+        ]
+    )
+
+
+@router.post("/estimate")
+def estimate(
+    body: EstimateRequest,
+    owner: CurrentOwner,
+    session: SessionDep,
+    storage: StorageDep,
+    settings: SettingsDep,
+) -> dict[str, Any]:
+    """Parameters, per-device memory, steps and ``fits`` of a job body, before submitting it."""
+    return fleet.estimate_job(
+        session, storage, owner.owner, body.job_spec(), body.training_file, settings
+    )

@@ -1,0 +1,79 @@
+"""Which worker may run which job: one rule, used by the claim query and by job submission.
+
+A job states ``resources.gpus`` (a count, or ``"all"``) and optionally ``resources.gpu_type``; a
+worker reports its GPU count and type when it registers. The rule:
+
+- ``gpus`` N > 0 needs a worker with at least N GPUs (it trains on N of them);
+- ``gpus`` ``"all"`` or 0 fits any worker, CPU workers (0 GPUs) included: "all" means "whatever
+  this worker has", which on a CPU worker is ``LORAFLEET_WORKER_PROCS`` processes. A job that
+  must not run on a CPU says ``gpus: 1`` (or more);
+- ``gpu_type`` must be a case-insensitive substring of the worker's GPU type ("H100" matches
+  "NVIDIA H100 80GB HBM3"); a worker with no GPU type (a CPU worker, unless
+  ``LORAFLEET_WORKER_GPU_TYPE`` labels it) matches no ``gpu_type``.
+
+Pure Python, no database: ``runs.claim_next`` applies the same rule in SQL (and re-checks here),
+``jobs.create_job`` applies it to the registered fleet to refuse jobs that could never run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from shared.spec import JobSpec
+
+__all__ = ["Capacity", "fits", "no_fit_reason", "requirements"]
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """What one worker can offer a job (as registered in the ``workers`` table)."""
+
+    gpus: int = 0
+    gpu_type: str | None = None
+    gpu_memory_bytes: int | None = None
+
+
+def requirements(spec: JobSpec) -> tuple[int, str | None]:
+    """The job's routing columns: (gpus_required, gpu_type); 0 GPUs means any worker."""
+    gpus = spec.resources.gpus
+    gpu_type = (spec.resources.gpu_type or "").strip() or None
+    return (gpus if isinstance(gpus, int) else 0), gpu_type
+
+
+def fits(gpus_required: int, gpu_type: str | None, worker: Capacity) -> bool:
+    """Whether a job with these requirements may run on ``worker``."""
+    if gpus_required > worker.gpus:
+        return False
+    if gpu_type is None:
+        return True
+    return worker.gpu_type is not None and gpu_type.lower() in worker.gpu_type.lower()
+
+
+def no_fit_reason(
+    gpus_required: int, gpu_type: str | None, workers: Sequence[Capacity]
+) -> tuple[str, str] | None:
+    """Why no worker of ``workers`` fits, as (param, message); None when one does."""
+    if any(fits(gpus_required, gpu_type, w) for w in workers):
+        return None
+    if gpu_type is not None:
+        types = sorted({w.gpu_type for w in workers if w.gpu_type})
+        typed = [w for w in workers if w.gpu_type and gpu_type.lower() in w.gpu_type.lower()]
+        if not typed:
+            have = ", ".join(repr(t) for t in types) if types else "none (CPU workers only)"
+            return (
+                "resources.gpu_type",
+                f"resources.gpu_type: no registered worker has a {gpu_type!r} GPU "
+                f"(GPU types in the fleet: {have})",
+            )
+        largest = max(w.gpus for w in typed)
+        return (
+            "resources.gpus",
+            f"resources.gpus: {gpus_required} GPUs requested but the largest {gpu_type!r} "
+            f"worker has {largest}",
+        )
+    largest = max((w.gpus for w in workers), default=0)
+    return (
+        "resources.gpus",
+        f"resources.gpus: {gpus_required} GPUs requested but the largest worker has {largest}",
+    )

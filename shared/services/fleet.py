@@ -1,0 +1,233 @@
+"""The fleet as jobs see it: live workers, whether a job can ever run, and the fit estimate.
+
+Submission refuses what no worker could ever run (``check_job_fits``, called by
+``jobs.create_job``), and ``POST /estimate`` answers the same question with numbers. Both read the
+workers table and the model's files only: no torch, no GPU, no worker round trip.
+
+Which workers count: those not offline and heard from within ``STALE_LEASES`` leases. If none is
+alive right now (a rolling restart, a scale-to-zero night) the last known shape of the fleet is
+used instead, so queued work is not refused just because the workers are between lives. If no
+worker has *ever* registered (a fresh install; the API started before any worker) every job is
+accepted and queued: there is nothing to compare with yet.
+"""
+
+from __future__ import annotations
+
+import io
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from shared.config import Settings
+from shared.datasets import DatasetError, iter_examples
+from shared.errors import InvalidInput
+from shared.estimate import estimate
+from shared.modelinfo import ModelInfo, read_model_info, resolve_base_model, resolve_target_modules
+from shared.models import File, Worker, utcnow
+from shared.routing import Capacity, fits, no_fit_reason, requirements
+from shared.spec import JobSpec
+from shared.storage import Storage
+
+# A worker silent this many leases is offline (the reaper marks it: mark_stale_workers_offline).
+STALE_LEASES = 3
+TOKEN_SAMPLE_BYTES = 4 * 1024 * 1024  # datasets larger than this are counted on a prefix
+CHAT_TOKENS_PER_MESSAGE = 4  # role markers and separators the chat template adds per message
+
+
+def stale_after(settings: Settings) -> float:
+    """Seconds without a heartbeat after which a worker counts as offline."""
+    return STALE_LEASES * settings.lease_seconds
+
+
+def effective_status(worker: Worker, settings: Settings) -> str:
+    """The worker's status, or ``offline`` when its heartbeat is older than ``stale_after``."""
+    cutoff = utcnow() - timedelta(seconds=stale_after(settings))
+    return "offline" if worker.last_heartbeat < cutoff else worker.status
+
+
+def list_workers(session: Session, settings: Settings) -> list[tuple[Worker, str]]:
+    """All registered workers with their effective status, most recently seen first."""
+    rows = session.scalars(select(Worker).order_by(Worker.last_heartbeat.desc(), Worker.id))
+    return [(w, effective_status(w, settings)) for w in rows]
+
+
+def fleet_capacities(session: Session, settings: Settings) -> list[Capacity] | None:
+    """What the workers offer: the live ones, else the last known; None if none ever registered."""
+    workers = list_workers(session, settings)
+    if not workers:
+        return None
+    live = [w for w, status in workers if status != "offline"] or [w for w, _ in workers]
+    return [Capacity(w.gpus, w.gpu_type, w.gpu_memory_bytes) for w in live]
+
+
+def model_info(spec: JobSpec, settings: Settings) -> ModelInfo | None:
+    """The base model's shapes, or None for a hub id with no local copy (checked on the worker).
+
+    An unreadable local folder (no safetensors, broken config) is refused here: the job would
+    fail on the worker anyway, and the reason is clearer now.
+    """
+    try:
+        where = resolve_base_model(
+            spec.base_model, settings.models_path, settings.allowed_hub_models
+        )
+        if not isinstance(where, Path):
+            return None
+        return read_model_info(where)
+    except ValueError as exc:
+        raise InvalidInput(str(exc), param="base_model") from exc
+
+
+def check_target_modules(spec: JobSpec, info: ModelInfo) -> None:
+    """Refuse ``lora.target_modules`` that match nothing, listing the modules the model has."""
+    try:
+        resolve_target_modules(info, spec.lora.target_modules)
+    except ValueError as exc:
+        raise InvalidInput(f"lora.target_modules: {exc}", param="lora.target_modules") from exc
+
+
+def _world_size(gpus_required: int, worker: Capacity, settings: Settings) -> int:
+    if gpus_required:
+        return gpus_required
+    return worker.gpus or settings.worker_procs
+
+
+def check_job_fits(session: Session, spec: JobSpec, settings: Settings) -> None:
+    """Refuse a job that no worker of the fleet could ever run: routing first, then memory.
+
+    Memory counts only against GPU workers: a CPU worker has no hard limit worth refusing on.
+    """
+    info = model_info(spec, settings)
+    if info is not None:
+        check_target_modules(spec, info)
+    fleet = fleet_capacities(session, settings)
+    if fleet is None:
+        return
+    gpus_required, gpu_type = requirements(spec)
+    refused = no_fit_reason(gpus_required, gpu_type, fleet)
+    if refused is not None:
+        raise InvalidInput(refused[1], param=refused[0], code="no_worker_fits")
+    if info is None:
+        return
+    candidates = [w for w in fleet if fits(gpus_required, gpu_type, w)]
+    if any(w.gpu_memory_bytes is None for w in candidates):
+        return
+    reasons = []
+    for worker in sorted(candidates, key=lambda w: -(w.gpu_memory_bytes or 0)):
+        world = _world_size(gpus_required, worker, settings)
+        answer = estimate(spec, info, world, worker.gpu_memory_bytes)
+        if answer["fits"]:
+            return
+        reasons.append(answer["reason"])
+    raise InvalidInput(
+        f"the job fits on no worker's GPU: {reasons[0]}", param="training", code="no_worker_fits"
+    )
+
+
+def _count_tokens(storage: Storage, record: File, info: ModelInfo | None) -> tuple[int | None, str]:
+    """Tokens in a dataset file: exact up to TOKEN_SAMPLE_BYTES, extrapolated by bytes beyond.
+
+    Uses the model's ``tokenizer.json`` through ``tokenizers`` (Rust, no torch). Chat rows get
+    CHAT_TOKENS_PER_MESSAGE per message for the template; other templates differ by a few tokens
+    a row. Without a tokenizer file the count is bytes / 4, a rough rule for English text.
+    """
+    blob = bytearray()
+    for chunk in storage.open_stream(record.storage_key):
+        blob.extend(chunk)
+        if len(blob) >= TOKEN_SAMPLE_BYTES:
+            break
+    complete = bytes(blob[: blob.rfind(b"\n") + 1]) if len(blob) < record.bytes else bytes(blob)
+    tokenizer_file = info.path / "tokenizer.json" if info is not None else None
+    if tokenizer_file is None or not tokenizer_file.is_file() or not complete:
+        return record.bytes // 4, "bytes/4"
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    texts: list[str] = []
+    extra = 0
+    try:
+        for example in iter_examples(io.BytesIO(complete)):
+            if example.messages:
+                texts.extend(m.content for m in example.messages)
+                extra += CHAT_TOKENS_PER_MESSAGE * len(example.messages)
+            else:
+                texts.append("".join(text for text, _ in example.segments))
+    except DatasetError:
+        return record.bytes // 4, "bytes/4"
+    counted = extra + sum(len(e.ids) for e in tokenizer.encode_batch(texts))
+    if len(complete) >= record.bytes:
+        return counted, "exact"
+    return int(counted * record.bytes / max(len(complete), 1)), "sampled"
+
+
+def estimate_job(
+    session: Session,
+    storage: Storage,
+    owner: str,
+    spec: JobSpec,
+    training_file: str | None,
+    settings: Settings,
+) -> dict[str, Any]:
+    """``POST /estimate``: parameters, per-device memory, steps and ``fits`` on this fleet.
+
+    ``fits`` is judged against the registered GPU worker with the most memory that the job's
+    routing allows (null when only CPU workers, or none, are registered).
+    """
+    info = model_info(spec, settings)
+    if info is None:
+        raise InvalidInput(
+            f"base_model {spec.base_model!r}: a hub model without a local copy in the models "
+            "directory cannot be estimated",
+            param="base_model",
+        )
+    check_target_modules(spec, info)
+    rows = tokens = None
+    counted = None
+    if training_file:
+        record = session.get(File, training_file)
+        if record is None or record.owner != owner:
+            raise InvalidInput(
+                f"training_file {training_file!r} names no file of yours",
+                param="training_file",
+            )
+        rows = record.rows
+        tokens, counted = _count_tokens(storage, record, info)
+    gpus_required, gpu_type = requirements(spec)
+    fleet = fleet_capacities(session, settings) or []
+    routable = [w for w in fleet if fits(gpus_required, gpu_type, w)]
+    gpu_workers = [w for w in routable if w.gpu_memory_bytes is not None]
+    target = max(gpu_workers, key=lambda w: w.gpu_memory_bytes or 0, default=None)
+    if target is not None:
+        world = _world_size(gpus_required, target, settings)
+        memory = target.gpu_memory_bytes
+    else:
+        world = gpus_required or max((w.gpus or settings.worker_procs for w in routable), default=1)
+        memory = None
+    answer = estimate(spec, info, world, memory, dataset_rows=rows, dataset_tokens=tokens)
+    answer["model"] = info.to_dict()
+    answer["dataset"] = {"rows": rows, "tokens": tokens, "tokens_counted": counted}
+    answer["fleet"] = {
+        "workers": len(fleet),
+        "routable_workers": len(routable),
+        "gpu_type": target.gpu_type if target else None,
+        "gpu_memory_bytes": memory,
+    }
+    refused = no_fit_reason(gpus_required, gpu_type, fleet) if fleet else None
+    if refused is not None:
+        answer["fits"] = False
+        answer["reason"] = refused[1]
+    return answer
+
+
+__all__ = [
+    "STALE_LEASES",
+    "check_job_fits",
+    "check_target_modules",
+    "estimate_job",
+    "fleet_capacities",
+    "list_workers",
+    "model_info",
+    "stale_after",
+]
