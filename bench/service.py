@@ -24,7 +24,6 @@ import json
 import os
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -56,7 +55,11 @@ def _job_body(training_file: str, steps: int, seq: int, batch: int) -> dict[str,
 def _start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     with open(log, "wb") as out:
         return subprocess.Popen(
-            args, env=env, cwd=common.REPO, stdout=out, stderr=subprocess.STDOUT,
+            args,
+            env=env,
+            cwd=common.REPO,
+            stdout=out,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
 
@@ -85,7 +88,11 @@ def run_cli(env: dict[str, str], work: Path, body: dict[str, Any], timeout: floa
     start = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, "-m", "cli", "train", str(spec), "--out", str(work / "cli-adapter")],
-        env=env, cwd=common.REPO, capture_output=True, text=True, timeout=timeout,
+        env=env,
+        cwd=common.REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     elapsed = time.perf_counter() - start
     if proc.returncode != 0:
@@ -105,6 +112,19 @@ def _wait_ready(http: httpx.Client, proc: subprocess.Popen[bytes], timeout: floa
             pass
         time.sleep(0.2)
     raise RuntimeError("API not ready in time")
+
+
+def _wait_worker(proc: subprocess.Popen[bytes], log: Path, timeout: float = 180) -> None:
+    """Until Celery says the worker is ready: "idle worker" means waiting for work, not booting."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"worker exited with {proc.returncode}: see {log}")
+        if log.exists() and " ready." in log.read_text(errors="replace"):
+            time.sleep(1.0)  # past its first broker poll
+            return
+        time.sleep(0.2)
+    raise RuntimeError("worker not ready in time")
 
 
 def run_service_job(
@@ -130,8 +150,12 @@ def run_service_job(
         job = http.get(f"/jobs/{job_id}").json()
         raise RuntimeError(f"job ended {status}: {job.get('error')}")
     events = http.get(f"/jobs/{job_id}/events", params={"limit": 100}).json()["data"]
-    started = next((_ts(e["created_at"]) for e in events if e["message"].startswith("started")), None)
-    loaded = next((_ts(e["created_at"]) for e in events if e["message"].startswith("training ")), None)
+    started = next(
+        (_ts(e["created_at"]) for e in events if e["message"].startswith("started")), None
+    )
+    loaded = next(
+        (_ts(e["created_at"]) for e in events if e["message"].startswith("training ")), None
+    )
     out: dict[str, Any] = {"job_id": job_id, "seconds": done - submitted}
     if first_step is not None:
         out["submit_to_first_step_s"] = first_step - submitted
@@ -168,8 +192,10 @@ async def _hammer(url: str, path: str, clients: int, seconds: float) -> dict[str
         await asyncio.gather(*(one() for _ in range(clients)))
         wall = time.perf_counter() - began
     latencies.sort()
-    pick = (lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))]) if latencies else (
-        lambda q: float("nan")
+    pick = (
+        (lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))])
+        if latencies
+        else (lambda q: float("nan"))
     )
     return {
         "clients": clients,
@@ -184,7 +210,9 @@ async def _hammer(url: str, path: str, clients: int, seconds: float) -> dict[str
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     parser.add_argument("--steps", type=int, default=40, help="job steps (about a minute here)")
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--batch", type=int, default=4)
@@ -209,8 +237,12 @@ def main(argv: list[str] | None = None) -> int:
         "TOKENIZERS_PARALLELISM": "false",
         "PYTHONUNBUFFERED": "1",
     }
-    for key in ("LORAFLEET_DATABASE_URL", "LORAFLEET_BROKER_URL", "LORAFLEET_STORAGE_URL",
-                "LORAFLEET_MODELS_DIR"):
+    for key in (
+        "LORAFLEET_DATABASE_URL",
+        "LORAFLEET_BROKER_URL",
+        "LORAFLEET_STORAGE_URL",
+        "LORAFLEET_MODELS_DIR",
+    ):
         env.pop(key, None)
     results: dict[str, Any] = {"machine": info, "args": vars(args)}
     procs: list[subprocess.Popen[bytes]] = []
@@ -225,22 +257,27 @@ def main(argv: list[str] | None = None) -> int:
         url = f"http://127.0.0.1:{port}"
         api = _start(
             [sys.executable, "-m", "cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
-            env, work / "api.log",
+            env,
+            work / "api.log",
         )
         procs.append(api)
         with httpx.Client(base_url=url, timeout=60) as http:
             _wait_ready(http, api)
-            procs.append(_start([sys.executable, "-m", "cli", "worker"], env, work / "worker.log"))
+            worker = _start([sys.executable, "-m", "cli", "worker"], env, work / "worker.log")
+            procs.append(worker)
             with open(dataset, "rb") as stream:
                 upload = http.post("/files", files={"file": ("train.jsonl", stream)})
             upload.raise_for_status()
-            time.sleep(8.0)  # let the worker finish booting: "idle worker" means waiting, not starting
+            _wait_worker(worker, work / "worker.log")
             print("[bench] same job through the service ...", file=sys.stderr, flush=True)
             job = run_service_job(http, upload.json()["id"], body, args.timeout)
             results["service"] = job
             results["service_over_cli"] = job["seconds"] / results["cli_seconds"]
-            print(f"[bench] GET /jobs/{{id}}: {args.clients} clients x {args.load_seconds:.0f} s ...",
-                  file=sys.stderr, flush=True)
+            print(
+                f"[bench] GET /jobs/{{id}}: {args.clients} clients x {args.load_seconds:.0f} s ...",
+                file=sys.stderr,
+                flush=True,
+            )
             results["api_load"] = asyncio.run(
                 _hammer(url, f"/jobs/{job['job_id']}", args.clients, args.load_seconds)
             )
@@ -262,12 +299,18 @@ def main(argv: list[str] | None = None) -> int:
             ["  queue wait: submit -> engine launched", f"{s['queue_wait_s']:.2f}", ""],
             ["  engine start + model load", f"{s['engine_start_and_load_s']:.2f}", ""],
             ["  first step after load", f"{s['first_step_after_load_s']:.2f}", ""],
-            ["submit -> first step excl. model load (s)",
-             f"{s['submit_to_first_step_excl_load_s']:.2f}", ""],
+            [
+                "submit -> first step excl. model load (s)",
+                f"{s['submit_to_first_step_excl_load_s']:.2f}",
+                "",
+            ],
         ]
     rows += [
-        [f"GET /jobs/{{id}} req/s ({load['clients']} clients)", f"{load['requests_per_s']:.0f}",
-         f"{load['requests']} ok, {load['errors']} errors in {load['seconds']:.1f} s"],
+        [
+            f"GET /jobs/{{id}} req/s ({load['clients']} clients)",
+            f"{load['requests_per_s']:.0f}",
+            f"{load['requests']} ok, {load['errors']} errors in {load['seconds']:.1f} s",
+        ],
         ["  p50 latency (ms)", f"{load['p50_ms']:.1f}", ""],
         ["  p99 latency (ms)", f"{load['p99_ms']:.1f}", f"max {load['max_ms']:.0f}"],
     ]

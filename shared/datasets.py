@@ -215,9 +215,40 @@ def decode_line(number: int, raw: bytes) -> Any:
     except UnicodeDecodeError as exc:
         raise DatasetError(number, f"invalid UTF-8 at byte {exc.start}") from None
     try:
-        return json.loads(text)
+        value = json.loads(text)
     except json.JSONDecodeError as exc:
         raise DatasetError(number, f"invalid JSON: {exc.msg} (column {exc.colno})") from None
+    except RecursionError:
+        # "[[[[...]]]]" a few thousand deep exhausts the decoder's stack: a hostile line, not a
+        # server fault.
+        raise DatasetError(number, "invalid JSON: nested too deeply") from None
+    # Escapes can smuggle in what the raw-byte checks above refuse: "\u0000" (NUL) and lone
+    # surrogates ("\ud800"), which no tokenizer can encode. Only lines with escapes need the walk.
+    if "\\u" in text:
+        problem = _unencodable(value)
+        if problem:
+            raise DatasetError(number, problem)
+    return value
+
+
+def _unencodable(value: Any) -> str | None:
+    """Why a decoded value holds text no tokenizer or database can take, or None."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                return "contains a NUL character (\\u0000)"
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return "contains a lone UTF-16 surrogate escape (e.g. \\ud800): not valid text"
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return None
 
 
 def iter_examples(stream: IO[bytes], limits: Limits | None = None) -> Iterator[Example]:

@@ -214,7 +214,10 @@ class JobRunner:
                     "eta_seconds",
                 )
             }
-            self._pending_metrics.append(point)
+            # The series carries eval loss only where it was measured; progress keeps the latest.
+            self._pending_metrics.append(
+                {**point, "eval_loss": point["eval_loss"] if record.get("evaluated") else None}
+            )
             self._last_step = point["step"]
             self._flush_progress(point, force=point["step"] == point["total_steps"])
         elif kind == "checkpoint":

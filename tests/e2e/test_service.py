@@ -71,8 +71,9 @@ def _adapter_from_tarball(blob: bytes) -> dict[str, bytes]:
         }
 
 
-def _user_path(dep, tiny_dir: Path, tmp_path: Path) -> None:
-    """Upload, create, watch progress and events, download, load with peft, compare."""
+def _user_path(dep, tiny_dir: Path, tmp_path: Path, procs: int = 1) -> None:
+    """Upload, create, watch progress and events, download, load with peft, and compare with
+    the engine run alone on the same global batch (``procs`` DDP ranks in the worker)."""
     rows = chat_rows(40)
     with dep.client() as http:
         file_id = upload(http, rows)
@@ -101,6 +102,7 @@ def _user_path(dep, tiny_dir: Path, tmp_path: Path) -> None:
         final = wait_final(http, job["id"])
         assert final["status"] == "succeeded", final
         assert final["attempts"] == 1 and final["trained_tokens"] > 0
+        assert http.get(f"/jobs/{job['id']}").json()["status"] == "succeeded"
         assert any("succeeded" in m["message"] for m in messages)
         assert any("checkpoint saved at step 5" in m["message"] for m in messages)
         metrics = http.get(f"/jobs/{job['id']}/metrics").json()["data"]
@@ -113,6 +115,7 @@ def _user_path(dep, tiny_dir: Path, tmp_path: Path) -> None:
 
     assert hashlib.sha256(download.content).hexdigest() == download.headers["x-checksum-sha256"]
     manifest = json.loads(files["manifest.json"])
+    assert manifest["world_size"] == procs
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         assert hashlib.sha256(files[name]).hexdigest() == manifest["files"][name]
     folder = tmp_path / "downloaded"
@@ -124,7 +127,8 @@ def _user_path(dep, tiny_dir: Path, tmp_path: Path) -> None:
     # The worker's result equals the engine run alone with the same spec and seed.
     train = tmp_path / "train.jsonl"
     train.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    spec = JobSpec.model_validate({**body, "training_file": str(train)})
+    single = {**body["training"], "batch_size": body["training"]["batch_size"] * procs}
+    spec = JobSpec.model_validate({**body, "training": single, "training_file": str(train)})
     trainer = LoraTrainer(spec, TrainPaths(model=str(tiny_dir), output_dir=tmp_path / "local"))
     trainer.setup()
     trainer.train()
@@ -155,12 +159,13 @@ def test_postgres_redis_s3_end_to_end(
         "AWS_ACCESS_KEY_ID": "test",
         "AWS_SECRET_ACCESS_KEY": "test",
         "AWS_DEFAULT_REGION": "us-east-1",
+        "LORAFLEET_WORKER_PROCS": "2",  # DDP over 2 gloo ranks inside the service
     }
     with deployment(tmp_path, {"tiny": tiny_dir}, **env) as dep:
         dep.key = dep.create_key("bob")
         dep.start_api()
         dep.start_worker()
-        _user_path(dep, tiny_dir, tmp_path)
+        _user_path(dep, tiny_dir, tmp_path, procs=2)
 
 
 def test_cancel_failures_and_bad_input(tiny_dir: Path, tmp_path: Path) -> None:

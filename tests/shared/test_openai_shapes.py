@@ -89,7 +89,9 @@ def test_event_feed_merges_and_pages_newest_first(
         runs.add_metrics(session, job.id, [{"step": step, "train_loss": 1.0 / step}])
     _, full, more = event_feed(session, "alice", job.id, limit=100)
     assert not more
-    kinds = [(i.kind, getattr(i.row, "step", None) or i.row.message) for i in full]
+    kinds = [
+        (i.kind, getattr(i.row, "step", None) or getattr(i.row, "message", None)) for i in full
+    ]
     assert kinds[:2] == [("metrics", 3), ("message", "message 3")]
     assert kinds[-1] == ("message", "job created")
 

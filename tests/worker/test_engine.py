@@ -278,3 +278,34 @@ def test_cli_train_reports_bad_line(tiny_model: Path, tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert "line 3" in result.stderr and "'text' must be a string" in result.stderr
+
+
+def test_qwen2_architecture_with_tied_head_and_no_bos(tmp_path: Path, chat_file: Path) -> None:
+    """A Qwen2-style model (tied embeddings, bias on q/k/v, tokenizer without BOS) trains too."""
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    from worker.training.tiny import make_tiny
+
+    source = make_tiny(tmp_path / "llama")
+    tokenizer = AutoTokenizer.from_pretrained(str(source))
+    tokenizer.bos_token = None
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+        max_position_embeddings=512,
+    )
+    model_dir = tmp_path / "qwen2"
+    Qwen2ForCausalLM(config).save_pretrained(str(model_dir))
+    tokenizer.save_pretrained(str(model_dir))
+    spec = make_spec(
+        model_dir, chat_file, max_steps=3,
+        lora={"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "k_proj", "v_proj"]},
+    )
+    manifest, trainer = run_inprocess(spec, tmp_path / "out")
+    assert manifest["base_model"]["model_type"] == "qwen2"
+    assert trainer.rows[0].input_ids[0] != tokenizer.bos_token_id or tokenizer.bos_token_id is None
+    loaded = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(str(model_dir)), str(tmp_path / "out")
+    )
+    assert loaded is not None

@@ -350,7 +350,12 @@ class LoraTrainer:
             self.train_loss = self.train_step(step)
             done = step + 1
             tokens_done += self._tokens_of_step(step)
-            if t.eval_every_steps and done % t.eval_every_steps == 0 and done < self.total_steps:
+            # Eval every eval_every_steps and always after the last step (when there is data).
+            evaluated = bool(self.eval_rows) and (
+                done == self.total_steps
+                or bool(t.eval_every_steps and done % t.eval_every_steps == 0)
+            )
+            if evaluated:
                 self.eval_loss = self.evaluate()
             elapsed = time.monotonic() - started
             steps_this_run = done - self.start_step
@@ -361,6 +366,7 @@ class LoraTrainer:
                 epoch=round(done / self.plan.steps_per_epoch, 4),
                 train_loss=self.train_loss,
                 eval_loss=self.eval_loss,
+                evaluated=evaluated,
                 learning_rate=self.scheduler.get_last_lr()[0],
                 tokens_per_second=tokens_done / elapsed if elapsed > 0 else None,
                 eta_seconds=elapsed / steps_this_run * (self.total_steps - done),
@@ -378,7 +384,8 @@ class LoraTrainer:
                 and done < self.total_steps
             ):
                 self.save_checkpoint(done)
-        self.eval_loss = self.evaluate() if self.eval_rows else self.eval_loss
+        if self.start_step >= self.total_steps and self.eval_rows:  # resumed at the very end
+            self.eval_loss = self.evaluate()
         return self.save_final(time.monotonic() - started)
 
     # ---------------------------------------------------------------- checkpoints

@@ -1,0 +1,111 @@
+"""``GET /workers`` (admin only), ``POST /estimate`` and ``GET /metrics`` over the real app."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import update
+
+from shared.db import session_factory
+from shared.models import Worker, utcnow
+from shared.services import keys, runs
+from tests.conftest import CHAT_ROWS, jsonl
+
+
+def _admin_headers() -> dict[str, str]:
+    with session_factory()() as s:
+        key, _ = keys.create_key(s, "ops", admin=True)
+    return {"Authorization": f"Bearer {key}"}
+
+
+def _workers() -> None:
+    with session_factory()() as s:
+        runs.register_worker(s, "gpu-1@a", "a", 2, "NVIDIA A100", 80 * 1024**3, 2, "0.1.0")
+        runs.register_worker(s, "cpu-1@b", "b", 0, None, None, 1, "0.1.0")
+        runs.register_worker(s, "old@c", "c", 0, None, None, 1, "0.0.9")
+        s.execute(
+            update(Worker)
+            .where(Worker.id == "old@c")
+            .values(last_heartbeat=utcnow() - timedelta(hours=1), status="busy")
+        )
+        s.commit()
+
+
+def test_workers_admin_only_and_stale_flagged(client: Any) -> None:
+    _workers()
+    assert client.get("/workers").status_code == 403
+    response = client.get("/workers", headers=_admin_headers())
+    assert response.status_code == 200
+    rows = {w["id"]: w for w in response.json()["data"]}
+    assert set(rows) == {"gpu-1@a", "cpu-1@b", "old@c"}
+    assert rows["gpu-1@a"] | {"last_heartbeat": None} == {
+        "id": "gpu-1@a",
+        "hostname": "a",
+        "gpus": 2,
+        "gpu_type": "NVIDIA A100",
+        "gpu_memory_bytes": 80 * 1024**3,
+        "procs": 2,
+        "status": "idle",
+        "current_job": None,
+        "last_heartbeat": None,
+        "version": "0.1.0",
+    }
+    assert rows["old@c"]["status"] == "offline"
+
+
+def test_estimate_and_submit_refusals(client: Any) -> None:
+    file_id = client.post(
+        "/files", files={"file": ("t.jsonl", jsonl(CHAT_ROWS), "application/jsonl")}
+    ).json()["id"]
+    body: dict[str, Any] = {"base_model": "tiny", "training_file": file_id}
+    answer = client.post("/estimate", json=body).json()
+    assert answer["parameters"]["trainable"] > 0 and answer["fits"] is None
+    assert answer["tokens_per_epoch"] > 0 and answer["memory_bytes"]["total"] > 0
+    assert client.post("/estimate", json={"base_model": "tiny"}).status_code == 200
+    bad = client.post("/estimate", json={**body, "lora": {"target_modules": ["c_attn"]}})
+    assert bad.status_code == 422 and "lora.target_modules" in bad.text and "q_proj" in bad.text
+    bad = client.post("/jobs", json={**body, "lora": {"target_modules": ["c_attn"]}})
+    assert bad.status_code == 422 and "lora.target_modules" in bad.text
+
+    _workers()
+    assert client.post("/estimate", json=body).json()["fits"] is True
+    refused = client.post("/jobs", json={**body, "resources": {"gpus": 8}})
+    assert refused.status_code == 422
+    assert "8 GPUs requested but the largest worker has 2" in refused.text
+    refused = client.post("/jobs", json={**body, "resources": {"gpu_type": "H100"}})
+    assert refused.status_code == 422 and "resources.gpu_type" in refused.text
+    assert client.post("/jobs", json={**body, "resources": {"gpu_type": "a100"}}).status_code == 201
+
+
+def test_metrics_parse(client: Any) -> None:
+    _workers()
+    file_id = client.post(
+        "/files", files={"file": ("t.jsonl", jsonl(CHAT_ROWS), "application/jsonl")}
+    ).json()["id"]
+    job = client.post("/jobs", json={"base_model": "tiny", "training_file": file_id}).json()
+    with session_factory()() as s:
+        runs.claim_job(s, job["id"], "cpu-1@b", 30)
+        runs.finish_job(s, job["id"], "cpu-1@b", "succeeded", trained_tokens=1234)
+    client.post("/jobs", json={"base_model": "tiny", "training_file": file_id})
+    text = client.get("/metrics", headers=_admin_headers()).text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    value = {
+        (f.name, s.name, tuple(sorted(s.labels.items()))): s.value
+        for f in families.values()
+        for s in f.samples
+    }
+    assert value[("lorafleet_jobs", "lorafleet_jobs", (("state", "queued"),))] == 1
+    assert value[("lorafleet_jobs", "lorafleet_jobs", (("state", "succeeded"),))] == 1
+    assert value[("lorafleet_queue_depth", "lorafleet_queue_depth", (("queue", "lorafleet"),))] == 1
+    assert value[("lorafleet_trained_tokens", "lorafleet_trained_tokens_total", ())] == 1234
+    assert families["lorafleet_job_duration_seconds"].type == "histogram"
+    count = ("lorafleet_job_duration_seconds", "lorafleet_job_duration_seconds_count")
+    assert value[(*count, (("state", "succeeded"),))] == 1
+    wait = ("lorafleet_job_queue_wait_seconds", "lorafleet_job_queue_wait_seconds_count", ())
+    assert value[wait] == 1
+    assert value[("lorafleet_workers", "lorafleet_workers", (("status", "offline"),))] == 1
+    assert value[("lorafleet_workers", "lorafleet_workers", (("status", "idle"),))] == 2
+    memory = families["lorafleet_worker_gpu_memory_bytes"].samples
+    assert [(s.labels["worker"], s.value) for s in memory] == [("gpu-1@a", 80 * 1024**3)]
