@@ -119,14 +119,15 @@ def up(
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     upgrade_to_head()
     exe = [sys.executable, "-m", "cli"]
-    procs = [
-        subprocess.Popen([*exe, "serve", "--host", host, "--port", str(port)]),
-        subprocess.Popen([*exe, "worker"]),
-    ]
-    err.print(f"lorafleet up: API on http://{host}:{port}, worker pid {procs[1].pid}")
+    api = subprocess.Popen([*exe, "serve", "--host", host, "--port", str(port)])
+    worker_proc = subprocess.Popen([*exe, "worker"])
+    err.print(f"lorafleet up: API on http://{host}:{port}, worker pid {worker_proc.pid}")
+    stopping = False
 
     def stop(*_: Any) -> None:
-        for proc in procs:
+        nonlocal stopping
+        stopping = True
+        for proc in (api, worker_proc):
             if proc.poll() is None:
                 proc.terminate()
 
@@ -134,14 +135,21 @@ def up(
     signal.signal(signal.SIGINT, stop)
     code = 0
     try:
-        while all(p.poll() is None for p in procs):
+        while not stopping and api.poll() is None:
+            if worker_proc.poll() is not None and not stopping:
+                # A worker that died (OOM, kill -9) is replaced; its job resumes from the
+                # database lease and its last checkpoint.
+                err.print(f"worker exited ({worker_proc.returncode}); starting a new one")
+                time.sleep(1.0)
+                worker_proc = subprocess.Popen([*exe, "worker"])
             time.sleep(0.5)
+        code = api.returncode or 0
     finally:
         stop()
-        deadline = time.monotonic() + 30
-        for proc in procs:
+        deadline = time.monotonic() + 60
+        for proc in (api, worker_proc):
             try:
-                code = code or proc.wait(timeout=max(1, deadline - time.monotonic())) or 0
+                proc.wait(timeout=max(1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 proc.kill()
     raise typer.Exit(code)

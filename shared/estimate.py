@@ -26,8 +26,8 @@ micro-step = batch_size * max_seq_length (packing fills rows, so this is also th
                      With gradient checkpointing only the layer inputs are kept, plus one layer
                      recomputed during backward: N * a * (L * H + (8H + 2K + 4I) + X / L + 2H).
                      On a GPU attention is taken as SDPA/flash (memory linear in sequence length);
-                     on CPU the math kernel keeps batch * heads * seq^2 probabilities per layer,
-                     which is added.
+                     on CPU with packing the masked math kernel keeps batch * heads * seq^2
+                     probabilities per layer, which is added.
 - ``logits``       = min(N, 1024) * V * 4 * 2: the engine computes the loss in chunks of 1024
                      tokens, never the full-vocabulary fp32 logits of the whole batch; a chunk's
                      logits and their gradient are alive at once.
@@ -127,8 +127,8 @@ def estimate(
     else:
         values = layers * per_layer + lora_extra + 2 * h
     activations = int(tokens * act_bytes * values)
-    if not on_gpu:
-        # CPU SDPA with the packing mask runs the math kernel: each layer keeps its attention
+    if not on_gpu and t.packing:
+        # CPU SDPA with the packing mask (documents isolated) runs the math kernel: each layer keeps its attention
         # probabilities (batch x heads x seq^2) for backward. Measured: without this term the
         # estimate was 25% under a real CPU run (tests/worker/test_estimate_vs_measured.py).
         scores = t.batch_size * info.num_heads * t.max_seq_length**2

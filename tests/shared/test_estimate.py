@@ -153,7 +153,13 @@ def test_tiny_model_counts_and_activations(
     from transformers import AutoModelForCausalLM
 
     info = read_model_info(tiny)
-    job = spec({"target_modules": targets, "dropout": dropout}, batch_size=2, max_seq_length=256)
+    # Unpacked: the forward below has no packing mask (plain causal attention).
+    job = spec(
+        {"target_modules": targets, "dropout": dropout},
+        batch_size=2,
+        max_seq_length=256,
+        packing=False,
+    )
     result = estimate(job, info, 1, None)
     base = AutoModelForCausalLM.from_pretrained(tiny)
     model = get_peft_model(
