@@ -99,8 +99,51 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     return error_response(500, "internal server error", "internal_error")
 
 
+# What every 4xx/5xx body looks like, for the OpenAPI page. FastAPI documents 422 as its own
+# ``HTTPValidationError`` (``detail`` a list); ours is the shape above, and the ``/v1`` routes answer
+# OpenAI's (``error`` alone), so the documented schema is what both have in common.
+ERROR_SCHEMA: dict[str, Any] = {
+    "title": "Error",
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "detail": {"type": "string", "description": "Human-readable message."},
+        "error": {
+            "type": "object",
+            "required": ["message"],
+            "properties": {
+                "code": {"type": ["string", "null"], "description": "Reason programs switch on."},
+                "message": {"type": "string", "description": "Human-readable message."},
+                "param": {"type": ["string", "null"], "description": "The field at fault."},
+            },
+        },
+        "errors": {
+            "type": "array",
+            "items": {"type": "object"},
+            "description": "Every validation problem (422 only).",
+        },
+    },
+}
+
+
+def _document_error_shape(app: FastAPI) -> None:
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = generate()  # caches itself in app.openapi_schema: patched once
+        components = schema.get("components", {}).get("schemas", {})
+        if "HTTPValidationError" in components:
+            components["HTTPValidationError"] = ERROR_SCHEMA
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def install(app: FastAPI) -> None:
-    """Register the handlers on ``app``."""
+    """Register the handlers on ``app`` and document the error body they produce."""
+    _document_error_shape(app)
     app.add_exception_handler(Exception, _unexpected)
     app.add_exception_handler(LorafleetError, _domain)
     app.add_exception_handler(RequestValidationError, _validation)
