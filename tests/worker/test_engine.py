@@ -309,3 +309,22 @@ def test_qwen2_architecture_with_tied_head_and_no_bos(tmp_path: Path, chat_file:
         AutoModelForCausalLM.from_pretrained(str(model_dir)), str(tmp_path / "out")
     )
     assert loaded is not None
+
+
+def test_gradient_checkpointing_and_bf16_autocast(
+    tiny_model: Path, chat_file: Path, tmp_path: Path
+) -> None:
+    """Checkpointing recomputes activations without changing the update; bf16 autocast runs on
+    CPU (this machine's avx512_bf16) and stays close to fp32 on a short run."""
+    plain, _ = run_inprocess(make_spec(tiny_model, chat_file, max_steps=3), tmp_path / "plain")
+    ckpt, _ = run_inprocess(
+        make_spec(tiny_model, chat_file, max_steps=3, gradient_checkpointing=True),
+        tmp_path / "ckpt",
+    )
+    bf16, _ = run_inprocess(
+        make_spec(tiny_model, chat_file, max_steps=3, precision="bf16"), tmp_path / "bf16"
+    )
+    a, b = adapter_weights(tmp_path / "plain"), adapter_weights(tmp_path / "ckpt")
+    assert max_diff(a, b) < 1e-6
+    assert bf16["precision"] == "bfloat16"
+    assert abs(bf16["final_train_loss"] - plain["final_train_loss"]) < 0.05
