@@ -128,9 +128,10 @@ def estimate(
         values = layers * per_layer + lora_extra + 2 * h
     activations = int(tokens * act_bytes * values)
     if not on_gpu and t.packing:
-        # CPU SDPA with the packing mask (documents isolated) runs the math kernel: each layer keeps its attention
-        # probabilities (batch x heads x seq^2) for backward. Measured: without this term the
-        # estimate was 25% under a real CPU run (tests/worker/test_estimate_vs_measured.py).
+        # CPU SDPA with the packing mask (documents isolated) runs the math kernel: each layer
+        # keeps its attention probabilities (batch x heads x seq^2) for backward. Measured:
+        # without this term the estimate was 25% under a real CPU run
+        # (tests/worker/test_estimate_vs_measured.py).
         scores = t.batch_size * info.num_heads * t.max_seq_length**2
         activations += scores * act_bytes * (layers if not t.gradient_checkpointing else 1)
     logits = min(tokens, LOSS_CHUNK_TOKENS) * info.vocab_size * 4 * 2

@@ -40,6 +40,7 @@ def _drain(**_: Any) -> None:
     """Warm shutdown (SIGTERM): stop taking jobs; the running one checkpoints and is requeued."""
     from worker.fleet import draining
 
+    # Only a flag: this runs inside a signal handler. The heartbeat thread reports `draining`.
     draining.set()
 
 

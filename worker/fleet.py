@@ -102,7 +102,8 @@ def _heartbeat_once() -> None:
     job = current_job()
     try:
         with session_scope() as session:
-            runs.heartbeat_worker(session, _worker_id, "busy" if job else "idle", job)
+            status = "draining" if draining.is_set() else ("busy" if job else "idle")
+            runs.heartbeat_worker(session, _worker_id, status, job)
     except Exception:
         log.exception("worker heartbeat failed")
 
