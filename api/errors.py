@@ -100,7 +100,7 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
 
 
 # What every 4xx/5xx body looks like, for the OpenAPI page. FastAPI documents 422 as its own
-# ``HTTPValidationError`` (``detail`` a list); ours is the shape above, and the ``/v1`` routes answer
+# ``HTTPValidationError`` (``detail`` a list); ours is the shape above, the ``/v1`` routes answer
 # OpenAI's (``error`` alone), so the documented schema is what both have in common.
 ERROR_SCHEMA: dict[str, Any] = {
     "title": "Error",

@@ -39,12 +39,28 @@ def test_arbitrary_bytes_only_raise_dataset_errors(data: bytes) -> None:
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
-    lambda children: st.lists(children, max_size=4)
-    | st.dictionaries(
-        st.sampled_from(["messages", "role", "content", "prompt", "completion", "text",
-                         "instruction", "input", "output", "weight", "type"]) | st.text(max_size=8),
-        children,
-        max_size=5,
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.dictionaries(
+            st.sampled_from(
+                [
+                    "messages",
+                    "role",
+                    "content",
+                    "prompt",
+                    "completion",
+                    "text",
+                    "instruction",
+                    "input",
+                    "output",
+                    "weight",
+                    "type",
+                ]
+            )
+            | st.text(max_size=8),
+            children,
+            max_size=5,
+        )
     ),
     max_leaves=20,
 )

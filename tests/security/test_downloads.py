@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Iterator
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
@@ -76,7 +76,7 @@ def test_s3_presigned_url_is_short_lived(
     ).json()["id"]
     finish_job(s3, job_id)
 
-    before = datetime.now(timezone.utc)
+    before = datetime.now(UTC)
     response = client.get(f"/jobs/{job_id}/adapter/url")
     assert response.status_code == 200, response.text
     body: dict[str, Any] = response.json()

@@ -30,7 +30,7 @@ BOUNDARY = "hostile-boundary"
 def multipart(payload: Iterator[bytes], filename: bytes = b"data.jsonl") -> Iterator[bytes]:
     """A streamed multipart body (the test never holds a large upload in memory either)."""
     yield (
-        f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"".encode()
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="'.encode()
         + filename
         + b'"\r\nContent-Type: application/jsonl\r\n\r\n'
     )
@@ -38,7 +38,9 @@ def multipart(payload: Iterator[bytes], filename: bytes = b"data.jsonl") -> Iter
     yield f"\r\n--{BOUNDARY}--\r\n".encode()
 
 
-def upload_stream(client: TestClient, payload: Iterator[bytes], filename: bytes = b"d.jsonl") -> Any:
+def upload_stream(
+    client: TestClient, payload: Iterator[bytes], filename: bytes = b"d.jsonl"
+) -> Any:
     return client.post(
         "/files",
         content=multipart(payload, filename),
@@ -105,9 +107,7 @@ def test_hostile_dataset_is_refused_and_leaves_nothing(
     assert all_files_under(settings.data_dir / "storage") == files_before
 
 
-def test_row_limit(
-    client: TestClient, snapshot: Snapshot, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_row_limit(client: TestClient, snapshot: Snapshot, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LORAFLEET_MAX_ROWS", "1000")
     reset_settings()
     before = snapshot()
@@ -117,7 +117,9 @@ def test_row_limit(
     assert snapshot() == before
 
 
-@pytest.mark.parametrize(("variable", "value"), [("MAX_UPLOAD_BYTES", "5000"), ("MAX_LINE_BYTES", "64")])
+@pytest.mark.parametrize(
+    ("variable", "value"), [("MAX_UPLOAD_BYTES", "5000"), ("MAX_LINE_BYTES", "64")]
+)
 def test_byte_limits(
     client: TestClient,
     snapshot: Snapshot,
@@ -165,7 +167,9 @@ def test_file_names_are_labels_never_paths(
         keys = list(s.scalars(select(File.storage_key)))
     assert keys == [f"files/{body['id']}.jsonl"]
     root = settings.data_dir
-    assert all(p.startswith(str(root / "storage" / "files")) for p in all_files_under(root / "storage"))
+    assert all(
+        p.startswith(str(root / "storage" / "files")) for p in all_files_under(root / "storage")
+    )
     assert not (root / "etc").exists() and not (root.parent / "etc").exists()
 
 
@@ -316,7 +320,9 @@ def test_json_body_limits(client: TestClient, tenants: Tenants) -> None:
     assert response.status_code == 413 and response.json()["error"]["code"] == "too_large"
     deep = b"[" * 200_000 + b"]" * 200_000
     for payload in (deep, b"{", b"\xff\xfe", b"null", b"[]", b'"x"', b"1e999999"):
-        response = client.post("/jobs", content=payload, headers={"Content-Type": "application/json"})
+        response = client.post(
+            "/jobs", content=payload, headers={"Content-Type": "application/json"}
+        )
         assert 400 <= response.status_code < 500, (payload[:20], response.text[:200])
 
 

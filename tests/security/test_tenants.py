@@ -106,7 +106,9 @@ def test_other_owners_ids_answer_like_missing_ones(
             assert stolen.json()["error"]["code"] == absent.json()["error"]["code"]
             assert not any(secret in stolen.text for secret in ALICE_SECRETS)
     # The event stream is checked before it starts, not inside it.
-    sse = client.get(f"/jobs/{job_id}/events", headers={**tenants.bob, "Accept": "text/event-stream"})
+    sse = client.get(
+        f"/jobs/{job_id}/events", headers={**tenants.bob, "Accept": "text/event-stream"}
+    )
     assert sse.status_code == 404
     assert attempts >= 20
     # bob's cancel changed nothing; alice still sees her job and her adapter.

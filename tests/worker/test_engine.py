@@ -291,15 +291,22 @@ def test_qwen2_architecture_with_tied_head_and_no_bos(tmp_path: Path, chat_file:
     tokenizer.bos_token = None
     torch.manual_seed(0)
     config = Qwen2Config(
-        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
         max_position_embeddings=512,
     )
     model_dir = tmp_path / "qwen2"
     Qwen2ForCausalLM(config).save_pretrained(str(model_dir))
     tokenizer.save_pretrained(str(model_dir))
     spec = make_spec(
-        model_dir, chat_file, max_steps=3,
+        model_dir,
+        chat_file,
+        max_steps=3,
         lora={"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "k_proj", "v_proj"]},
     )
     manifest, trainer = run_inprocess(spec, tmp_path / "out")
