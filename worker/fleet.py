@@ -21,7 +21,7 @@ from shared.config import get_settings
 from shared.db import session_scope
 from shared.queueing import pending_job_ids, publish_job
 from shared.routing import Capacity
-from shared.services import runs
+from shared.services import runs, webhooks
 from shared.services.fleet import stale_after
 
 log = logging.getLogger("lorafleet.fleet")
@@ -122,6 +122,8 @@ def reap_once() -> None:
         log.warning("job %s lost its worker: now %s", job_id, status)
         if status == "queued":
             publish_job(job_id, _queue_of(job_id))
+        else:  # failed (out of attempts) or cancelled: final without a worker to announce it
+            webhooks.notify_final(job_id)
     with session_scope() as session:
         stale = runs.stale_queued(session, now - timedelta(seconds=settings.requeue_grace_seconds))
         republish = [(job.id, job.queue) for job in stale]

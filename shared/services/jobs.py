@@ -228,6 +228,10 @@ def cancel_job(session: Session, owner: str, job_id: str) -> Job:
         if done:
             session.add(JobEvent(job_id=job_id, level="info", message="cancelled while queued"))
             session.commit()
+            # No worker will ever see this job: its webhook goes from here.
+            from shared.services.webhooks import notify_final
+
+            notify_final(job_id)
             return get_job(session, owner, job_id)
         requested = _conditional(
             session,
