@@ -2,7 +2,7 @@
 
 A fresh Python process (so nothing else shares its heap) imports torch, notes its RSS, then
 builds the engine on a small Llama (hidden 256, 4 layers, vocab 2048) and trains a few packed
-steps of batch 8 x 256 tokens in fp32. Peak RSS (``ru_maxrss``) minus the RSS before the model was
+steps of batch 8 x 256 tokens in fp32. Peak RSS (``VmHWM``) minus the RSS before the model was
 loaded is what the job cost; ``shared.estimate`` must land within 30% of it.
 """
 
@@ -20,7 +20,7 @@ from tests.worker.conftest import write_jsonl
 from worker.training.tiny import make_tiny, sample_chat_rows
 
 MEASURE = r"""
-import json, resource, sys
+import json, sys
 from pathlib import Path
 
 import psutil, torch  # noqa: F401  (imported before the baseline: not the job's memory)
@@ -35,7 +35,10 @@ base = psutil.Process().memory_info().rss
 trainer = LoraTrainer(spec, TrainPaths(model=sys.argv[2], output_dir=Path(sys.argv[3])))
 trainer.setup()
 trainer.train()
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+# VmHWM, not ru_maxrss: the latter keeps the high-water mark of the forked parent's image
+# across exec (a big pytest process would count as this job's memory).
+status = Path("/proc/self/status").read_text()
+peak = int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1]) * 1024
 print(json.dumps({"base": base, "peak": peak}))
 """
 
