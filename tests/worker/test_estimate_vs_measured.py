@@ -38,7 +38,8 @@ trainer.train()
 # VmHWM, not ru_maxrss: the latter keeps the high-water mark of the forked parent's image
 # across exec (a big pytest process would count as this job's memory).
 status = Path("/proc/self/status").read_text()
-peak = int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1]) * 1024
+hwm = next(line for line in status.splitlines() if line.startswith("VmHWM:"))
+peak = int(hwm.split()[1]) * 1024
 print(json.dumps({"base": base, "peak": peak}))
 """
 
