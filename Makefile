@@ -22,7 +22,8 @@ lint: install
 	$(VENV)/bin/mypy api shared worker cli
 
 test: install lint
-	$(VENV)/bin/pytest -q -p no:cacheprovider
+	# Files run in parallel (most tests wait on real servers and worker processes).
+	$(VENV)/bin/pytest -q -p no:cacheprovider -n 3 --dist loadgroup
 
 demo: install
 	$(PY) -m cli demo

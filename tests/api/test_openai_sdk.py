@@ -23,7 +23,7 @@ from openai import OpenAI
 from shared.services.webhooks import verify
 from tests.api.live import Live, chat_rows, live_stack, wait_for
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("live-stack-" + __name__)]
 
 SECRET = "test-webhook-secret"
 # Short rows and small batches: a tiny dataset becomes enough optimizer steps to see progress,

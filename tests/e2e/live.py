@@ -153,7 +153,7 @@ def deployment(root: Path, models: dict[str, Path], **env: str) -> Iterator[Depl
     full_env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("LORAFLEET_")},
         "LORAFLEET_DATA_DIR": str(data),
-        "LORAFLEET_LEASE_SECONDS": "4",
+        "LORAFLEET_LEASE_SECONDS": "6",
         "LORAFLEET_REQUEUE_GRACE_SECONDS": "3",
         "LORAFLEET_PROGRESS_INTERVAL_SECONDS": "0.3",
         "PYTHONPATH": str(REPO),

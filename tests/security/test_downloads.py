@@ -16,6 +16,9 @@ from shared.config import reset_settings
 from shared.storage import storage_from_url
 from tests.security.conftest import Tenants, finish_job
 
+# Module-scoped servers: keep this file on one xdist worker.
+pytestmark = pytest.mark.xdist_group(__name__)
+
 
 @pytest.fixture(scope="module")
 def moto_endpoint() -> Iterator[str]:

@@ -11,6 +11,9 @@ import pytest
 
 from shared.storage import LocalStorage, S3Storage, Storage, storage_from_url
 
+# Module-scoped servers: keep this file on one xdist worker.
+pytestmark = pytest.mark.xdist_group(__name__)
+
 
 def _free_port() -> int:
     with socket.socket() as sock:

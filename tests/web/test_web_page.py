@@ -18,7 +18,7 @@ import pytest
 
 from tests.api.live import ROOT, Live, chat_rows, live_stack, wait_for
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("live-stack-" + __name__)]
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="pip install selenium")
 from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
