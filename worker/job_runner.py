@@ -201,19 +201,7 @@ class JobRunner:
                 message = f"{message} (attempt {self.attempt})"
             self._event(message, record.get("level", "info"), record.get("data"))
         elif kind == "progress":
-            point = {
-                key: record.get(key)
-                for key in (
-                    "step",
-                    "total_steps",
-                    "epoch",
-                    "train_loss",
-                    "eval_loss",
-                    "learning_rate",
-                    "tokens_per_second",
-                    "eta_seconds",
-                )
-            }
+            point = {key: record.get(key) for key in runs.PROGRESS_FIELDS}
             # The series carries eval loss only where it was measured; progress keeps the latest.
             self._pending_metrics.append(
                 {**point, "eval_loss": point["eval_loss"] if record.get("evaluated") else None}
