@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml requirements-dev.txt
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy api shared worker cli
+	$(VENV)/bin/mypy api shared worker cli bench
 
 test: install lint
 	# Files run in parallel (most tests wait on real servers and worker processes).
