@@ -121,7 +121,7 @@ def reap_once() -> None:
     for job_id, status in changed:
         log.warning("job %s lost its worker: now %s", job_id, status)
         if status == "queued":
-            publish_job(job_id, _queue_of(job_id))
+            publish_job(job_id, queue_of(job_id))
         else:  # failed (out of attempts) or cancelled: final without a worker to announce it
             webhooks.notify_final(job_id)
     with session_scope() as session:
@@ -137,7 +137,8 @@ def reap_once() -> None:
         publish_job(job_id, queue)
 
 
-def _queue_of(job_id: str) -> str:
+def queue_of(job_id: str) -> str:
+    """The broker queue a job is published on."""
     from shared.models import Job
 
     with session_scope() as session:

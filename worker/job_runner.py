@@ -39,12 +39,6 @@ class JobLost(Exception):
     """The row is no longer ours (lease taken over, or the job was cancelled/finished)."""
 
 
-def spec_queue(job_id: str) -> str:
-    with session_scope() as session:
-        job = session.get(Job, job_id)
-        return job.queue if job is not None else "lorafleet"
-
-
 def checkpoint_prefix(job_id: str, step: int) -> str:
     return f"jobs/{job_id}/checkpoints/step_{step}/"
 
@@ -319,7 +313,7 @@ class JobRunner:
             with session_scope() as session:
                 released = runs.release_job(session, self.job_id, self.worker_id, self._last_step)
             if released:
-                publish_job(self.job_id, spec_queue(self.job_id))
+                publish_job(self.job_id, fleet.queue_of(self.job_id))
             return "released"
 
         error = self._error or {

@@ -14,7 +14,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.deps import CurrentOwner, SessionDep, StorageDep
 from shared.db import session_factory
-from shared.errors import Conflict, NotFound
+from shared.errors import NotFound
 from shared.models import Job
 from shared.schemas import (
     CheckpointList,
@@ -28,8 +28,9 @@ from shared.schemas import (
     Progress,
 )
 from shared.services import jobs as job_service
+from shared.services.downloads import ready_adapter
 from shared.spec import JobSpec
-from shared.states import ALL_STATES, FINAL, SUCCEEDED
+from shared.states import ALL_STATES, FINAL
 
 router = APIRouter(tags=["jobs"])
 
@@ -180,12 +181,8 @@ def download_adapter(
     if_none_match: Annotated[str | None, Header()] = None,
 ) -> Response:
     """The peft adapter folder as one .tar.gz, streamed from storage."""
-    job = job_service.get_job(session, owner.owner, job_id)
-    if job.status != SUCCEEDED.value or not job.adapter_key:
-        raise Conflict(
-            f"job {job_id} is {job.status}; its adapter exists once it has succeeded",
-            code="adapter_not_ready",
-        )
+    job = ready_adapter(session, owner.owner, job_id)
+    assert job.adapter_key is not None
     etag = f'"{job.adapter_sha256}"'
     if if_none_match and if_none_match.strip() == etag:
         return Response(status_code=304, headers={"ETag": etag})
