@@ -50,6 +50,7 @@ from transformers import get_scheduler
 from shared.datasets import load_examples, sha256_file
 from shared.spec import JobSpec
 from worker.training import data as datamod
+from worker.training.attention import build_layout, use_packed_attention
 from worker.training.launch import EXIT_PREEMPTED
 from worker.training.manifest import model_fingerprint, write_manifest
 from worker.training.model import CausalLMLoss, apply_lora, load_base_model, load_tokenizer
@@ -195,6 +196,7 @@ class LoraTrainer:
             else torch.float32
         )
         base = load_base_model(self.paths.model, dtype=load_dtype)
+        self.packed_attention = use_packed_attention(base, t.max_seq_length)
         if t.gradient_checkpointing:
             base.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False}
@@ -245,9 +247,7 @@ class LoraTrainer:
             )
 
     # ---------------------------------------------------------------- batches
-    def _collate(
-        self, indices: list[int], rows: list[datamod.Row], packed: bool
-    ) -> dict[str, torch.Tensor]:
+    def _collate(self, indices: list[int], rows: list[datamod.Row], packed: bool) -> dict[str, Any]:
         dummy = not indices
         chosen = [rows[i] for i in indices] if indices else [rows[0]]
         width = max(len(r.input_ids) for r in chosen)
@@ -259,11 +259,16 @@ class LoraTrainer:
             targets.append(tgt + [datamod.IGNORE] * pad)
             positions.append(row.position_ids + list(range(pad)))
             mask.append([1] * len(row.input_ids) + [0] * pad)
-        batch = {
+        batch: dict[str, Any] = {
             "input_ids": torch.tensor(ids, device=self.device),
             "targets": torch.tensor(targets, device=self.device),
         }
-        if packed:
+        if self.packed_attention:
+            # Right padding restarts its positions at 0, so it is a segment of its own: packed or
+            # not, every document attends to itself only (worker/training/attention.py).
+            batch["position_ids"] = torch.tensor(positions, device=self.device)
+            batch["layout"] = build_layout(positions, self.device)
+        elif packed:
             # No attention mask: transformers derives the block-diagonal mask from position_ids.
             batch["position_ids"] = torch.tensor(positions, device=self.device)
         else:

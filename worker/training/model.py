@@ -2,9 +2,14 @@
 
 The loss never materialises full-vocabulary logits for the whole batch: the backbone's hidden
 states are gathered at the positions that carry a target (answer tokens only), then projected by
-the LM head and scored in chunks under activation checkpointing, so at most one chunk of logits
-lives at a time, in the forward and in the backward. At small model sizes these logits, not the
-weights, dominate a step's memory.
+the LM head and scored in chunks, so at most one chunk of logits lives at a time. At small model
+sizes these logits, not the weights, dominate a step's memory.
+
+With a frozen head (every LoRA job unless the head itself is a target) the loss is *fused*: each
+chunk's gradient with respect to its hidden states is computed right in the forward and kept
+(tokens x hidden, tiny), and the backward only scales it. That saves the recomputation activation
+checkpointing would do (one head matmul and one log-softmax per chunk). A trainable head keeps the
+checkpointed path, so its parameters get their gradients from autograd as usual.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from shared.spec import LoraSettings
+from worker.training.attention import IMPLEMENTATION, LAYOUT_KWARG, SegmentLayout
 
 LOSS_CHUNK_TOKENS = 1024
 
@@ -75,6 +81,35 @@ def _logit_transform(config: Any) -> Callable[[torch.Tensor], torch.Tensor]:
     return transform
 
 
+class _FusedHeadLoss(torch.autograd.Function):
+    """Summed cross-entropy of hidden states through a frozen head, gradient computed eagerly."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        hidden: torch.Tensor,
+        targets: torch.Tensor,
+        chunk_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        chunk_tokens: int,
+    ) -> torch.Tensor:
+        total = hidden.new_zeros((), dtype=torch.float32)
+        grads = []
+        for start in range(0, hidden.shape[0], chunk_tokens):
+            with torch.enable_grad():
+                h = hidden[start : start + chunk_tokens].detach().requires_grad_()
+                loss = chunk_loss(h, targets[start : start + chunk_tokens])
+                (grad,) = torch.autograd.grad(loss, h)
+            total = total + loss.detach()
+            grads.append(grad)
+        ctx.save_for_backward(torch.cat(grads) if len(grads) > 1 else grads[0])
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        (grad,) = ctx.saved_tensors
+        return grad * grad_output.to(grad.dtype), None, None, None
+
+
 class CausalLMLoss(nn.Module):
     """Returns the *sum* of token losses and the count of target tokens.
 
@@ -93,6 +128,8 @@ class CausalLMLoss(nn.Module):
         self._head = head
         self._transform = _logit_transform(causal_lm.config)
         self.chunk_tokens = chunk_tokens
+        implementation = getattr(causal_lm.config, "_attn_implementation", None)
+        self.packed_attention = implementation == IMPLEMENTATION
 
     def _chunk_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         logits = self._transform(self._head(hidden)).float()
@@ -104,12 +141,17 @@ class CausalLMLoss(nn.Module):
         targets: torch.Tensor,
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        layout: SegmentLayout | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        extra: dict[str, Any] = {}
+        if layout is not None and self.packed_attention:
+            extra[LAYOUT_KWARG] = layout
         out = self._backbone(
             input_ids=input_ids,
             position_ids=position_ids,
             attention_mask=attention_mask,
             use_cache=False,
+            **extra,
         )
         hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
         keep = targets != -100
@@ -119,6 +161,9 @@ class CausalLMLoss(nn.Module):
         if selected.shape[0] == 0:
             # Keep every parameter in the graph so DDP's reducer still fires (zero gradient).
             return hidden.sum() * 0.0, count
+        if torch.is_grad_enabled() and not any(p.requires_grad for p in self._head.parameters()):
+            fused = _FusedHeadLoss.apply(selected, wanted, self._chunk_loss, self.chunk_tokens)
+            return cast(torch.Tensor, fused), count
         total = hidden.new_zeros((), dtype=torch.float32)
         for start in range(0, selected.shape[0], self.chunk_tokens):
             h = selected[start : start + self.chunk_tokens]
