@@ -52,6 +52,7 @@ from shared.spec import JobSpec
 from worker.training import data as datamod
 from worker.training.attention import build_layout, use_packed_attention
 from worker.training.launch import EXIT_PREEMPTED
+from worker.training.lora_dropout import fuse_lora_dropout
 from worker.training.manifest import model_fingerprint, write_manifest
 from worker.training.model import CausalLMLoss, apply_lora, load_base_model, load_tokenizer
 
@@ -205,6 +206,7 @@ class LoraTrainer:
             self.peft_model = apply_lora(base, spec.lora)
         except ValueError as exc:
             raise TrainingError(f"lora.target_modules: {exc}") from None
+        fuse_lora_dropout(self.peft_model)
         self.peft_model.to(self.device)
         self.loss_module = CausalLMLoss(self.peft_model).to(self.device)
         if self.dist.enabled:
