@@ -268,8 +268,9 @@ class LoraTrainer:
         if self.packed_attention:
             # Right padding restarts its positions at 0, so it is a segment of its own: packed or
             # not, every document attends to itself only (worker/training/attention.py).
-            batch["position_ids"] = torch.tensor(positions, device=self.device)
-            batch["layout"] = build_layout(positions, self.device)
+            position_ids = torch.tensor(positions)
+            batch["position_ids"] = position_ids.to(self.device)
+            batch["layout"] = build_layout(position_ids, self.device)
         elif packed:
             # No attention mask: transformers derives the block-diagonal mask from position_ids.
             batch["position_ids"] = torch.tensor(positions, device=self.device)
