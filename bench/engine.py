@@ -3,7 +3,7 @@
     python -m bench.engine                       # 5m and 40m, fp32, 12 steps of 4 x 512
     python -m bench.engine --size 5m --steps 6   # quick look
     python -m bench.engine --bf16                # both contenders under bf16 autocast
-    python -m bench.engine --levers              # also ours without packing / dropout, bf16
+    python -m bench.engine --levers              # also ours with one optimisation off at a time
 
 Each contender runs in its own subprocess (``--child``), so its peak RSS (VmHWM) is its own; the
 parent only builds models and data, measures the machine's matmul peak, and prints the table.
@@ -56,9 +56,15 @@ def run_ours(cfg: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from shared.spec import JobSpec
+    from worker.training import engine
     from worker.training.engine import LoraTrainer, TrainPaths
 
     torch.set_num_threads(cfg["threads"])
+    # Levers that switch one of the engine's own optimisations off (this child process only).
+    if not cfg.get("segment_attention", True):
+        engine.use_packed_attention = lambda model, max_seq_length: False  # type: ignore[assignment]
+    if not cfg.get("fused_dropout", True):
+        engine.fuse_lora_dropout = lambda model: 0  # type: ignore[assignment]
     lora = {**common.LORA, **cfg.get("lora_override", {})}
     spec = JobSpec.model_validate(
         {
@@ -85,7 +91,7 @@ def run_ours(cfg: dict[str, Any]) -> dict[str, Any]:
     )
     trainer.setup()
     if cfg.get("compile"):
-        trainer.model = torch.compile(trainer.loss_module)  # type: ignore[assignment]
+        compile_layers(trainer.loss_module)
     rss_before = common.rss_bytes()
     start = time.perf_counter()
     trainer.train()
@@ -109,6 +115,21 @@ def run_ours(cfg: dict[str, Any]) -> dict[str, Any]:
         "final_loss": trainer.train_loss,
         "trainable_params": trainer.trainable_params,
     }
+
+
+def compile_layers(loss_module: Any) -> None:
+    """torch.compile each decoder layer; segment attention stays eager (its bucket shapes change
+    every batch, so compiling through it would recompile every step)."""
+    import torch
+    from transformers import AttentionInterface
+
+    from worker.training import attention
+
+    AttentionInterface.register(
+        attention.IMPLEMENTATION, torch.compiler.disable(attention.packed_attention_forward)
+    )
+    for layer in loss_module._backbone.layers:
+        layer.compile(dynamic=True)
 
 
 def run_peer(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -327,6 +348,8 @@ def run_size(size: str, args: argparse.Namespace, peaks: dict[str, float]) -> di
     if args.levers:
         plan += [
             ("ours-nopack", {**base, "packing": False}),
+            ("ours-rowattn", {**base, "segment_attention": False}),
+            ("ours-peftdropout", {**base, "fused_dropout": False}),
             ("ours-nodropout", {**base, "lora_override": {"dropout": 0.0}}),
         ]
         if not args.bf16:
@@ -441,7 +464,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=1200, help="dataset rows")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast for every contender")
     parser.add_argument(
-        "--levers", action="store_true", help="also ours: no packing, no dropout, bf16"
+        "--levers",
+        action="store_true",
+        help="also ours: no packing, row attention, peft dropout, no dropout, bf16",
     )
     parser.add_argument(
         "--compile", action="store_true", help="with --levers: ours under torch.compile"
