@@ -280,6 +280,13 @@ def spawn(name: str, cfg: dict[str, Any], timeout: float) -> dict[str, Any]:
     return dict(json.loads(result.read_text()))
 
 
+def _tokens_per_s(raw: dict[str, Any], warmup: int) -> float:
+    ends = raw["step_end"]
+    first = min(warmup, len(ends) - 1)
+    t0 = ends[first - 1] if first > 0 else raw["start"]
+    return float(sum(raw["real_tokens"][first:])) / (ends[-1] - t0)
+
+
 def summarise(
     name: str,
     raw: dict[str, Any],
@@ -357,17 +364,32 @@ def run_size(size: str, args: argparse.Namespace, peaks: dict[str, float]) -> di
         if args.compile:
             plan.append(("ours-compile", {**base, "compile": True}))
     raw: dict[str, dict[str, Any]] = {}
-    rows: dict[str, dict[str, Any]] = {}
-    for name, cfg in plan:
-        print(f"[bench] {size} {name} ...", file=sys.stderr, flush=True)
-        raw[name] = spawn(name, cfg, args.timeout)
-        rows[name] = summarise(name, raw[name], args.warmup, shape, peaks, cfg["bf16"])
-    # Memory at equal tokens per step: the peer with as many real tokens per step as ours.
-    per_row = statistics.mean(raw["peer"]["real_tokens"]) / args.batch
-    mem_batch = max(1, round(statistics.mean(raw["ours"]["real_tokens"]) / per_row))
-    print(f"[bench] {size} peer-mem (batch {mem_batch}) ...", file=sys.stderr, flush=True)
-    raw["peer-mem"] = spawn("peer-mem", {**base, "batch": mem_batch}, args.timeout)
-    rows["peer-mem"] = summarise("peer-mem", raw["peer-mem"], args.warmup, shape, peaks, args.bf16)
+    bf16_of = {name: cfg["bf16"] for name, cfg in plan}
+    mem_batch = 0
+    for round_no in range(args.repeats):
+        if round_no:
+            # Best of the rounds: noise on a shared machine only ever slows a run down; the
+            # peak is re-measured too, and the highest one is kept (the conservative MFU).
+            for dtype in peaks:
+                peaks[dtype] = max(peaks[dtype], common.matmul_peak(dtype))
+        for name, cfg in plan:
+            tag = f"{size} {name} (round {round_no + 1}/{args.repeats})"
+            print(f"[bench] {tag} ...", file=sys.stderr, flush=True)
+            result = spawn(name, cfg, args.timeout)
+            if name not in raw or _tokens_per_s(result, args.warmup) > _tokens_per_s(
+                raw[name], args.warmup
+            ):
+                raw[name] = result
+            if name == "peer-grouped" and not mem_batch:
+                # Memory at equal tokens per step: the peer with as many real tokens per step
+                # as ours (its batch comes from the peer's mean row length).
+                per_row = statistics.mean(raw["peer"]["real_tokens"]) / args.batch
+                mem_batch = max(1, round(statistics.mean(raw["ours"]["real_tokens"]) / per_row))
+                plan.insert(3, ("peer-mem", {**base, "batch": mem_batch}))
+                bf16_of["peer-mem"] = args.bf16
+    rows = {
+        name: summarise(name, raw[name], args.warmup, shape, peaks, bf16_of[name]) for name in raw
+    }
     rows["peer-mem"]["batch"] = mem_batch
     ours, peer, grouped, mem = rows["ours"], rows["peer"], rows["peer-grouped"], rows["peer-mem"]
     ratios = {
@@ -471,6 +493,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--compile", action="store_true", help="with --levers: ours under torch.compile"
     )
+    parser.add_argument(
+        "--repeats", type=int, default=2, help="rounds over all contenders; best of each kept"
+    )
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per contender")
     parser.add_argument(
         "--child", nargs=3, metavar=("NAME", "CFG", "RESULT"), help=argparse.SUPPRESS
@@ -499,7 +524,8 @@ def main(argv: list[str] | None = None) -> int:
             f"\n== {size} model "
             f"({result['shape']['non_embedding_params'] / 1e6:.1f} M non-embedding params), "
             f"batch {args.batch} x seq {args.seq}, {args.steps} steps "
-            f"({args.warmup} untimed), {'bf16' if args.bf16 else 'fp32'} =="
+            f"({args.warmup} untimed), {'bf16' if args.bf16 else 'fp32'}, "
+            f"best of {args.repeats} round(s) =="
         )
         print(report(result, args.bf16), flush=True)
     print(

@@ -44,7 +44,12 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from shared.modelinfo import ModelInfo, lora_trainable_params, resolve_target_modules
+from shared.modelinfo import (
+    ModelInfo,
+    default_target_modules,
+    lora_trainable_params,
+    resolve_target_modules,
+)
 from shared.spec import JobSpec
 
 __all__ = ["CUDA_CONTEXT_BYTES", "LOSS_CHUNK_TOKENS", "estimate", "resolve_precision"]
@@ -110,11 +115,17 @@ def estimate(
     w_bytes = base_weight_bytes if base_weight_bytes is not None else (2 if half else 4)
 
     lora = spec.lora
-    trainable = lora_trainable_params(info, lora.target_modules, lora.r)
-    adapted = resolve_target_modules(info, lora.target_modules)
+    targets: list[str] | str = (
+        lora.target_modules
+        if lora.target_modules is not None
+        else default_target_modules(info.module_suffixes())
+    )
+    trainable = lora_trainable_params(info, targets, lora.r)
+    adapted = resolve_target_modules(info, targets)
     shapes = {**info.linear_modules, **info.embedding_modules}
-    # In activation values; the dropout mask is one byte per element, hence the 1 / act_bytes.
-    dropout_values = (1 + 1 / act_bytes) if lora.dropout > 0 else 0
+    # In activation values: the engine fuses LoRA dropout into lora_A and keeps only a one-byte
+    # mask per element (the input itself is kept for lora_A's gradient with or without dropout).
+    dropout_values = 1 / act_bytes if lora.dropout > 0 else 0
     lora_extra = sum(shapes[m][0] * dropout_values + lora.r for m in adapted)
 
     t = spec.training
@@ -127,13 +138,8 @@ def estimate(
     else:
         values = layers * per_layer + lora_extra + 2 * h
     activations = int(tokens * act_bytes * values)
-    if not on_gpu and t.packing:
-        # CPU SDPA with the packing mask (documents isolated) runs the math kernel: each layer
-        # keeps its attention probabilities (batch x heads x seq^2) for backward. Measured:
-        # without this term the estimate was 25% under a real CPU run
-        # (tests/worker/test_estimate_vs_measured.py).
-        scores = t.batch_size * info.num_heads * t.max_seq_length**2
-        activations += scores * act_bytes * (layers if not t.gradient_checkpointing else 1)
+    # Attention keeps no seq^2 scores: packed or not, the engine runs causal SDPA per document
+    # (worker/training/attention.py), whose kernels keep only outputs and log-sum-exps.
     logits = min(tokens, LOSS_CHUNK_TOKENS) * info.vocab_size * 4 * 2
 
     memory = {

@@ -36,6 +36,7 @@ __all__ = [
     "read_safetensors_header",
     "resolve_base_model",
     "resolve_target_modules",
+    "default_target_modules",
 ]
 
 # Bytes per element of each safetensors dtype, and the torch name users know it by.
@@ -346,6 +347,27 @@ def resolve_target_modules(info: ModelInfo, target_modules: Iterable[str] | str)
             f"available: {', '.join(info.module_suffixes())}"
         )
     return [m for m in candidates if any(_matches(m, t) for t in targets)]
+
+
+# The attention projections LoRA adapts when a job names none, by module-naming family (the
+# same modules peft's per-architecture defaults pick): Llama/Qwen2/Mistral/Gemma..., GPT-2,
+# GPT-NeoX/Falcon/Bloom, Phi-3, MPT. A model with none of them gets every linear layer.
+DEFAULT_TARGET_FAMILIES: tuple[tuple[str, ...], ...] = (
+    ("q_proj", "v_proj"),
+    ("c_attn",),
+    ("query_key_value",),
+    ("qkv_proj",),
+    ("Wqkv",),
+)
+
+
+def default_target_modules(suffixes: Iterable[str]) -> list[str] | str:
+    """``lora.target_modules`` for a job that gave none, from the model's module suffixes."""
+    have = set(suffixes)
+    for family in DEFAULT_TARGET_FAMILIES:
+        if all(name in have for name in family):
+            return list(family)
+    return "all-linear"
 
 
 def lora_trainable_params(info: ModelInfo, target_modules: Iterable[str] | str, r: int) -> int:

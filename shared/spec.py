@@ -22,16 +22,19 @@ class LoraSettings(BaseModel):
     r: int = Field(8, ge=1, le=1024, description="Rank of the update matrices.")
     alpha: float = Field(16, gt=0, le=4096, description="Scaling numerator: update * alpha / r.")
     dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
-    target_modules: list[str] | Literal["all-linear"] = Field(
-        default_factory=lambda: ["q_proj", "v_proj"],
+    target_modules: list[str] | Literal["all-linear"] | None = Field(
+        None,
         description="Module name suffixes to adapt (e.g. q_proj, v_proj; c_attn for GPT-2), "
-        "or 'all-linear'. Checked against the model before the job is queued.",
+        "or 'all-linear'. Checked against the model before the job is queued. Omitted or "
+        "null: the model's attention projections (q_proj+v_proj for Llama, Qwen2, Mistral...; "
+        "c_attn for GPT-2; query_key_value for GPT-NeoX/Falcon; qkv_proj for Phi-3), or every "
+        "linear layer when it has none of these; the job object shows what was chosen.",
     )
 
     @field_validator("target_modules")
     @classmethod
-    def _check_modules(cls, value: list[str] | str) -> list[str] | str:
-        if isinstance(value, str):
+    def _check_modules(cls, value: list[str] | str | None) -> list[str] | str | None:
+        if value is None or isinstance(value, str):
             return value
         if not value:
             raise ValueError("target_modules must name at least one module")

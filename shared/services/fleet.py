@@ -25,7 +25,13 @@ from shared.config import Settings
 from shared.datasets import DatasetError, iter_examples
 from shared.errors import InvalidInput
 from shared.estimate import estimate
-from shared.modelinfo import ModelInfo, read_model_info, resolve_base_model, resolve_target_modules
+from shared.modelinfo import (
+    ModelInfo,
+    default_target_modules,
+    read_model_info,
+    resolve_base_model,
+    resolve_target_modules,
+)
 from shared.models import File, Worker, utcnow
 from shared.routing import Capacity, fits, no_fit_reason, requirements
 from shared.spec import JobSpec
@@ -80,8 +86,23 @@ def model_info(spec: JobSpec, settings: Settings) -> ModelInfo | None:
         raise InvalidInput(str(exc), param="base_model") from exc
 
 
+def with_default_targets(spec: JobSpec, info: ModelInfo | None) -> JobSpec:
+    """Fill in ``lora.target_modules`` the job left out, from the model's own module names.
+
+    Without a local copy of the model (a hub id) it stays null and the worker decides the same
+    way from the loaded model.
+    """
+    if spec.lora.target_modules is not None or info is None:
+        return spec
+    chosen = default_target_modules(info.module_suffixes())
+    lora = spec.lora.model_copy(update={"target_modules": chosen})
+    return spec.model_copy(update={"lora": lora})
+
+
 def check_target_modules(spec: JobSpec, info: ModelInfo) -> None:
     """Refuse ``lora.target_modules`` that match nothing, listing the modules the model has."""
+    spec = with_default_targets(spec, info)
+    assert spec.lora.target_modules is not None
     try:
         resolve_target_modules(info, spec.lora.target_modules)
     except ValueError as exc:
@@ -182,6 +203,7 @@ def estimate_job(
             "directory cannot be estimated",
             param="base_model",
         )
+    spec = with_default_targets(spec, info)
     check_target_modules(spec, info)
     rows = tokens = None
     counted = None

@@ -24,7 +24,7 @@ from shared.ids import new_job_id
 from shared.models import Checkpoint, File, Job, JobEvent, JobMetric, utcnow
 from shared.queueing import DEFAULT_QUEUE, publish_job
 from shared.routing import requirements
-from shared.services.fleet import check_job_fits
+from shared.services.fleet import check_job_fits, model_info, with_default_targets
 from shared.spec import JobSpec
 from shared.states import ACTIVE, CANCELLED, QUEUED, RUNNING
 
@@ -114,6 +114,7 @@ def create_job(
     _check_file(session, owner, spec.training_file, "training_file")
     _check_file(session, owner, spec.validation_file, "validation_file")
     check_base_model(spec.base_model, settings)
+    spec = with_default_targets(spec, model_info(spec, settings))
     # target_modules, routing and memory against the registered fleet: refuse now what could
     # never run, with the reason, instead of a job that waits forever or fails on a worker.
     check_job_fits(session, spec, settings)

@@ -109,3 +109,25 @@ def test_metrics_parse(client: Any) -> None:
     assert value[("lorafleet_workers", "lorafleet_workers", (("status", "idle"),))] == 2
     memory = families["lorafleet_worker_gpu_memory_bytes"].samples
     assert [(s.labels["worker"], s.value) for s in memory] == [("gpu-1@a", 80 * 1024**3)]
+
+
+def test_default_target_modules_follow_the_model(client: Any, settings: Any) -> None:
+    """A job that names no target_modules gets the model's attention projections."""
+    from worker.training.tiny import make_tiny_gpt2
+
+    make_tiny_gpt2(settings.models_dir / "gpt2")
+    file_id = client.post(
+        "/files", files={"file": ("t.jsonl", jsonl(CHAT_ROWS), "application/jsonl")}
+    ).json()["id"]
+    gpt2 = client.post("/jobs", json={"base_model": "gpt2", "training_file": file_id})
+    assert gpt2.status_code == 201, gpt2.text
+    assert gpt2.json()["lora"]["target_modules"] == ["c_attn"]
+    llama = client.post("/jobs", json={"base_model": "tiny", "training_file": file_id})
+    assert llama.json()["lora"]["target_modules"] == ["q_proj", "v_proj"]
+    answer = client.post("/estimate", json={"base_model": "gpt2"})
+    assert answer.status_code == 200 and answer.json()["parameters"]["trainable"] > 0
+    explicit = client.post(
+        "/jobs", json={"base_model": "gpt2", "training_file": file_id, "lora": {"r": 4}}
+    )
+    assert explicit.json()["lora"] | {"r": 4} == explicit.json()["lora"]
+    assert explicit.json()["lora"]["target_modules"] == ["c_attn"]

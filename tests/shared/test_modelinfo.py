@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from shared.modelinfo import (
+    default_target_modules,
     lora_trainable_params,
     read_model_info,
     read_safetensors_header,
@@ -281,3 +282,11 @@ def test_shared_modules_import_no_torch() -> None:
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_default_targets_by_naming_family() -> None:
+    assert default_target_modules(["q_proj", "k_proj", "v_proj", "o_proj"]) == ["q_proj", "v_proj"]
+    assert default_target_modules(["c_attn", "c_proj", "c_fc"]) == ["c_attn"]
+    assert default_target_modules(["query_key_value", "dense"]) == ["query_key_value"]
+    assert default_target_modules(["qkv_proj", "o_proj"]) == ["qkv_proj"]
+    assert default_target_modules(["wq", "wk", "wv"]) == "all-linear"

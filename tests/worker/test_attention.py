@@ -198,3 +198,48 @@ def test_sliding_window_shorter_than_a_row_keeps_transformers_attention(tmp_path
     base = load_base_model(str(tmp_path / "m"))
     assert not attention.use_packed_attention(base, 64)
     assert attention.use_packed_attention(base, 16)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_model", "gpt2_model"])
+def test_self_check_passes_on_supported_models(
+    fixture: str, request: pytest.FixtureRequest
+) -> None:
+    base = load_base_model(str(request.getfixturevalue(fixture)))
+    assert attention.use_packed_attention(base, 64)
+    loss_fn = CausalLMLoss(apply_lora(base, LoraSettings(r=4)))
+    assert loss_fn.segment_attention_error() is None
+
+
+def test_engine_falls_back_when_segment_attention_disagrees(
+    tiny_model: Path, chat_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model whose attention the segments would get wrong trains with the mask instead."""
+    from transformers import AttentionInterface
+
+    from shared.spec import JobSpec
+    from worker.training.engine import LoraTrainer, TrainPaths
+
+    def leaky(module, query, key, value, attention_mask, **kwargs):  # type: ignore[no-untyped-def]
+        if kwargs.get(attention.LAYOUT_KWARG) is not None:
+            kwargs.pop(attention.LAYOUT_KWARG)
+            attention_mask = None  # attends across documents: wrong
+        return attention.packed_attention_forward(
+            module, query, key, value, attention_mask, **kwargs
+        )
+
+    monkeypatch.setitem(AttentionInterface._global_mapping, attention.IMPLEMENTATION, leaky)
+    events: list[dict] = []
+    spec = JobSpec.model_validate(
+        {
+            "base_model": str(tiny_model),
+            "training_file": str(chat_file),
+            "training": {"max_steps": 2, "batch_size": 2, "max_seq_length": 128},
+        }
+    )
+    trainer = LoraTrainer(
+        spec, TrainPaths(model=str(tiny_model), output_dir=tmp_path / "out"), progress=events.append
+    )
+    trainer.setup()
+    assert trainer.packed_attention is False
+    assert any("segment attention disabled" in e.get("message", "") for e in events)
+    assert trainer.train() is not None

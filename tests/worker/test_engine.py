@@ -335,3 +335,16 @@ def test_gradient_checkpointing_and_bf16_autocast(
     assert max_diff(a, b) < 1e-6
     assert bf16["precision"] == "bfloat16"
     assert abs(bf16["final_train_loss"] - plain["final_train_loss"]) < 0.05
+
+
+def test_gpt2_default_targets_are_its_attention(
+    gpt2_model: Path, chat_file: Path, tmp_path: Path
+) -> None:
+    """No target_modules in the spec: GPT-2 gets c_attn (not Llama's q_proj/v_proj)."""
+    spec = make_spec(gpt2_model, chat_file, max_steps=1)
+    assert spec.lora.target_modules is None
+    manifest, trainer = run_inprocess(spec, tmp_path / "out")
+    config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["c_attn"]
+    assert manifest["lora"]["target_modules"] == ["c_attn"]
+    assert trainer.packed_attention

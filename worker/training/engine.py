@@ -54,7 +54,13 @@ from worker.training.attention import build_layout, use_packed_attention
 from worker.training.launch import EXIT_PREEMPTED
 from worker.training.lora_dropout import fuse_lora_dropout
 from worker.training.manifest import model_fingerprint, write_manifest
-from worker.training.model import CausalLMLoss, apply_lora, load_base_model, load_tokenizer
+from worker.training.model import (
+    CausalLMLoss,
+    apply_lora,
+    load_base_model,
+    load_tokenizer,
+    with_default_targets,
+)
 
 ProgressCallback = Callable[[dict[str, Any]], None]
 
@@ -202,13 +208,24 @@ class LoraTrainer:
             base.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False}
             )
+        self.lora = with_default_targets(base, spec.lora)
         try:
-            self.peft_model = apply_lora(base, spec.lora)
+            self.peft_model = apply_lora(base, self.lora)
         except ValueError as exc:
             raise TrainingError(f"lora.target_modules: {exc}") from None
         fuse_lora_dropout(self.peft_model)
         self.peft_model.to(self.device)
         self.loss_module = CausalLMLoss(self.peft_model).to(self.device)
+        if self.packed_attention:
+            problem = self.loss_module.segment_attention_error()
+            if problem is not None:
+                base.set_attn_implementation("sdpa")
+                self.packed_attention = self.loss_module.packed_attention = False
+                self.event(
+                    f"segment attention disabled for this model ({problem}); "
+                    "packed rows use a block-diagonal mask instead",
+                    level="warning",
+                )
         if self.dist.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.model: torch.nn.Module = DistributedDataParallel(self.loss_module, device_ids=ids)
@@ -239,6 +256,7 @@ class LoraTrainer:
             total_steps=self.total_steps,
             world_size=self.dist.world_size,
             global_batch=self.plan.global_batch,
+            attention="segments" if self.packed_attention else "mask",
         )
         if stats.truncated:
             self.event(
@@ -492,7 +510,7 @@ class LoraTrainer:
                     "final_train_loss": self.train_loss,
                     "final_eval_loss": self.eval_loss,
                     "parameters": {"total": self.total_params, "trainable": self.trainable_params},
-                    "lora": self.spec.lora.model_dump(),
+                    "lora": self.lora.model_dump(),
                     "training": t.model_dump(),
                     "precision": str(self.autocast_dtype or torch.float32).replace("torch.", ""),
                     "device": self.device.type,

@@ -23,9 +23,11 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.pytorch_utils import Conv1D
 
+from shared.modelinfo import default_target_modules
 from shared.spec import LoraSettings
-from worker.training.attention import IMPLEMENTATION, LAYOUT_KWARG, SegmentLayout
+from worker.training.attention import IMPLEMENTATION, LAYOUT_KWARG, SegmentLayout, build_layout
 
 LOSS_CHUNK_TOKENS = 1024
 
@@ -44,8 +46,22 @@ def load_base_model(path: str, dtype: torch.dtype = torch.float32) -> PreTrained
     return cast(PreTrainedModel, model)
 
 
+def with_default_targets(model: nn.Module, lora: LoraSettings) -> LoraSettings:
+    """``lora`` with ``target_modules`` filled in from the model when the job gave none (the
+    same rule the API applies to the model's safetensors, shared.modelinfo)."""
+    if lora.target_modules is not None:
+        return lora
+    suffixes = {
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear | Conv1D)
+    }
+    return lora.model_copy(update={"target_modules": default_target_modules(suffixes)})
+
+
 def apply_lora(model: PreTrainedModel, lora: LoraSettings) -> PeftModel:
     """Wrap with peft; everything but the adapters is frozen by peft itself."""
+    lora = with_default_targets(model, lora)
     config = LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,  # type: ignore[arg-type]  # peft accepts floats
@@ -134,6 +150,45 @@ class CausalLMLoss(nn.Module):
     def _chunk_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         logits = self._transform(self._head(hidden)).float()
         return F.cross_entropy(logits, targets, reduction="sum")
+
+    @torch.no_grad()
+    def segment_attention_error(self) -> str | None:
+        """Run three packed documents through segment attention and through transformers' own
+        masked SDPA; None when the hidden states agree, else what went wrong.
+
+        A guard for architectures nobody tested here: if a model passes the layout somewhere it
+        should not, or attends in a way SDPA does not express, the job falls back to the mask.
+        """
+        if not self.packed_attention:
+            return "segment attention is not enabled for this model"
+        device = next(self.parameters()).device
+        lengths = (5, 3, 4)
+        positions = torch.tensor([[p for n in lengths for p in range(n)]], device=device)
+        vocab = int(getattr(self._head, "out_features", 0) or 64)
+        input_ids = (torch.arange(positions.shape[1], device=device) * 7 + 3) % vocab
+        input_ids = input_ids.unsqueeze(0)
+        was_training = self.training
+        self.eval()
+        try:
+            reference = self._hidden(input_ids, positions, {})
+            layout = build_layout(positions, device)
+            ours = self._hidden(input_ids, positions, {LAYOUT_KWARG: layout})
+        except Exception as exc:  # any failure means: do not use it
+            return f"{type(exc).__name__}: {exc}"
+        finally:
+            self.train(was_training)
+        scale = float(reference.float().abs().max()) + 1e-6
+        error = float((ours.float() - reference.float()).abs().max()) / scale
+        tolerance = 1e-4 if reference.dtype == torch.float32 else 2e-2
+        return None if error <= tolerance else f"hidden states differ by {error:.2e} (relative)"
+
+    def _hidden(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor, extra: dict[str, Any]
+    ) -> torch.Tensor:
+        out = self._backbone(
+            input_ids=input_ids, position_ids=position_ids, use_cache=False, **extra
+        )
+        return out[0] if isinstance(out, tuple) else out.last_hidden_state
 
     def forward(
         self,
