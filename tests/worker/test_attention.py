@@ -46,7 +46,7 @@ def test_layout_places_every_token_once(rows: list[list[int]], extra: int) -> No
     slots = torch.cat([b.index for b in layout.buckets])
     assert torch.equal(slots[layout.scatter], torch.arange(tokens))
     assert sum(b.count for b in layout.buckets) == len(segments_of(positions))
-    # a segment never shares a bucket with one longer than itself / BUCKET_RATIO (unless short)
+    # each bucket is a dense [count, length] block of slots
     for b in layout.buckets:
         assert b.index.numel() == b.count * b.length
 
