@@ -44,12 +44,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from shared.modelinfo import (
-    ModelInfo,
-    default_target_modules,
-    lora_trainable_params,
-    resolve_target_modules,
-)
+from shared.modelinfo import ModelInfo, lora_trainable_params, resolve_target_modules
 from shared.spec import JobSpec
 
 __all__ = ["CUDA_CONTEXT_BYTES", "LOSS_CHUNK_TOKENS", "estimate", "resolve_precision"]
@@ -115,13 +110,8 @@ def estimate(
     w_bytes = base_weight_bytes if base_weight_bytes is not None else (2 if half else 4)
 
     lora = spec.lora
-    targets: list[str] | str = (
-        lora.target_modules
-        if lora.target_modules is not None
-        else default_target_modules(info.module_suffixes())
-    )
-    trainable = lora_trainable_params(info, targets, lora.r)
-    adapted = resolve_target_modules(info, targets)
+    trainable = lora_trainable_params(info, lora.target_modules, lora.r)
+    adapted = resolve_target_modules(info, lora.target_modules)
     shapes = {**info.linear_modules, **info.embedding_modules}
     # In activation values: the engine fuses LoRA dropout into lora_A and keeps only a one-byte
     # mask per element (the input itself is kept for lora_A's gradient with or without dropout).

@@ -319,14 +319,41 @@ def _matches(module: str, target: str) -> bool:
     return module == target or module.endswith("." + target)
 
 
-def resolve_target_modules(info: ModelInfo, target_modules: Iterable[str] | str) -> list[str]:
+# The attention projections LoRA adapts when a job names none, by module-naming family (the
+# same modules peft's per-architecture defaults pick): Llama/Qwen2/Mistral/Gemma..., GPT-2,
+# GPT-NeoX/Falcon/Bloom, Phi-3, MPT. A model with none of them gets every linear layer.
+DEFAULT_TARGET_FAMILIES: tuple[tuple[str, ...], ...] = (
+    ("q_proj", "v_proj"),
+    ("c_attn",),
+    ("query_key_value",),
+    ("qkv_proj",),
+    ("Wqkv",),
+)
+
+
+def default_target_modules(suffixes: Iterable[str]) -> list[str] | str:
+    """``lora.target_modules`` for a job that gave none, from the model's module suffixes."""
+    have = set(suffixes)
+    for family in DEFAULT_TARGET_FAMILIES:
+        if all(name in have for name in family):
+            return list(family)
+    return "all-linear"
+
+
+def resolve_target_modules(
+    info: ModelInfo, target_modules: Iterable[str] | str | None
+) -> list[str]:
     """The module names peft would adapt for ``target_modules``, in file order.
+
+    ``None`` (a job that named none) means ``default_target_modules`` of the model.
 
     ``'all-linear'`` is every linear layer except the output head (as peft does). Otherwise each
     target matches modules whose name equals it or ends with ``'.' + target``; a target that
     matches nothing is an error naming it and the suffixes that exist, so a job for a GPT-2 model
     asking for ``q_proj`` is refused before it is queued rather than failing on a GPU an hour later.
     """
+    if target_modules is None:
+        target_modules = default_target_modules(info.module_suffixes())
     if isinstance(target_modules, str):
         if target_modules != "all-linear":
             raise ValueError(
@@ -349,28 +376,9 @@ def resolve_target_modules(info: ModelInfo, target_modules: Iterable[str] | str)
     return [m for m in candidates if any(_matches(m, t) for t in targets)]
 
 
-# The attention projections LoRA adapts when a job names none, by module-naming family (the
-# same modules peft's per-architecture defaults pick): Llama/Qwen2/Mistral/Gemma..., GPT-2,
-# GPT-NeoX/Falcon/Bloom, Phi-3, MPT. A model with none of them gets every linear layer.
-DEFAULT_TARGET_FAMILIES: tuple[tuple[str, ...], ...] = (
-    ("q_proj", "v_proj"),
-    ("c_attn",),
-    ("query_key_value",),
-    ("qkv_proj",),
-    ("Wqkv",),
-)
-
-
-def default_target_modules(suffixes: Iterable[str]) -> list[str] | str:
-    """``lora.target_modules`` for a job that gave none, from the model's module suffixes."""
-    have = set(suffixes)
-    for family in DEFAULT_TARGET_FAMILIES:
-        if all(name in have for name in family):
-            return list(family)
-    return "all-linear"
-
-
-def lora_trainable_params(info: ModelInfo, target_modules: Iterable[str] | str, r: int) -> int:
+def lora_trainable_params(
+    info: ModelInfo, target_modules: Iterable[str] | str | None, r: int
+) -> int:
     """Exact LoRA parameter count: ``sum(r * (in + out))`` over the matched modules.
 
     A LoRA pair on an (in -> out) layer is A: in x r and B: r x out. For an embedding the pair is

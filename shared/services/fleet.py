@@ -101,8 +101,6 @@ def with_default_targets(spec: JobSpec, info: ModelInfo | None) -> JobSpec:
 
 def check_target_modules(spec: JobSpec, info: ModelInfo) -> None:
     """Refuse ``lora.target_modules`` that match nothing, listing the modules the model has."""
-    spec = with_default_targets(spec, info)
-    assert spec.lora.target_modules is not None
     try:
         resolve_target_modules(info, spec.lora.target_modules)
     except ValueError as exc:
@@ -115,12 +113,14 @@ def _world_size(gpus_required: int, worker: Capacity, settings: Settings) -> int
     return worker.gpus or settings.worker_procs
 
 
-def check_job_fits(session: Session, spec: JobSpec, settings: Settings) -> None:
+def check_job_fits(
+    session: Session, spec: JobSpec, settings: Settings, info: ModelInfo | None
+) -> None:
     """Refuse a job that no worker of the fleet could ever run: routing first, then memory.
 
     Memory counts only against GPU workers: a CPU worker has no hard limit worth refusing on.
+    ``info`` is the caller's ``model_info`` (None: a hub model without a local copy).
     """
-    info = model_info(spec, settings)
     if info is not None:
         check_target_modules(spec, info)
     fleet = fleet_capacities(session, settings)
@@ -203,7 +203,6 @@ def estimate_job(
             "directory cannot be estimated",
             param="base_model",
         )
-    spec = with_default_targets(spec, info)
     check_target_modules(spec, info)
     rows = tokens = None
     counted = None

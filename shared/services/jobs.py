@@ -114,10 +114,11 @@ def create_job(
     _check_file(session, owner, spec.training_file, "training_file")
     _check_file(session, owner, spec.validation_file, "validation_file")
     check_base_model(spec.base_model, settings)
-    spec = with_default_targets(spec, model_info(spec, settings))
+    info = model_info(spec, settings)
+    spec = with_default_targets(spec, info)
     # target_modules, routing and memory against the registered fleet: refuse now what could
     # never run, with the reason, instead of a job that waits forever or fails on a worker.
-    check_job_fits(session, spec, settings)
+    check_job_fits(session, spec, settings, info)
     active = session.scalar(
         select(func.count()).select_from(Job).where(Job.owner == owner, Job.status.in_(ACTIVE))
     )

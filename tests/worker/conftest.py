@@ -35,3 +35,23 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
 @pytest.fixture(scope="session")
 def chat_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_jsonl(tmp_path_factory.mktemp("data") / "chat.jsonl", sample_chat_rows(120))
+
+
+def write_tiny_qwen2(folder: Path) -> Path:
+    """A random Qwen2-style model (tied head, q/k/v bias, GQA); weights only, no tokenizer."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        max_position_embeddings=512,
+    )
+    Qwen2ForCausalLM(config).save_pretrained(str(folder))
+    return folder

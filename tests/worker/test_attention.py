@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shared.spec import LoraSettings
+from tests.worker.conftest import write_tiny_qwen2
 from worker.training import attention
 from worker.training.attention import build_layout, plan_buckets, segments_of
 from worker.training.model import CausalLMLoss, apply_lora, load_base_model
@@ -78,24 +79,6 @@ def test_rows_of_unequal_width_are_refused() -> None:
 
 
 # --------------------------------------------------------------------------- against transformers
-def qwen2_model(folder: Path) -> Path:
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(1)
-    config = Qwen2Config(
-        vocab_size=300,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-        max_position_embeddings=256,
-    )
-    Qwen2ForCausalLM(config).save_pretrained(str(folder))
-    return folder
-
-
 def packed_batch(vocab: int, width: int = 48) -> tuple[torch.Tensor, torch.Tensor, list[list[int]]]:
     """Three rows of packed documents with right padding; targets on most real tokens."""
     gen = torch.Generator().manual_seed(0)
@@ -145,7 +128,7 @@ def test_segment_attention_matches_transformers_mask(
     fixture: str, modules: list[str], request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
     model_dir = (
-        qwen2_model(tmp_path / "q") if fixture == "qwen2" else request.getfixturevalue(fixture)
+        write_tiny_qwen2(tmp_path / "q") if fixture == "qwen2" else request.getfixturevalue(fixture)
     )
     ref_loss, ref_grads = loss_and_grads(model_dir, modules, layout=False)
     loss, grads = loss_and_grads(model_dir, modules, layout=True)

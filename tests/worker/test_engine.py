@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 
 from shared.datasets import load_examples
 from shared.spec import JobSpec
-from tests.worker.conftest import write_jsonl
+from tests.worker.conftest import write_jsonl, write_tiny_qwen2
 from worker.training import data
 from worker.training.engine import LoraTrainer, TrainPaths
 from worker.training.launch import launch
@@ -282,26 +282,14 @@ def test_cli_train_reports_bad_line(tiny_model: Path, tmp_path: Path) -> None:
 
 def test_qwen2_architecture_with_tied_head_and_no_bos(tmp_path: Path, chat_file: Path) -> None:
     """A Qwen2-style model (tied embeddings, bias on q/k/v, tokenizer without BOS) trains too."""
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+    from transformers import AutoTokenizer
 
     from worker.training.tiny import make_tiny
 
     source = make_tiny(tmp_path / "llama")
     tokenizer = AutoTokenizer.from_pretrained(str(source))
     tokenizer.bos_token = None
-    torch.manual_seed(0)
-    config = Qwen2Config(
-        vocab_size=512,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-        max_position_embeddings=512,
-    )
-    model_dir = tmp_path / "qwen2"
-    Qwen2ForCausalLM(config).save_pretrained(str(model_dir))
+    model_dir = write_tiny_qwen2(tmp_path / "qwen2")
     tokenizer.save_pretrained(str(model_dir))
     spec = make_spec(
         model_dir,
