@@ -183,10 +183,18 @@ class CausalLMLoss(nn.Module):
         return None if error <= tolerance else f"hidden states differ by {error:.2e} (relative)"
 
     def _hidden(
-        self, input_ids: torch.Tensor, position_ids: torch.Tensor, extra: dict[str, Any]
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None,
+        extra: dict[str, Any],
+        attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         out = self._backbone(
-            input_ids=input_ids, position_ids=position_ids, use_cache=False, **extra
+            input_ids=input_ids,
+            position_ids=position_ids,
+            attention_mask=attention_mask,
+            use_cache=False,
+            **extra,
         )
         return out[0] if isinstance(out, tuple) else out.last_hidden_state
 
@@ -201,14 +209,7 @@ class CausalLMLoss(nn.Module):
         extra: dict[str, Any] = {}
         if layout is not None and self.packed_attention:
             extra[LAYOUT_KWARG] = layout
-        out = self._backbone(
-            input_ids=input_ids,
-            position_ids=position_ids,
-            attention_mask=attention_mask,
-            use_cache=False,
-            **extra,
-        )
-        hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
+        hidden = self._hidden(input_ids, position_ids, extra, attention_mask)
         keep = targets != -100
         count = keep.sum()
         selected = hidden[keep]
