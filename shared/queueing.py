@@ -26,7 +26,11 @@ def broker_options(settings: Settings) -> dict[str, Any]:
         folder = settings.broker_dir
         (folder / "queue").mkdir(parents=True, exist_ok=True)
         (folder / "processed").mkdir(parents=True, exist_ok=True)
+        (folder / "control").mkdir(parents=True, exist_ok=True)
         return {
+            # Without control_folder kombu writes its fanout exchange files into ./control of
+            # whatever directory the process was started from.
+            "control_folder": str(folder / "control"),
             "data_folder_in": str(folder / "queue"),
             "data_folder_out": str(folder / "queue"),
             "processed_folder": str(folder / "processed"),
