@@ -77,7 +77,7 @@ def worker(
 ) -> None:
     """Run a Celery worker that trains jobs; this process *becomes* the Celery main process."""
     from shared.db import upgrade_to_head
-    from shared.queueing import DEFAULT_QUEUE
+    from shared.queueing import DEFAULT_QUEUE, broker_kind
 
     settings = get_settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -101,7 +101,7 @@ def worker(
         "--without-gossip",
         "--without-mingle",
     ]
-    if (settings.broker_url or "").startswith(("redis://", "rediss://", "amqp://")):
+    if broker_kind(settings.broker_url).has_server:
         args.append("-E")
     sys.stdout.flush()
     os.execv(sys.executable, args)

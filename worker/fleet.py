@@ -21,8 +21,10 @@ from shared.config import get_settings
 from shared.db import session_scope
 from shared.queueing import pending_job_ids, publish_job
 from shared.routing import Capacity
+from shared.services import fleet as fleet_service
 from shared.services import runs, webhooks
 from shared.services.fleet import stale_after
+from shared.states import WorkerStatus
 
 log = logging.getLogger("lorafleet.fleet")
 
@@ -102,8 +104,12 @@ def _heartbeat_once() -> None:
     job = current_job()
     try:
         with session_scope() as session:
-            status = "draining" if draining.is_set() else ("busy" if job else "idle")
-            runs.heartbeat_worker(session, _worker_id, status, job)
+            status = (
+                WorkerStatus.DRAINING
+                if draining.is_set()
+                else (WorkerStatus.BUSY if job else WorkerStatus.IDLE)
+            )
+            fleet_service.heartbeat_worker(session, _worker_id, status, job)
     except Exception:
         log.exception("worker heartbeat failed")
 
@@ -113,7 +119,7 @@ def reap_once() -> None:
     settings = get_settings()
     now = datetime.now(UTC)
     with session_scope() as session:
-        gone = runs.mark_stale_workers_offline(session, stale_after(settings))
+        gone = fleet_service.mark_stale_workers_offline(session, stale_after(settings))
     for wid in gone:
         log.warning("worker %s sent no heartbeat for %.0f s: offline", wid, stale_after(settings))
     with session_scope() as session:
@@ -160,7 +166,7 @@ def start_background(hostname: str) -> None:
     wid = worker_id(hostname)
     offer = routing_capacity()
     with session_scope() as session:
-        runs.register_worker(
+        fleet_service.register_worker(
             session,
             wid,
             hostname=platform.node(),
@@ -189,6 +195,6 @@ def stop_background() -> None:
     if _worker_id is not None:
         try:
             with session_scope() as session:
-                runs.mark_worker_offline(session, _worker_id)
+                fleet_service.mark_worker_offline(session, _worker_id)
         except Exception:
             log.exception("could not mark worker offline")

@@ -18,7 +18,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from shared.config import Settings
@@ -34,7 +34,9 @@ from shared.modelinfo import (
 )
 from shared.models import File, Worker, utcnow
 from shared.routing import Capacity, fits, no_fit_reason, requirements
+from shared.services.transitions import rowcount
 from shared.spec import JobSpec
+from shared.states import WorkerStatus
 from shared.storage import Storage
 
 # A worker silent this many leases is offline (the reaper marks it: mark_stale_workers_offline).
@@ -48,15 +50,16 @@ def stale_after(settings: Settings) -> float:
     return STALE_LEASES * settings.lease_seconds
 
 
-def effective_status(worker: Worker, settings: Settings) -> str:
+def effective_status(worker: Worker, settings: Settings) -> WorkerStatus:
     """The worker's status, or ``offline`` when its heartbeat is older than ``stale_after``."""
     cutoff = utcnow() - timedelta(seconds=stale_after(settings))
-    return "offline" if worker.last_heartbeat < cutoff else worker.status
+    return WorkerStatus.OFFLINE if worker.last_heartbeat < cutoff else WorkerStatus(worker.status)
 
 
-def list_workers(session: Session, settings: Settings) -> list[tuple[Worker, str]]:
+def list_workers(session: Session, settings: Settings) -> list[tuple[Worker, WorkerStatus]]:
     """All registered workers with their effective status, most recently seen first."""
-    rows = session.scalars(select(Worker).order_by(Worker.last_heartbeat.desc(), Worker.id))
+    query = select(Worker).order_by(Worker.last_heartbeat.desc(), Worker.id)
+    rows = session.scalars(query.execution_options(populate_existing=True))
     return [(w, effective_status(w, settings)) for w in rows]
 
 
@@ -65,10 +68,86 @@ def fleet_capacities(session: Session, settings: Settings) -> list[Capacity] | N
     workers = list_workers(session, settings)
     if not workers:
         return None
-    live = [w for w, status in workers if status != "offline"] or [w for w, _ in workers]
+    live = [w for w, status in workers if status != WorkerStatus.OFFLINE] or [w for w, _ in workers]
     return [Capacity(w.gpus, w.gpu_type, w.gpu_memory_bytes) for w in live]
 
 
+# ---------------------------------------------------------------- the worker registry
+def register_worker(
+    session: Session,
+    worker_id: str,
+    hostname: str,
+    gpus: int = 0,
+    gpu_type: str | None = None,
+    gpu_memory_bytes: int | None = None,
+    procs: int = 1,
+    version: str | None = None,
+    queues: list[str] | None = None,
+) -> Worker:
+    """Insert or refresh a worker's record when it starts."""
+    now = utcnow()
+    row = session.get(Worker, worker_id, populate_existing=True) or Worker(id=worker_id)
+    row.hostname = hostname
+    row.gpus = gpus
+    row.gpu_type = gpu_type
+    row.gpu_memory_bytes = gpu_memory_bytes
+    row.procs = procs
+    row.version = version
+    row.queues = queues
+    row.status = WorkerStatus.IDLE.value
+    row.current_job = None
+    row.last_heartbeat = now
+    row.started_at = now
+    session.add(row)
+    session.commit()
+    return row
+
+
+def heartbeat_worker(
+    session: Session,
+    worker_id: str,
+    status: WorkerStatus | None = None,
+    current_job: str | None = None,
+) -> bool:
+    """Record that the worker is alive (and what it does); False if it was never registered."""
+    values: dict[str, Any] = {"last_heartbeat": utcnow(), "current_job": current_job}
+    if status is not None:
+        values["status"] = WorkerStatus(status).value
+    done = rowcount(session, update(Worker).where(Worker.id == worker_id).values(**values))
+    session.commit()
+    return bool(done)
+
+
+def mark_worker_offline(session: Session, worker_id: str) -> None:
+    """The worker shut down cleanly (or was found dead)."""
+    rowcount(
+        session,
+        update(Worker)
+        .where(Worker.id == worker_id)
+        .values(status=WorkerStatus.OFFLINE.value, current_job=None),
+    )
+    session.commit()
+
+
+def mark_stale_workers_offline(session: Session, older_than: float) -> list[str]:
+    """Workers silent for ``older_than`` seconds are marked offline; returns their ids."""
+    cutoff = utcnow() - timedelta(seconds=older_than)
+    offline = WorkerStatus.OFFLINE.value
+    ids = list(
+        session.scalars(
+            select(Worker.id).where(Worker.status != offline, Worker.last_heartbeat < cutoff)
+        )
+    )
+    if ids:
+        rowcount(
+            session,
+            update(Worker).where(Worker.id.in_(ids)).values(status=offline, current_job=None),
+        )
+    session.commit()
+    return ids
+
+
+# ---------------------------------------------------------------- jobs against the fleet
 def model_info(spec: JobSpec, settings: Settings) -> ModelInfo | None:
     """The base model's shapes, or None for a hub id with no local copy (checked on the worker).
 
@@ -248,7 +327,11 @@ __all__ = [
     "check_target_modules",
     "estimate_job",
     "fleet_capacities",
+    "heartbeat_worker",
     "list_workers",
+    "mark_stale_workers_offline",
+    "mark_worker_offline",
     "model_info",
+    "register_worker",
     "stale_after",
 ]

@@ -12,9 +12,9 @@ import json
 import logging
 import re
 from datetime import datetime
-from typing import Any, cast
+from typing import Any
 
-from sqlalchemy import CursorResult, and_, func, or_, select, update
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -25,6 +25,7 @@ from shared.models import Checkpoint, File, Job, JobEvent, JobMetric, utcnow
 from shared.queueing import DEFAULT_QUEUE, publish_job
 from shared.routing import requirements
 from shared.services.fleet import check_job_fits, model_info, with_default_targets
+from shared.services.transitions import rowcount, transition
 from shared.spec import JobSpec
 from shared.states import ACTIVE, CANCELLED, QUEUED, RUNNING
 
@@ -207,11 +208,6 @@ def list_jobs(
     return rows[:limit], len(rows) > limit
 
 
-def _conditional(session: Session, stmt: Any) -> int:
-    result = cast(CursorResult[Any], session.execute(stmt))
-    return result.rowcount
-
-
 def cancel_job(session: Session, owner: str, job_id: str) -> Job:
     """Cancel: a queued job ends at once; a running one gets ``cancel_requested`` for its worker.
 
@@ -220,27 +216,30 @@ def cancel_job(session: Session, owner: str, job_id: str) -> Job:
     """
     for _ in range(3):  # the job may start running between our two conditional updates
         now = utcnow()
-        done = _conditional(
+        done = transition(
             session,
-            update(Job)
-            .where(Job.id == job_id, Job.owner == owner, Job.status == QUEUED.value)
-            .values(status=CANCELLED.value, finished_at=now, updated_at=now, cancel_requested=True)
-            .execution_options(synchronize_session=False),
+            job_id,
+            QUEUED,
+            CANCELLED,
+            where=[Job.owner == owner],
+            event=("info", "cancelled while queued"),
+            finished_at=now,
+            updated_at=now,
+            cancel_requested=True,
         )
         if done:
-            session.add(JobEvent(job_id=job_id, level="info", message="cancelled while queued"))
-            session.commit()
             # No worker will ever see this job: its webhook goes from here.
             from shared.services.webhooks import notify_final
 
             notify_final(job_id)
             return get_job(session, owner, job_id)
-        requested = _conditional(
+        # Not a status change: the flag asks the running attempt to stop; its worker (or the
+        # reaper, if the worker is gone) makes the transition to cancelled.
+        requested = rowcount(
             session,
             update(Job)
             .where(Job.id == job_id, Job.owner == owner, Job.status == RUNNING.value)
-            .values(cancel_requested=True, updated_at=now)
-            .execution_options(synchronize_session=False),
+            .values(cancel_requested=True, updated_at=now),
         )
         if requested:
             session.add(JobEvent(job_id=job_id, level="info", message="cancel requested; stopping"))

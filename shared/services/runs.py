@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timedelta
-from typing import Any, cast
+from typing import Any
 
-from sqlalchemy import CursorResult, case, delete, func, literal, select, update
+from sqlalchemy import case, delete, func, literal, select, update
 from sqlalchemy.orm import Session
 
-from shared.models import Checkpoint, Job, JobEvent, JobMetric, Worker, utcnow
+from shared.models import Checkpoint, Job, JobEvent, JobMetric, utcnow
 from shared.routing import Capacity, fits
+from shared.services.transitions import rowcount, transition
 from shared.states import CANCELLED, FAILED, FINAL, QUEUED, RUNNING, SUCCEEDED, JobStatus
 
 PROGRESS_FIELDS = (
@@ -30,13 +31,6 @@ PROGRESS_FIELDS = (
     "eta_seconds",
 )
 METRIC_FIELDS = ("train_loss", "eval_loss", "learning_rate", "tokens_per_second")
-WORKER_STATUSES = ("idle", "busy", "draining", "offline")
-
-
-def _rows(session: Session, stmt: Any) -> int:
-    stmt = stmt.execution_options(synchronize_session=False)
-    result = cast(CursorResult[Any], session.execute(stmt))
-    return result.rowcount
 
 
 def _event(session: Session, job_id: str, level: str, message: str, data: Any = None) -> None:
@@ -48,23 +42,21 @@ def claim_job(session: Session, job_id: str, worker_id: str, lease_s: float) -> 
     now = utcnow()
     job = session.get(Job, job_id, populate_existing=True)
     started_at = job.started_at if job is not None and job.started_at else now
-    claimed = _rows(
+    session.rollback()
+    claimed = transition(
         session,
-        update(Job)
-        .where(Job.id == job_id, Job.status == QUEUED.value, Job.cancel_requested.is_(False))
-        .values(
-            status=RUNNING.value,
-            attempts=Job.attempts + 1,
-            started_at=started_at,
-            worker_id=worker_id,
-            lease_expires_at=now + timedelta(seconds=lease_s),
-            updated_at=now,
-        ),
+        job_id,
+        QUEUED,
+        RUNNING,
+        where=[Job.cancel_requested.is_(False)],
+        attempts=Job.attempts + 1,
+        started_at=started_at,
+        worker_id=worker_id,
+        lease_expires_at=now + timedelta(seconds=lease_s),
+        updated_at=now,
     )
     if not claimed:
-        session.rollback()
         return None
-    session.commit()
     job = session.get(Job, job_id, populate_existing=True)
     assert job is not None
     return job
@@ -135,7 +127,7 @@ def claim_next(
 def renew_lease(session: Session, job_id: str, worker_id: str, lease_s: float) -> bool:
     """Extend our lease; False means the job is no longer ours or running: stop training."""
     now = utcnow()
-    renewed = _rows(
+    renewed = rowcount(
         session,
         update(Job)
         .where(Job.id == job_id, Job.worker_id == worker_id, Job.status == RUNNING.value)
@@ -155,15 +147,12 @@ def cancel_requested(session: Session, job_id: str) -> bool:
     return bool(row.cancel_requested) or row.status == CANCELLED.value
 
 
-is_cancel_requested = cancel_requested  # the name the worker glue reads best with
-
-
 def record_progress(session: Session, job_id: str, progress: Mapping[str, Any]) -> None:
     """Store the latest progress snapshot (known fields only) with ``updated_at``."""
     now = utcnow()
     snapshot: dict[str, Any] = {k: progress.get(k) for k in PROGRESS_FIELDS}
     snapshot["updated_at"] = now.isoformat()
-    _rows(session, update(Job).where(Job.id == job_id).values(progress=snapshot, updated_at=now))
+    rowcount(session, update(Job).where(Job.id == job_id).values(progress=snapshot, updated_at=now))
     session.commit()
 
 
@@ -223,12 +212,6 @@ def list_checkpoints(session: Session, job_id: str) -> list[Checkpoint]:
     return list(session.scalars(query.execution_options(populate_existing=True)))
 
 
-def delete_checkpoint(session: Session, job_id: str, step: int) -> None:
-    """Forget a pruned checkpoint (delete its storage object first)."""
-    session.execute(delete(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.step == step))
-    session.commit()
-
-
 def prune_checkpoints(session: Session, job_id: str, keep: int) -> list[str]:
     """Forget all but the newest ``keep`` checkpoints; returns the storage keys to delete.
 
@@ -265,7 +248,6 @@ def finish_job(
         raise ValueError(f"finish_job needs a final status, not {status!r}")
     now = utcnow()
     values: dict[str, Any] = {
-        "status": final.value,
         "finished_at": now,
         "updated_at": now,
         "lease_expires_at": None,
@@ -280,24 +262,24 @@ def finish_job(
         "trained_tokens": trained_tokens,
     }
     values.update({k: v for k, v in optional.items() if v is not None})
-    done = _rows(
-        session,
-        update(Job)
-        .where(Job.id == job_id, Job.worker_id == worker_id, Job.status == RUNNING.value)
-        .values(**values),
-    )
-    if not done:
-        session.rollback()
-        return False
     if final == SUCCEEDED:
-        _event(session, job_id, "info", "job succeeded", {"trained_tokens": trained_tokens})
+        event = ("info", "job succeeded")
+        data: dict[str, Any] | None = {"trained_tokens": trained_tokens}
     elif final == CANCELLED:
-        _event(session, job_id, "info", "job cancelled")
+        event, data = ("info", "job cancelled"), None
     else:
         message = f"job failed: {error_message or error_code or 'unknown error'}"
-        _event(session, job_id, "error", message, {"code": error_code})
-    session.commit()
-    return True
+        event, data = ("error", message), {"code": error_code}
+    return transition(
+        session,
+        job_id,
+        RUNNING,
+        final,
+        where=[Job.worker_id == worker_id],
+        event=event,
+        event_data=data,
+        **values,
+    )
 
 
 def reap_expired(session: Session, now: datetime | None = None) -> list[tuple[str, str]]:
@@ -318,33 +300,36 @@ def reap_expired(session: Session, now: datetime | None = None) -> list[tuple[st
     session.rollback()
     outcomes: list[tuple[str, str]] = []
     for job in expired:
-        still_expired = (
-            (Job.id == job.id) & (Job.status == RUNNING.value) & (Job.lease_expires_at < now)
-        )
-        common: dict[str, Any] = {"updated_at": now, "lease_expires_at": None}
         values: dict[str, Any]
         if job.cancel_requested:
-            new, values = CANCELLED, {"status": CANCELLED.value, "finished_at": now}
-            message = "worker lost while cancelling; job cancelled"
+            new, values = CANCELLED, {"finished_at": now}
+            level, message = "info", "worker lost while cancelling; job cancelled"
         elif job.attempts >= job.max_attempts:
             new = FAILED
             text = f"worker lost on attempt {job.attempts} of {job.max_attempts}; giving up"
             values = {
-                "status": FAILED.value,
                 "finished_at": now,
                 "error_code": "max_attempts_exceeded",
                 "error_message": f"max attempts exceeded: {text}",
             }
-            message = f"max attempts exceeded: {text}"
+            level, message = "error", f"max attempts exceeded: {text}"
         else:
-            new, values = QUEUED, {"status": QUEUED.value, "enqueued_at": now, "worker_id": None}
+            new, values = QUEUED, {"enqueued_at": now, "worker_id": None}
+            level = "warning"
             message = f"worker lost; requeued (attempt {job.attempts} of {job.max_attempts})"
-        if _rows(session, update(Job).where(still_expired).values(**common, **values)):
-            _event(session, job.id, "error" if new == FAILED else "warning", message)
-            session.commit()
+        if transition(
+            session,
+            job.id,
+            RUNNING,
+            new,
+            # Still expired: a worker that renews at the last moment keeps its job.
+            where=[Job.lease_expires_at < now],
+            event=(level, message),
+            updated_at=now,
+            lease_expires_at=None,
+            **values,
+        ):
             outcomes.append((job.id, new.value))
-        else:
-            session.rollback()
     return outcomes
 
 
@@ -371,7 +356,7 @@ def stale_queued(
     session.rollback()
     touched: list[Job] = []
     for job in candidates:
-        if _rows(
+        if rowcount(
             session,
             update(Job)
             .where(Job.id == job.id, Job.status == QUEUED.value, Job.enqueued_at == job.enqueued_at)
@@ -386,103 +371,21 @@ def stale_queued(
     return touched
 
 
-def register_worker(
-    session: Session,
-    worker_id: str,
-    hostname: str,
-    gpus: int = 0,
-    gpu_type: str | None = None,
-    gpu_memory_bytes: int | None = None,
-    procs: int = 1,
-    version: str | None = None,
-    queues: list[str] | None = None,
-) -> Worker:
-    """Insert or refresh a worker's record when it starts."""
-    now = utcnow()
-    row = session.get(Worker, worker_id, populate_existing=True) or Worker(id=worker_id)
-    row.hostname = hostname
-    row.gpus = gpus
-    row.gpu_type = gpu_type
-    row.gpu_memory_bytes = gpu_memory_bytes
-    row.procs = procs
-    row.version = version
-    row.queues = queues
-    row.status = "idle"
-    row.current_job = None
-    row.last_heartbeat = now
-    row.started_at = now
-    session.add(row)
-    session.commit()
-    return row
-
-
-def heartbeat_worker(
-    session: Session, worker_id: str, status: str | None = None, current_job: str | None = None
-) -> bool:
-    """Record that the worker is alive (and what it does); False if it was never registered."""
-    if status is not None and status not in WORKER_STATUSES:
-        raise ValueError(f"worker status must be one of {WORKER_STATUSES}")
-    values: dict[str, Any] = {"last_heartbeat": utcnow(), "current_job": current_job}
-    if status is not None:
-        values["status"] = status
-    done = _rows(session, update(Worker).where(Worker.id == worker_id).values(**values))
-    session.commit()
-    return bool(done)
-
-
-def mark_worker_offline(session: Session, worker_id: str) -> None:
-    """The worker shut down cleanly (or was found dead)."""
-    _rows(
-        session,
-        update(Worker).where(Worker.id == worker_id).values(status="offline", current_job=None),
-    )
-    session.commit()
-
-
-def mark_stale_workers_offline(session: Session, older_than: float) -> list[str]:
-    """Workers silent for ``older_than`` seconds are marked offline; returns their ids."""
-    cutoff = utcnow() - timedelta(seconds=older_than)
-    ids = list(
-        session.scalars(
-            select(Worker.id).where(Worker.status != "offline", Worker.last_heartbeat < cutoff)
-        )
-    )
-    if ids:
-        _rows(
-            session,
-            update(Worker).where(Worker.id.in_(ids)).values(status="offline", current_job=None),
-        )
-    session.commit()
-    return ids
-
-
-def list_workers(session: Session) -> list[Worker]:
-    """All known workers, most recently seen first."""
-    query = select(Worker).order_by(Worker.last_heartbeat.desc())
-    return list(session.scalars(query.execution_options(populate_existing=True)))
-
-
 def release_job(session: Session, job_id: str, worker_id: str, step: int | None) -> bool:
     """Hand a running job back to the queue without spending an attempt (a draining worker
     checkpointed it on request); False if it was no longer ours."""
-    now = utcnow()
-    done = _rows(
-        session,
-        update(Job)
-        .where(Job.id == job_id, Job.worker_id == worker_id, Job.status == RUNNING.value)
-        .values(
-            status=QUEUED.value,
-            worker_id=None,
-            lease_expires_at=None,
-            enqueued_at=now,
-            updated_at=now,
-            attempts=Job.attempts - 1,
-        ),
-    )
-    if not done:
-        session.rollback()
-        return False
     where = f"checkpointed at step {step}" if step is not None else "before its first step"
-    _event(session, job_id, "warning", f"worker draining: {where}; requeued")
-    session.commit()
-    return True
+    now = utcnow()
+    return transition(
+        session,
+        job_id,
+        RUNNING,
+        QUEUED,
+        where=[Job.worker_id == worker_id],
+        event=("warning", f"worker draining: {where}; requeued"),
+        worker_id=None,
+        lease_expires_at=None,
+        enqueued_at=now,
+        updated_at=now,
+        attempts=Job.attempts - 1,
+    )

@@ -10,7 +10,7 @@ from sqlalchemy import update
 
 from shared.db import session_factory
 from shared.models import Worker, utcnow
-from shared.services import keys, runs
+from shared.services import fleet, keys, runs
 from tests.conftest import CHAT_ROWS, jsonl
 
 
@@ -22,9 +22,9 @@ def _admin_headers() -> dict[str, str]:
 
 def _workers() -> None:
     with session_factory()() as s:
-        runs.register_worker(s, "gpu-1@a", "a", 2, "NVIDIA A100", 80 * 1024**3, 2, "0.1.0")
-        runs.register_worker(s, "cpu-1@b", "b", 0, None, None, 1, "0.1.0")
-        runs.register_worker(s, "old@c", "c", 0, None, None, 1, "0.0.9")
+        fleet.register_worker(s, "gpu-1@a", "a", 2, "NVIDIA A100", 80 * 1024**3, 2, "0.1.0")
+        fleet.register_worker(s, "cpu-1@b", "b", 0, None, None, 1, "0.1.0")
+        fleet.register_worker(s, "old@c", "c", 0, None, None, 1, "0.0.9")
         s.execute(
             update(Worker)
             .where(Worker.id == "old@c")

@@ -17,6 +17,7 @@ from shared.errors import InvalidInput
 from shared.models import Job, Worker, utcnow
 from shared.routing import Capacity
 from shared.services import fleet, runs
+from shared.states import WorkerStatus
 from shared.storage import Storage
 
 CPU = Capacity(gpus=0)
@@ -24,7 +25,7 @@ A100x2 = Capacity(gpus=2, gpu_type="NVIDIA A100-SXM4-80GB", gpu_memory_bytes=80 
 
 
 def _register(session: Session, wid: str, cap: Capacity) -> None:
-    runs.register_worker(
+    fleet.register_worker(
         session, wid, "host", cap.gpus, cap.gpu_type, cap.gpu_memory_bytes, max(cap.gpus, 1)
     )
 
@@ -146,3 +147,18 @@ def test_estimate_reads_file_and_fleet(
     assert answer["fleet"]["gpu_memory_bytes"] == A100x2.gpu_memory_bytes
     with pytest.raises(InvalidInput):
         fleet.estimate_job(session, storage, "bob", spec, record.id, settings)
+
+
+def test_worker_registry(session: Session, settings: Settings) -> None:
+    fleet.register_worker(session, "celery@a", "a", gpus=2, gpu_type="H100", procs=2)
+    assert fleet.heartbeat_worker(session, "celery@a", WorkerStatus.BUSY, "ftjob-x")
+    assert not fleet.heartbeat_worker(session, "celery@nope")
+    ((worker, status),) = fleet.list_workers(session, settings)
+    assert (status, worker.current_job, worker.gpus) == (WorkerStatus.BUSY, "ftjob-x", 2)
+    assert worker.last_heartbeat.tzinfo is not None
+    fleet.mark_worker_offline(session, "celery@a")
+    assert fleet.list_workers(session, settings)[0][1] == WorkerStatus.OFFLINE
+    fleet.heartbeat_worker(session, "celery@a", WorkerStatus.IDLE)
+    assert fleet.mark_stale_workers_offline(session, 0) == ["celery@a"]
+    with pytest.raises(ValueError):
+        fleet.heartbeat_worker(session, "celery@a", "napping")  # type: ignore[arg-type]

@@ -134,16 +134,3 @@ def test_progress_metrics_checkpoints(session: Session, make_job: Callable[..., 
     assert latest is not None and (latest.step, latest.storage_key) == (15, "ckpt/15b/")
     assert runs.prune_checkpoints(session, job.id, 2) == ["ckpt/5/"]
     assert [c.step for c in jobs.list_checkpoints(session, "alice", job.id)] == [10, 15]
-
-
-def test_workers(session: Session) -> None:
-    runs.register_worker(session, "celery@a", "a", gpus=2, gpu_type="H100", procs=2)
-    assert runs.heartbeat_worker(session, "celery@a", "busy", "ftjob-x")
-    assert not runs.heartbeat_worker(session, "celery@nope")
-    (worker,) = runs.list_workers(session)
-    assert (worker.status, worker.current_job, worker.gpus) == ("busy", "ftjob-x", 2)
-    assert worker.last_heartbeat.tzinfo is not None
-    runs.mark_worker_offline(session, "celery@a")
-    assert runs.list_workers(session)[0].status == "offline"
-    runs.heartbeat_worker(session, "celery@a", "idle")
-    assert runs.mark_stale_workers_offline(session, 0) == ["celery@a"]
