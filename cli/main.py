@@ -155,15 +155,6 @@ def up(
     raise typer.Exit(code)
 
 
-def _resolve_model(name: str) -> str:
-    folder = get_settings().models_path / name
-    if folder.is_dir():
-        return str(folder.resolve())
-    if Path(name).expanduser().is_dir():
-        return str(Path(name).expanduser().resolve())
-    return name  # a hub id: from_pretrained fetches (or finds it in the HF cache)
-
-
 @app.command()
 def train(
     spec_file: Annotated[Path, typer.Argument(help="Job body JSON; files are local paths.")],
@@ -179,6 +170,7 @@ def train(
     from pydantic import ValidationError
 
     from shared.datasets import DatasetError, load_examples
+    from shared.services.fleet import locate_base_model
     from shared.spec import JobSpec
     from worker.training.launch import device_count, iter_progress, launch
 
@@ -204,7 +196,18 @@ def train(
                 raise typer.Exit(2) from None
             files[field] = str(path.resolve())
     spec = spec.model_copy(update=files)
-    model_path = _resolve_model(spec.base_model)
+    # The engine alone on the user's own machine may also read a local folder by path; any other
+    # name goes through the service's one resolver (models dir, mirrors, allowed hub ids).
+    local = Path(spec.base_model).expanduser()
+    if local.is_dir():
+        model_path = str(local.resolve())
+    else:
+        try:
+            where = locate_base_model(spec.base_model, get_settings())
+        except ValueError as exc:
+            err.print(f"[red]base_model[/red]: {exc}")
+            raise typer.Exit(2) from None
+        model_path = str(where.resolve()) if isinstance(where, Path) else where
     nproc = nproc or device_count() or 1
     out = out.resolve()
     work = Path(tempfile.mkdtemp(prefix="lorafleet-train-"))

@@ -24,6 +24,7 @@ from shared.db import session_scope
 from shared.models import File, Job
 from shared.queueing import publish_job
 from shared.services import runs, webhooks
+from shared.services.fleet import locate_base_model
 from shared.spec import JobSpec
 from shared.storage import Storage, storage_from_url
 from worker import fleet
@@ -139,8 +140,8 @@ class JobRunner:
                 target = inputs / f"{field}.jsonl"
                 self.storage.get_file(record.storage_key, target)
                 local[field] = str(target)
-        folder = self.settings.models_path / spec.base_model
-        model_path = str(folder.resolve()) if folder.is_dir() else spec.base_model
+        where = locate_base_model(spec.base_model, self.settings)
+        model_path = str(where.resolve()) if isinstance(where, Path) else where
         updates: dict[str, Any] = {
             "training_file": local["training_file"],
             "validation_file": local["validation_file"],

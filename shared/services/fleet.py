@@ -148,6 +148,16 @@ def mark_stale_workers_offline(session: Session, older_than: float) -> list[str]
 
 
 # ---------------------------------------------------------------- jobs against the fleet
+def locate_base_model(name: str, settings: Settings) -> Path | str:
+    """Where ``base_model`` lives for this deployment: a local folder or an allowed hub id.
+
+    The one resolver every reader uses (submit, estimate, the job runner, ``lorafleet train``):
+    :func:`shared.modelinfo.resolve_base_model` with this deployment's models directory and hub
+    allow-list. Raises ``ValueError`` saying why a name is refused.
+    """
+    return resolve_base_model(name, settings.models_path, settings.allowed_hub_models)
+
+
 def model_info(spec: JobSpec, settings: Settings) -> ModelInfo | None:
     """The base model's shapes, or None for a hub id with no local copy (checked on the worker).
 
@@ -155,9 +165,7 @@ def model_info(spec: JobSpec, settings: Settings) -> ModelInfo | None:
     fail on the worker anyway, and the reason is clearer now.
     """
     try:
-        where = resolve_base_model(
-            spec.base_model, settings.models_path, settings.allowed_hub_models
-        )
+        where = locate_base_model(spec.base_model, settings)
         if not isinstance(where, Path):
             return None
         return read_model_info(where)
@@ -329,6 +337,7 @@ __all__ = [
     "fleet_capacities",
     "heartbeat_worker",
     "list_workers",
+    "locate_base_model",
     "mark_stale_workers_offline",
     "mark_worker_offline",
     "model_info",

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
 from datetime import datetime
 from typing import Any
 
@@ -31,9 +30,6 @@ from shared.states import ACTIVE, CANCELLED, QUEUED, RUNNING
 
 log = logging.getLogger(__name__)
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*$")
-_FOLDER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
-
 
 def request_hash(spec: JobSpec) -> str:
     """A stable digest of a job body, to tell an idempotent retry from a different request."""
@@ -48,26 +44,6 @@ def queue_for(spec: JobSpec) -> str:
     job that fits it from the database (``runs.claim_next``), so no per-GPU-type queue is needed.
     """
     return DEFAULT_QUEUE
-
-
-def check_base_model(name: str, settings: Settings) -> None:
-    """Allow a folder name in MODELS_DIR or an allowed hub id; never an arbitrary server path."""
-    if _FOLDER_NAME.match(name) and ".." not in name:
-        if (settings.models_path / name).is_dir():
-            return
-        raise InvalidInput(
-            f"base_model {name!r} is no model folder in the models directory", param="base_model"
-        )
-    allowed = settings.allowed_hub_models.strip()
-    if _HUB_ID.match(name) and ".." not in name:
-        names = {n.strip() for n in allowed.split(",") if n.strip()}
-        if "*" in names or name in names:
-            return
-        raise InvalidInput(f"base_model {name!r} is not an allowed hub model", param="base_model")
-    raise InvalidInput(
-        f"base_model {name!r} must be a model folder name or a hub id (org/name)",
-        param="base_model",
-    )
 
 
 def _check_file(session: Session, owner: str, file_id: str | None, param: str) -> None:
@@ -114,7 +90,8 @@ def create_job(
 
     _check_file(session, owner, spec.training_file, "training_file")
     _check_file(session, owner, spec.validation_file, "validation_file")
-    check_base_model(spec.base_model, settings)
+    # The one resolver (shared.modelinfo.resolve_base_model): folder names, mirrors
+    # (models_dir/org/name), allowed hub ids and patterns such as "my-org/*"; paths refused.
     info = model_info(spec, settings)
     spec = with_default_targets(spec, info)
     # target_modules, routing and memory against the registered fleet: refuse now what could
