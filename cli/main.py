@@ -172,6 +172,7 @@ def train(
     from shared.datasets import DatasetError, load_examples
     from shared.services.fleet import locate_base_model
     from shared.spec import JobSpec
+    from worker.training import events
     from worker.training.launch import device_count, iter_progress, launch
 
     try:
@@ -235,11 +236,11 @@ def train(
     try:
         for record in iter_progress(progress, stopped):
             if json_output:
-                print(json.dumps(record), flush=True)
+                print(events.dumps(record), flush=True)
             else:
                 _print_record(record)
-            if record.get("type") == "error":
-                error = record.get("message")
+            if isinstance(record, events.Error):
+                error = record.message
     except KeyboardInterrupt:
         group.terminate()
         raise typer.Exit(130) from None
@@ -251,25 +252,27 @@ def train(
     err.print(f"adapter written to {out}")
 
 
-def _print_record(record: dict[str, Any]) -> None:
-    kind = record.get("type")
-    if kind == "progress":
-        loss = record.get("train_loss")
-        eval_loss = record.get("eval_loss")
-        tps = record.get("tokens_per_second") or 0
+def _print_record(record: Any) -> None:
+    """One line on stderr per engine record (``worker.training.events``)."""
+    from worker.training import events
+
+    if isinstance(record, events.Step):
+        loss = f"{record.train_loss:.4f}" if record.train_loss is not None else "-"
         line = (
-            f"step {record['step']}/{record['total_steps']}  loss {loss:.4f}"
-            + (f"  eval {eval_loss:.4f}" if eval_loss is not None else "")
-            + f"  lr {record.get('learning_rate', 0):.2e}  {tps:,.0f} tok/s"
-            + f"  eta {record.get('eta_seconds') or 0:.0f}s"
+            f"step {record.step}/{record.total_steps}  loss {loss}"
+            + (f"  eval {record.eval_loss:.4f}" if record.eval_loss is not None else "")
+            + f"  lr {record.learning_rate or 0:.2e}  {record.tokens_per_second or 0:,.0f} tok/s"
+            + f"  eta {record.eta_seconds or 0:.0f}s"
         )
         err.print(line, highlight=False)
-    elif kind == "event":
-        err.print(f"[{record.get('level', 'info')}] {record.get('message')}", highlight=False)
-    elif kind == "checkpoint":
-        err.print(f"checkpoint step {record['step']}: {record['path']}", highlight=False)
-    elif kind == "error":
-        err.print(f"[red]error[/red] {record.get('message')}", highlight=False)
+    elif isinstance(record, events.Event):
+        err.print(f"[{record.level}] {record.message}", highlight=False, markup=False)
+    elif isinstance(record, events.Resumed):
+        err.print(f"resumed from step {record.step}", highlight=False)
+    elif isinstance(record, events.CheckpointSaved):
+        err.print(f"checkpoint step {record.step}: {record.path}", highlight=False)
+    elif isinstance(record, events.Error):
+        err.print(f"[red]error[/red] {record.message}", highlight=False)
 
 
 @models_app.command("make-tiny")

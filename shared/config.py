@@ -47,7 +47,12 @@ class Settings(BaseSettings):
         60.0, gt=0, description="A queued job older than this with no claim is re-published."
     )
     max_attempts: int = Field(3, ge=1, description="Attempts before a job that keeps dying fails.")
-    checkpoints_keep: int = Field(3, ge=1, description="Checkpoints kept per job in storage.")
+    checkpoints_keep: int | None = Field(
+        None,
+        ge=1,
+        description="Newest checkpoints kept per job (disk and storage); default the engine's "
+        "CheckpointPolicy (3).",
+    )
     progress_interval_seconds: float = Field(
         1.0, gt=0, description="Minimum time between progress writes to the database."
     )

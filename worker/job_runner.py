@@ -28,12 +28,13 @@ from shared.services.fleet import locate_base_model
 from shared.spec import JobSpec
 from shared.storage import Storage, storage_from_url
 from worker import fleet
+from worker.training import events
+from worker.training.checkpoints import CheckpointPolicy
 from worker.training.launch import EXIT_PREEMPTED, device_count, iter_progress, launch
 
 log = logging.getLogger("lorafleet.runner")
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "manifest.json", "README.md")
-DEFAULT_CHECKPOINT_EVERY = 50
 
 
 class JobLost(Exception):
@@ -105,6 +106,7 @@ class JobRunner:
         self.storage: Storage = storage_from_url(
             settings.storage_url or "", settings.s3_endpoint_url
         )
+        self.policy = CheckpointPolicy.with_keep(settings.checkpoints_keep)
         self.work = settings.data_dir.resolve() / "work" / job_id / f"attempt-{attempt}"
         self._last_progress_write = 0.0
         self._pending_metrics: list[dict[str, Any]] = []
@@ -146,11 +148,7 @@ class JobRunner:
             "training_file": local["training_file"],
             "validation_file": local["validation_file"],
         }
-        if spec.training.checkpoint_every_steps is None:
-            updates["training"] = spec.training.model_copy(
-                update={"checkpoint_every_steps": DEFAULT_CHECKPOINT_EVERY}
-            )
-        return spec.model_copy(update=updates), model_path
+        return self.policy.apply(spec.model_copy(update=updates)), model_path
 
     def _fetch_checkpoint(self) -> tuple[Path, int] | None:
         with session_scope() as session:
@@ -165,9 +163,9 @@ class JobRunner:
             self.storage.get_file(key, target / key[len(prefix) :].lstrip("/"))
         return target, step
 
-    def _upload_checkpoint(self, record: dict[str, Any]) -> None:
-        path = Path(record["path"])
-        step = int(record["step"])
+    def _upload_checkpoint(self, record: events.CheckpointSaved) -> None:
+        path = Path(record.path)
+        step = record.step
         prefix = checkpoint_prefix(self.job_id, step)
         digest = hashlib.sha256()
         try:
@@ -179,39 +177,36 @@ class JobRunner:
         # Recorded only once every file is up: the row is the commit point of a checkpoint.
         with session_scope() as session:
             runs.record_checkpoint(
-                session, self.job_id, step, prefix, digest.hexdigest(), record.get("metrics") or {}
+                session, self.job_id, step, prefix, digest.hexdigest(), record.state
             )
-            old = runs.prune_checkpoints(session, self.job_id, self.settings.checkpoints_keep)
+            old = runs.prune_checkpoints(session, self.job_id, self.policy.keep)
         for old_prefix in old:
             for key in self.storage.list(old_prefix):
                 self.storage.delete(key)
         self._event(f"checkpoint saved at step {step}", data={"step": step})
 
     # ------------------------------------------------------------------ progress
-    def _handle(self, record: dict[str, Any]) -> None:
-        kind = record.get("type")
-        if kind == "event":
-            message = str(record.get("message", ""))
-            if message.startswith("resumed from step"):
-                message = f"{message} (attempt {self.attempt})"
-            self._event(message, record.get("level", "info"), record.get("data"))
-        elif kind == "progress":
-            point = {key: record.get(key) for key in runs.PROGRESS_FIELDS}
-            # The series carries eval loss only where it was measured; progress keeps the latest.
-            self._pending_metrics.append(
-                {**point, "eval_loss": point["eval_loss"] if record.get("evaluated") else None}
+    def _handle(self, record: events.Record) -> None:
+        if isinstance(record, events.Event):
+            self._event(record.message, record.level, record.data)
+        elif isinstance(record, events.Resumed):
+            self._event(
+                f"resumed from step {record.step} (attempt {self.attempt})",
+                data={"step": record.step},
             )
-            self._last_step = point["step"]
-            self._flush_progress(point, force=point["step"] == point["total_steps"])
-        elif kind == "checkpoint":
+        elif isinstance(record, events.Step):
+            self._pending_metrics.append(record.metric_point())
+            self._last_step = record.step
+            self._flush_progress(record.snapshot(), force=record.step == record.total_steps)
+        elif isinstance(record, events.CheckpointSaved):
             self._flush_progress(None, force=True)
             self._upload_checkpoint(record)
-        elif kind == "preempted":
-            self._last_step = int(record["step"])
-        elif kind == "done":
-            self._manifest = record.get("manifest")
-        elif kind == "error":
-            self._error = {"code": str(record.get("code")), "message": str(record.get("message"))}
+        elif isinstance(record, events.Preempted):
+            self._last_step = record.step
+        elif isinstance(record, events.Done):
+            self._manifest = record.manifest
+        elif isinstance(record, events.Error):
+            self._error = {"code": record.code, "message": record.message}
 
     def _flush_progress(self, point: dict[str, Any] | None, force: bool = False) -> None:
         now = time.monotonic()
@@ -272,7 +267,7 @@ class JobRunner:
             progress_file=progress_file,
             checkpoint_dir=self.work / "checkpoints",
             resume_from=resume[0] if resume else None,
-            keep_checkpoints=2,
+            keep_checkpoints=self.policy.keep,
         )
         code: int | None = None
         try:

@@ -20,16 +20,6 @@ from shared.routing import Capacity, fits
 from shared.services.transitions import rowcount, transition
 from shared.states import CANCELLED, FAILED, FINAL, QUEUED, RUNNING, SUCCEEDED, JobStatus
 
-PROGRESS_FIELDS = (
-    "step",
-    "total_steps",
-    "epoch",
-    "train_loss",
-    "eval_loss",
-    "learning_rate",
-    "tokens_per_second",
-    "eta_seconds",
-)
 METRIC_FIELDS = ("train_loss", "eval_loss", "learning_rate", "tokens_per_second")
 
 
@@ -148,10 +138,13 @@ def cancel_requested(session: Session, job_id: str) -> bool:
 
 
 def record_progress(session: Session, job_id: str, progress: Mapping[str, Any]) -> None:
-    """Store the latest progress snapshot (known fields only) with ``updated_at``."""
+    """Store the latest progress snapshot with ``updated_at``.
+
+    The fields are the engine's (``worker.training.events.Step.snapshot``); the API shows those
+    its ``Progress`` schema names, so a new metric is added where the record is defined.
+    """
     now = utcnow()
-    snapshot: dict[str, Any] = {k: progress.get(k) for k in PROGRESS_FIELDS}
-    snapshot["updated_at"] = now.isoformat()
+    snapshot: dict[str, Any] = {**progress, "updated_at": now.isoformat()}
     rowcount(session, update(Job).where(Job.id == job_id).values(progress=snapshot, updated_at=now))
     session.commit()
 

@@ -9,7 +9,6 @@ asks the kernel for SIGKILL when its parent dies (see engine._die_with_parent).
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -19,7 +18,8 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+
+from worker.training import events
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: a rank checkpointed on request (SIGUSR1) and exited
 
@@ -179,22 +179,12 @@ def launch(
 
 def iter_progress(
     path: Path, stop: Callable[[], bool], poll: float = 0.2
-) -> Iterator[dict[str, Any]]:
+) -> Iterator[events.Record]:
     """Tail a progress file until ``stop()`` is true and nothing more is written."""
-    position = 0
-    pending = b""
+    tail = events.Tail(path)
     while True:
         finished = stop()
-        if path.exists():
-            with open(path, "rb") as stream:
-                stream.seek(position)
-                chunk = stream.read()
-            position += len(chunk)
-            pending += chunk
-            *lines, pending = pending.split(b"\n")
-            for line in lines:
-                if line.strip():
-                    yield json.loads(line)
+        yield from tail.read()
         if finished:
             return
         time.sleep(poll)
