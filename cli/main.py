@@ -173,7 +173,8 @@ def train(
     from shared.services.fleet import locate_base_model
     from shared.spec import JobSpec
     from worker.training import events
-    from worker.training.launch import device_count, iter_progress, launch
+    from worker.training.launch import device_count
+    from worker.training.run import Outcome, StopRequest, TrainingRun
 
     try:
         spec = JobSpec.model_validate_json(spec_file.read_text())
@@ -211,43 +212,35 @@ def train(
         model_path = str(where.resolve()) if isinstance(where, Path) else where
     nproc = nproc or device_count() or 1
     out = out.resolve()
-    work = Path(tempfile.mkdtemp(prefix="lorafleet-train-"))
-    spec_path = work / "spec.json"
-    spec_path.write_text(spec.model_dump_json())
-    progress = work / "progress.jsonl"
-    group = launch(
-        spec_path,
-        out,
-        nproc,
-        work_dir=work,
+    run = TrainingRun(
+        spec=spec,
         model_path=model_path,
-        progress_file=progress,
-        checkpoint_dir=checkpoint_dir.resolve() if checkpoint_dir else None,
+        work_dir=Path(tempfile.mkdtemp(prefix="lorafleet-train-")),
+        out_dir=out,
+        nproc=nproc,
         resume_from=resume_from.resolve() if resume_from else None,
+        checkpoint_dir=checkpoint_dir.resolve() if checkpoint_dir else None,
     )
-    code: int | None = None
+    interrupted = False
 
-    def stopped() -> bool:
-        nonlocal code
-        code = group.poll()
-        return code is not None
+    def on_interrupt(*_: Any) -> None:
+        nonlocal interrupted
+        interrupted = True
 
-    error = None
-    try:
-        for record in iter_progress(progress, stopped):
-            if json_output:
-                print(events.dumps(record), flush=True)
-            else:
-                _print_record(record)
-            if isinstance(record, events.Error):
-                error = record.message
-    except KeyboardInterrupt:
-        group.terminate()
-        raise typer.Exit(130) from None
-    if code != 0:
-        err.print(f"[red]training failed (exit {code})[/red]: {error or ''}")
-        if not error:
-            err.print(group.log_tail(3000))
+    signal.signal(signal.SIGINT, on_interrupt)
+    result = run.run(
+        on_record=(lambda r: print(events.dumps(r), flush=True)) if json_output else _print_record,
+        control=lambda: StopRequest.CANCEL if interrupted else None,
+    )
+    if result.outcome == Outcome.CANCELLED:
+        err.print("interrupted; training stopped")
+        raise typer.Exit(130)
+    if result.outcome != Outcome.SUCCEEDED:
+        code = result.exit_code
+        reason = result.error.message if result.error else f"rank exit status {code}"
+        err.print(f"[red]training failed[/red]: {reason}")
+        if result.error is None and run.group is not None:
+            err.print(run.group.log_tail(3000), markup=False, highlight=False)
         raise typer.Exit(code if code and code > 0 else 1)
     err.print(f"adapter written to {out}")
 

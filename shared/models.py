@@ -151,6 +151,8 @@ class Job(Base):
     # gpus_required 0 means "any worker" (resources.gpus "all" or 0, CPU workers included).
     gpus_required: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     gpu_type: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # +1 at every claim, never decremented: the fencing token of an attempt (runs.Lease).
+    lease_epoch: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class JobEvent(Base):
@@ -197,6 +199,9 @@ class Checkpoint(Base):
     sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
     metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # The attempt (lease epoch) and worker that committed it, holding the lease at the time.
+    epoch: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    worker_id: Mapped[str | None] = mapped_column(String(255), nullable=True)
 
 
 class Worker(Base):

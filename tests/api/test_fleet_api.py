@@ -87,7 +87,7 @@ def test_metrics_parse(client: Any) -> None:
     job = client.post("/jobs", json={"base_model": "tiny", "training_file": file_id}).json()
     with session_factory()() as s:
         runs.claim_job(s, job["id"], "cpu-1@b", 30)
-        runs.finish_job(s, job["id"], "cpu-1@b", "succeeded", trained_tokens=1234)
+        runs.finish_job(s, runs.Lease(job["id"], "cpu-1@b", 1), "succeeded", trained_tokens=1234)
     client.post("/jobs", json={"base_model": "tiny", "training_file": file_id})
     text = client.get("/metrics", headers=_admin_headers()).text
     families = {f.name: f for f in text_string_to_metric_families(text)}

@@ -145,12 +145,14 @@ def test_cancel_queued_running_and_final(session: Session, make_job: Callable[..
     requested = jobs.cancel_job(session, "alice", running.id)
     assert requested.status == "running" and requested.cancel_requested
     assert runs.cancel_requested(session, running.id)
-    assert runs.finish_job(session, running.id, "w1", "cancelled")
+    assert runs.finish_job(session, runs.Lease(running.id, "w1", 1), "cancelled")
     assert jobs.get_job(session, "alice", running.id).status == "cancelled"
 
     done = make_job()
     runs.claim_job(session, done.id, "w1", 30)
-    runs.finish_job(session, done.id, "w1", "succeeded", adapter_key="k", adapter_sha256="s")
+    runs.finish_job(
+        session, runs.Lease(done.id, "w1", 1), "succeeded", adapter_key="k", adapter_sha256="s"
+    )
     with pytest.raises(Conflict):
         jobs.cancel_job(session, "alice", done.id)
 

@@ -36,6 +36,14 @@ OPS = st.lists(
 )
 
 
+def _lease(session: Session, job_id: str, worker: str) -> runs.Lease:
+    """The worker's view of its lease: its id with the newest epoch (stale or not)."""
+    row = session.get(Job, job_id, populate_existing=True)
+    session.rollback()
+    assert row is not None
+    return runs.Lease(job_id, worker, row.lease_epoch)
+
+
 def test_refuses_moves_outside_allowed(session: Session, make_job: Callable[..., Any]) -> None:
     job = make_job()
     with pytest.raises(IllegalTransition):
@@ -76,9 +84,9 @@ def test_random_interleavings_stay_in_allowed(
             if op == "claim":
                 runs.claim_job(own, job_id, worker, 30)
             elif op == "finish":
-                runs.finish_job(own, job_id, worker, "succeeded", trained_tokens=1)
+                runs.finish_job(own, _lease(own, job_id, worker), "succeeded", trained_tokens=1)
             elif op == "fail":
-                runs.finish_job(own, job_id, worker, "failed", error_code="x")
+                runs.finish_job(own, _lease(own, job_id, worker), "failed", error_code="x")
             elif op == "cancel":
                 try:
                     jobs.cancel_job(own, "alice", job_id)
@@ -93,7 +101,7 @@ def test_random_interleavings_stay_in_allowed(
                 own.commit()
                 runs.reap_expired(own)
             elif op == "release":
-                runs.release_job(own, job_id, worker, 3)
+                runs.release_job(own, _lease(own, job_id, worker), 3)
             row = observer.get(Job, job_id, populate_existing=True)
             observer.rollback()
             assert row is not None, "the job vanished"

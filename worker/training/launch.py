@@ -15,11 +15,9 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-
-from worker.training import events
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: a rank checkpointed on request (SIGUSR1) and exited
 
@@ -44,6 +42,7 @@ class RankGroup:
     procs: list[subprocess.Popen[bytes]]
     log_files: list[Path]
     _closed: bool = field(default=False, repr=False)
+    _first_failed: int | None = field(default=None, repr=False)
 
     @property
     def pgid(self) -> int:
@@ -57,8 +56,10 @@ class RankGroup:
         codes = [p.poll() for p in self.procs]
         failed = [c for c in codes if c not in (None, 0)]
         if failed:
+            if self._first_failed is None:  # before kill(): the others then die of our SIGKILL
+                self._first_failed = next(i for i, c in enumerate(codes) if c not in (None, 0))
             self.kill()
-            return failed[0]
+            return codes[self._first_failed]
         if all(c == 0 for c in codes):
             return 0
         return None
@@ -100,6 +101,10 @@ class RankGroup:
                 except ProcessLookupError:
                     pass
 
+    def failed_rank(self) -> int | None:
+        """The rank whose failure ended the group (a signal counts), or None."""
+        return self._first_failed
+
     def log_tail(self, chars: int = 2000) -> str:
         """The end of the first failing rank's log (or rank 0's)."""
         order = sorted(
@@ -122,7 +127,8 @@ def launch(
     progress_file: Path | None = None,
     checkpoint_dir: Path | None = None,
     resume_from: Path | None = None,
-    keep_checkpoints: int = 3,
+    keep_checkpoints: int | None = None,
+    cache_dir: Path | None = None,
     extra_env: dict[str, str] | None = None,
 ) -> RankGroup:
     """Start ``nproc`` ranks of ``worker.training.engine``; returns at once."""
@@ -135,14 +141,14 @@ def launch(
         str(spec_path),
         "--out",
         str(out_dir),
-        "--keep-checkpoints",
-        str(keep_checkpoints),
     ]
     optional: Sequence[tuple[str, object | None]] = (
         ("--model-path", model_path),
         ("--progress-file", progress_file),
         ("--checkpoint-dir", checkpoint_dir),
         ("--resume-from", resume_from),
+        ("--cache-dir", cache_dir),
+        ("--keep-checkpoints", keep_checkpoints),
     )
     for flag, value in optional:
         if value is not None:
@@ -175,16 +181,3 @@ def launch(
             )
         procs.append(proc)
     return RankGroup(procs, logs)
-
-
-def iter_progress(
-    path: Path, stop: Callable[[], bool], poll: float = 0.2
-) -> Iterator[events.Record]:
-    """Tail a progress file until ``stop()`` is true and nothing more is written."""
-    tail = events.Tail(path)
-    while True:
-        finished = stop()
-        yield from tail.read()
-        if finished:
-            return
-        time.sleep(poll)
