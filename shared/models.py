@@ -221,3 +221,7 @@ class Worker(Base):
     last_heartbeat: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     started_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     queues: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
+    # The devices this worker owns (GPU UUIDs): no two live workers may hold the same one.
+    gpu_uuids: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
+    # Per device, as of the last heartbeat: index, uuid, memory used/total, utilisation.
+    gpu_stats: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON, nullable=True)

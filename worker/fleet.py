@@ -23,8 +23,9 @@ from shared.queueing import pending_job_ids, publish_job
 from shared.routing import Capacity
 from shared.services import fleet as fleet_service
 from shared.services import runs, webhooks
-from shared.services.fleet import stale_after
+from shared.services.fleet import DeviceTaken, stale_after
 from shared.states import WorkerStatus
+from worker.gpus import gpu_stats, gpu_uuids
 
 log = logging.getLogger("lorafleet.fleet")
 
@@ -32,6 +33,7 @@ _state_lock = threading.Lock()
 _current_job: str | None = None
 _worker_id: str | None = None
 _capacity: Capacity | None = None
+_uuids: list[str] = []
 _stop = threading.Event()
 draining = threading.Event()  # set on warm shutdown: checkpoint the current job and hand it back
 _threads: list[threading.Thread] = []
@@ -102,6 +104,7 @@ def _heartbeat_once() -> None:
     if _worker_id is None:
         return
     job = current_job()
+    stats = gpu_stats(_uuids)
     try:
         with session_scope() as session:
             status = (
@@ -109,7 +112,7 @@ def _heartbeat_once() -> None:
                 if draining.is_set()
                 else (WorkerStatus.BUSY if job else WorkerStatus.IDLE)
             )
-            fleet_service.heartbeat_worker(session, _worker_id, status, job)
+            fleet_service.heartbeat_worker(session, _worker_id, status, job, stats)
     except Exception:
         log.exception("worker heartbeat failed")
 
@@ -165,17 +168,14 @@ def start_background(hostname: str) -> None:
     settings = get_settings()
     wid = worker_id(hostname)
     offer = routing_capacity()
-    with session_scope() as session:
-        fleet_service.register_worker(
-            session,
-            wid,
-            hostname=platform.node(),
-            gpus=offer.gpus,
-            gpu_type=offer.gpu_type,
-            gpu_memory_bytes=offer.gpu_memory_bytes,
-            procs=offer.gpus or settings.worker_procs,
-            version=_version(),
-        )
+    _uuids[:] = gpu_uuids()
+    try:
+        _register(wid, offer, settings.worker_procs)
+    except DeviceTaken as exc:
+        # Two workers on one GPU would each assume all of its memory: refuse to start.
+        log.critical("refusing to start: %s", exc)
+        logging.shutdown()
+        os._exit(78)  # EX_CONFIG
     if _threads:
         return
     _stop.clear()
@@ -188,6 +188,21 @@ def start_background(hostname: str) -> None:
         thread = threading.Thread(target=_loop, args=(period, target), daemon=True)
         thread.start()
         _threads.append(thread)
+
+
+def _register(wid: str, offer: Capacity, cpu_procs: int) -> None:
+    with session_scope() as session:
+        fleet_service.register_worker(
+            session,
+            wid,
+            hostname=platform.node(),
+            gpus=offer.gpus,
+            gpu_type=offer.gpu_type,
+            gpu_memory_bytes=offer.gpu_memory_bytes,
+            procs=offer.gpus or cpu_procs,
+            version=_version(),
+            gpu_uuids=_uuids,
+        )
 
 
 def stop_background() -> None:

@@ -1,4 +1,5 @@
-"""Fencing: ``jobs.lease_epoch`` (one more at every claim) and the attempt of each checkpoint.
+"""Fencing: ``jobs.lease_epoch`` (one more at every claim) and the attempt of each checkpoint;
+devices a worker owns (``workers.gpu_uuids``) and their live use (``workers.gpu_stats``).
 
 Revision ID: 0003_fencing
 Revises: 0002
@@ -8,6 +9,8 @@ Create Date: 2025-01-03
 claims can carry the same count. ``lease_epoch`` only grows; every write of an attempt is
 conditional on (worker_id, lease_epoch, status running). A checkpoint row records the epoch and
 worker that committed it, so a late upload of an older attempt can never be taken for it.
+A worker registers the UUIDs of its GPUs, and a second live worker claiming one of them is
+refused; its heartbeat carries the devices' memory in use and utilisation.
 """
 
 from __future__ import annotations
@@ -29,9 +32,15 @@ def upgrade() -> None:
     with op.batch_alter_table("checkpoints") as batch:
         batch.add_column(sa.Column("epoch", sa.Integer(), nullable=True))
         batch.add_column(sa.Column("worker_id", sa.String(255), nullable=True))
+    with op.batch_alter_table("workers") as batch:
+        batch.add_column(sa.Column("gpu_uuids", sa.JSON(), nullable=True))
+        batch.add_column(sa.Column("gpu_stats", sa.JSON(), nullable=True))
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("workers") as batch:
+        batch.drop_column("gpu_stats")
+        batch.drop_column("gpu_uuids")
     with op.batch_alter_table("checkpoints") as batch:
         batch.drop_column("worker_id")
         batch.drop_column("epoch")

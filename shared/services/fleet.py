@@ -18,7 +18,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import select, text, update
 from sqlalchemy.orm import Session
 
 from shared.config import Settings
@@ -43,6 +43,7 @@ from shared.storage import Storage
 STALE_LEASES = 3
 TOKEN_SAMPLE_BYTES = 4 * 1024 * 1024  # datasets larger than this are counted on a prefix
 CHAT_TOKENS_PER_MESSAGE = 4  # role markers and separators the chat template adds per message
+_REGISTRY_LOCK_ID = 0x10FA_0DE5  # pg advisory lock held while a worker registers its devices
 
 
 def stale_after(settings: Settings) -> float:
@@ -73,6 +74,17 @@ def fleet_capacities(session: Session, settings: Settings) -> list[Capacity] | N
 
 
 # ---------------------------------------------------------------- the worker registry
+class DeviceTaken(InvalidInput):
+    """A worker tried to register a GPU another live worker owns."""
+
+
+def _lock_registry(session: Session) -> None:
+    """Serialise registrations (PostgreSQL), so two workers starting together cannot both take
+    the same GPU; SQLite serialises writers by itself."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _REGISTRY_LOCK_ID})
+
+
 def register_worker(
     session: Session,
     worker_id: str,
@@ -83,10 +95,44 @@ def register_worker(
     procs: int = 1,
     version: str | None = None,
     queues: list[str] | None = None,
+    gpu_uuids: list[str] | None = None,
+    settings: Settings | None = None,
 ) -> Worker:
-    """Insert or refresh a worker's record when it starts."""
+    """Insert or refresh a worker's record when it starts; refuse a GPU another worker owns.
+
+    Each worker owns its devices: two workers training on one GPU would each assume the whole
+    memory the estimate counted. A device held by a live worker (heartbeat within
+    ``stale_after``) refuses the registration with :class:`DeviceTaken`; an offline worker's
+    devices are free again.
+    """
+    from shared.config import get_settings
+
+    settings = settings or get_settings()
     now = utcnow()
+    _lock_registry(session)
+    if gpu_uuids:
+        cutoff = now - timedelta(seconds=stale_after(settings))
+        others = session.scalars(
+            select(Worker).where(
+                Worker.id != worker_id,
+                Worker.status != WorkerStatus.OFFLINE.value,
+                Worker.last_heartbeat >= cutoff,
+            )
+        )
+        for other in others:
+            shared = sorted(set(other.gpu_uuids or ()) & set(gpu_uuids))
+            if shared:
+                session.rollback()
+                raise DeviceTaken(
+                    f"GPU {shared[0]} is already held by live worker {other.id} on "
+                    f"{other.hostname}; give each worker its own GPUs (CUDA_VISIBLE_DEVICES or "
+                    "compose device_ids, see docs/operators.md)",
+                    param="gpu_uuids",
+                    code="device_taken",
+                )
     row = session.get(Worker, worker_id, populate_existing=True) or Worker(id=worker_id)
+    row.gpu_uuids = list(gpu_uuids) if gpu_uuids else None
+    row.gpu_stats = None
     row.hostname = hostname
     row.gpus = gpus
     row.gpu_type = gpu_type
@@ -108,9 +154,15 @@ def heartbeat_worker(
     worker_id: str,
     status: WorkerStatus | None = None,
     current_job: str | None = None,
+    gpu_stats: list[dict[str, Any]] | None = None,
 ) -> bool:
-    """Record that the worker is alive (and what it does); False if it was never registered."""
-    values: dict[str, Any] = {"last_heartbeat": utcnow(), "current_job": current_job}
+    """Record that the worker is alive (and what it does, and its devices' live use); False if
+    it was never registered."""
+    values: dict[str, Any] = {
+        "last_heartbeat": utcnow(),
+        "current_job": current_job,
+        "gpu_stats": gpu_stats or None,
+    }
     if status is not None:
         values["status"] = WorkerStatus(status).value
     done = rowcount(session, update(Worker).where(Worker.id == worker_id).values(**values))
@@ -332,6 +384,7 @@ def estimate_job(
 __all__ = [
     "STALE_LEASES",
     "check_job_fits",
+    "DeviceTaken",
     "check_target_modules",
     "estimate_job",
     "fleet_capacities",

@@ -184,6 +184,25 @@ class FleetCollector(Collector):
             if w.gpu_memory_bytes is not None:
                 memory.add_metric([w.id, w.gpu_type or ""], float(w.gpu_memory_bytes))
         yield memory
+        # Live use per device, from the heartbeat; CPU workers report no device, so no series.
+        used = GaugeMetricFamily(
+            "lorafleet_worker_gpu_memory_used_bytes",
+            "Device memory in use (all processes), per GPU of each live worker.",
+            labels=["worker", "device", "uuid"],
+        )
+        busy = GaugeMetricFamily(
+            "lorafleet_worker_gpu_utilization_ratio",
+            "GPU utilisation (0-1, NVML), per GPU of each live worker.",
+            labels=["worker", "device", "uuid"],
+        )
+        for w in alive:
+            for device in w.gpu_stats or []:
+                labels = [w.id, str(device.get("index")), str(device.get("uuid"))]
+                used.add_metric(labels, float(device.get("memory_used_bytes") or 0))
+                if device.get("utilization_percent") is not None:
+                    busy.add_metric(labels, float(device["utilization_percent"]) / 100.0)
+        yield used
+        yield busy
 
     def describe(self) -> Iterator[Any]:
         return iter(())

@@ -162,3 +162,18 @@ def test_worker_registry(session: Session, settings: Settings) -> None:
     assert fleet.mark_stale_workers_offline(session, 0) == ["celery@a"]
     with pytest.raises(ValueError):
         fleet.heartbeat_worker(session, "celery@a", "napping")  # type: ignore[arg-type]
+
+
+def test_a_gpu_belongs_to_one_live_worker(session: Session, settings: Settings) -> None:
+    """No GPU on this machine: the UUID lists are given to the service function directly (what
+    worker.gpus.gpu_uuids would read from torch/NVML on a GPU host)."""
+    fleet.register_worker(session, "w1@a", "a", gpus=2, gpu_uuids=["GPU-aaa", "GPU-bbb"])
+    with pytest.raises(fleet.DeviceTaken) as refused:
+        fleet.register_worker(session, "w2@a", "a", gpus=1, gpu_uuids=["GPU-bbb"])
+    message = str(refused.value)
+    assert "GPU-bbb" in message and "w1@a" in message and "CUDA_VISIBLE_DEVICES" in message
+    assert session.get(Worker, "w2@a") is None
+    fleet.register_worker(session, "w2@a", "a", gpus=1, gpu_uuids=["GPU-ccc"])  # its own: fine
+    fleet.register_worker(session, "w1@a", "a", gpus=2, gpu_uuids=["GPU-aaa", "GPU-bbb"])  # again
+    fleet.mark_worker_offline(session, "w1@a")  # a dead worker's devices are free again
+    fleet.register_worker(session, "w3@a", "a", gpus=1, gpu_uuids=["GPU-bbb"])

@@ -50,7 +50,8 @@ _COLLECTIVE = re.compile(
     r"|peer|abort)",
     re.IGNORECASE,
 )
-_NOISE = re.compile(r"^\s*warnings\.warn\(|Warning: |^\s*$")
+# warnings.warn( lines, warning texts, tqdm progress bars, blank lines
+_NOISE = re.compile(r"^\s*warnings\.warn\(|Warning: |\d+%\||it/s\]|^\s*$")
 
 
 def traceback_tail(log_text: str, lines: int = TRACEBACK_LINES) -> str:
