@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -238,10 +239,11 @@ def train(
     if result.outcome != Outcome.SUCCEEDED:
         code = result.exit_code
         reason = result.error.message if result.error else f"rank exit status {code}"
-        err.print(f"[red]training failed[/red]: {reason}")
+        err.print(f"[red]training failed[/red]: {reason} (rank logs in {run.work_dir})")
         if result.error is None and run.group is not None:
             err.print(run.group.log_tail(3000), markup=False, highlight=False)
         raise typer.Exit(code if code and code > 0 else 1)
+    shutil.rmtree(run.work_dir, ignore_errors=True)  # kept only when the run failed
     err.print(f"adapter written to {out}")
 
 

@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 
 from shared.config import Settings
 from shared.db import session_scope
-from shared.models import File, Job
+from shared.models import File, Job, utcnow
 from shared.queueing import publish_job
 from shared.services import runs, webhooks
 from shared.services.fleet import locate_base_model
@@ -168,7 +168,6 @@ class Outbox:
     lease: Lease
     storage: Storage
     keep: int
-    keeper: LeaseKeeper
     events: list[tuple[str, str, dict[str, Any] | None, Any]] = field(default_factory=list)
     metrics: list[dict[str, Any]] = field(default_factory=list)
     progress: dict[str, Any] | None = None
@@ -180,8 +179,6 @@ class Outbox:
     outages: list[float] = field(default_factory=list)
 
     def event(self, message: str, level: str = "info", data: dict[str, Any] | None = None) -> None:
-        from shared.models import utcnow
-
         self.events.append((level, message, data, utcnow()))
 
     @property
@@ -213,8 +210,15 @@ class Outbox:
             )
             return False
         if self.outage_started is not None:
-            self.outages.append(time.monotonic() - self.outage_started)
+            lasted = time.monotonic() - self.outage_started
+            self.outages.append(lasted)
             self.outage_started = None
+            self.event(
+                f"database or storage unreachable for {lasted:.1f}s; training went on and the "
+                "delayed records were written",
+                "warning",
+                {"outage_seconds": round(lasted, 1)},
+            )
         self.backoff = 0.0
         return True
 
@@ -283,7 +287,7 @@ class JobRunner:
         self.policy = CheckpointPolicy.with_keep(settings.checkpoints_keep)
         self.work = attempt_dir(settings.data_dir, lease)
         self.keeper = LeaseKeeper(lease, settings)
-        self.outbox = Outbox(lease, self.storage, self.policy.keep, self.keeper)
+        self.outbox = Outbox(lease, self.storage, self.policy.keep)
         self._last_progress_write = 0.0
         self.guard: MemoryGuard | None = None
 

@@ -172,7 +172,13 @@ def test_upload_frozen_mid_way_is_never_used(
             assert final["status"] == "succeeded", final
             rows = _checkpoint_rows(pg_schema, job_id)
             assert rows and all(epoch == 2 and "-e2/" in key for _, epoch, key in rows), rows
-            client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{s3_port}")
+            client = boto3.client(
+                "s3",
+                endpoint_url=f"http://127.0.0.1:{s3_port}",
+                region_name="us-east-1",
+                aws_access_key_id="test",
+                aws_secret_access_key="test",
+            )
 
             def late_objects() -> list[str]:
                 listed = client.list_objects_v2(
