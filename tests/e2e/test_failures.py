@@ -181,17 +181,12 @@ def test_disk_full_is_retried_once_space_is_back(
 
 
 def _fill(path: Path) -> None:
-    """Take every free byte of the file system holding ``path``."""
-    with open(path, "wb") as stream:
-        chunk = b"\0" * (1 << 20)
-        try:
-            while True:
-                stream.write(chunk)
-        except OSError:
-            pass
-        try:
-            while True:
-                stream.write(b"\0" * 4096)
-                stream.flush()
-        except OSError:
-            pass
+    """Take every free byte of the file system holding ``path`` (unbuffered: nothing is left
+    to flush at close)."""
+    with open(path, "wb", buffering=0) as stream:
+        for size in (1 << 20, 4096, 1):
+            try:
+                while True:
+                    stream.write(b"\0" * size)
+            except OSError:
+                pass
