@@ -364,11 +364,15 @@ class JobRunner:
 
     def _fetch_checkpoint(self) -> tuple[Path, int] | None:
         """The newest committed checkpoint whose digest verifies; older ones if it does not."""
-        with session_scope() as session:
-            rows = [
-                (r.step, r.storage_key, r.sha256)
-                for r in runs.committed_checkpoints(session, self.job_id)
-            ]
+
+        def committed() -> list[tuple[int, str, str | None]]:
+            with session_scope() as session:
+                return [
+                    (r.step, r.storage_key, r.sha256)
+                    for r in runs.committed_checkpoints(session, self.job_id)
+                ]
+
+        rows = self._retry("checkpoint list", committed) or []
         for index, (step, prefix, sha) in enumerate(rows):
             target = self.work / "resume" / f"step_{step}"
             shutil.rmtree(target, ignore_errors=True)
@@ -441,10 +445,15 @@ class JobRunner:
                 pass
 
     def _run(self) -> str:
-        with session_scope() as session:
-            job = session.get(Job, self.job_id)
-            assert job is not None
-            spec = JobSpec.model_validate(job.spec)
+        def read_spec() -> JobSpec:
+            with session_scope() as session:
+                job = session.get(Job, self.job_id)
+                assert job is not None
+                return JobSpec.model_validate(job.spec)
+
+        spec = self._retry("job read", read_spec)
+        if spec is None:  # the database stayed away for the whole lease
+            return "lost"
         try:
             local_spec, model_path = self._fetch_inputs(spec)
         except InputError as exc:
