@@ -6,6 +6,7 @@ import logging
 import time
 from typing import Any
 
+from celery.exceptions import Reject
 from sqlalchemy.exc import OperationalError
 
 from shared.config import get_settings
@@ -33,6 +34,10 @@ def train_job(self: Any, job_id: str) -> str:
     ("skipped"); a job still queued without a message is re-published by the reaper.
     """
     settings = get_settings()
+    if fleet.draining.is_set():
+        # A draining worker takes nothing new; the message goes back for another worker (the
+        # job it just released is often the one this message names).
+        raise Reject("worker draining", requeue=True)
     worker_id = fleet.worker_id(self.request.hostname)
     claimed = _claim(worker_id, job_id, settings.lease_seconds)
     if claimed is None:

@@ -57,7 +57,11 @@ class RankGroup:
         failed = [c for c in codes if c not in (None, 0)]
         if failed:
             if self._first_failed is None:  # before kill(): the others then die of our SIGKILL
-                self._first_failed = next(i for i, c in enumerate(codes) if c not in (None, 0))
+                bad = [i for i, c in enumerate(codes) if c not in (None, 0)]
+                # A rank killed by a signal is the cause; peers failing in a collective because
+                # it vanished are the consequence, even when they are noticed in the same poll.
+                signalled = [i for i in bad if (codes[i] or 0) < 0]
+                self._first_failed = (signalled or bad)[0]
             self.kill()
             return codes[self._first_failed]
         if all(c == 0 for c in codes):
