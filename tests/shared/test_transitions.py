@@ -9,6 +9,7 @@ running one has an owner and a lease the reaper can expire).
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -74,7 +75,8 @@ def test_event_is_written_with_the_move_only(
 def test_random_interleavings_stay_in_allowed(
     session: Session, make_job: Callable[..., Any], ops: list[tuple[str, str]]
 ) -> None:
-    job_id = make_job().id
+    owner = f"prop-{secrets.token_hex(4)}"  # a fresh owner per example: the quota stays clear
+    job_id = make_job(owner=owner).id
     sessions = {w: session_factory()() for w in WORKERS}
     observer = session_factory()()
     try:
@@ -89,7 +91,7 @@ def test_random_interleavings_stay_in_allowed(
                 runs.finish_job(own, _lease(own, job_id, worker), "failed", error_code="x")
             elif op == "cancel":
                 try:
-                    jobs.cancel_job(own, "alice", job_id)
+                    jobs.cancel_job(own, owner, job_id)
                 except Exception as exc:  # a final job refuses: that is the contract
                     assert "already" in str(exc)
             elif op == "expire_and_reap":
