@@ -36,11 +36,23 @@ from pathlib import Path
 from typing import Any
 
 from bench import common
+from worker.training import events
 
 PEER_NAMES = ("peer", "peer-grouped", "peer-mem")
 
 
 # --------------------------------------------------------------------------- children
+class _StepClock:
+    """A sink that notes when each step was reported."""
+
+    def __init__(self, times: list[float]) -> None:
+        self.times = times
+
+    def log(self, record: events.Record) -> None:
+        if isinstance(record, events.Step):
+            self.times.append(time.perf_counter())
+
+
 def _doc_pairs(position_ids: list[int], real: int) -> int:
     """Causal (query, key) pairs of the documents in a row (positions restart per document)."""
     pairs, length = 0, 0
@@ -87,7 +99,7 @@ def run_ours(cfg: dict[str, Any]) -> dict[str, Any]:
     trainer = LoraTrainer(
         spec,
         TrainPaths(model=cfg["model"], output_dir=out),
-        progress=lambda r: times.append(time.perf_counter()) if r["type"] == "progress" else None,
+        sink=_StepClock(times),
     )
     trainer.setup()
     if cfg.get("compile"):

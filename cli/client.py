@@ -227,6 +227,26 @@ def register(app: typer.Typer) -> None:
         _out(page, as_json, "\n".join(lines))
 
     @app.command()
+    def logs(
+        job_id: str,
+        attempt: Annotated[
+            int | None, typer.Option("--attempt", help="Attempt number; default the last.")
+        ] = None,
+        api_url: ApiUrl = "http://127.0.0.1:8000",
+        api_key: ApiKey = None,
+    ) -> None:
+        """Print the rank logs kept for a job's attempt.
+
+        Example: lorafleet logs ftjob-abc123 --attempt 1
+        """
+        params = {"attempt": attempt} if attempt is not None else {}
+        with _client(api_url, api_key) as http:
+            response = http.get(f"/jobs/{job_id}/logs", params=params)
+            if response.status_code >= 400:
+                _check(response)
+        print(response.text, end="")
+
+    @app.command()
     def cancel(
         job_id: str,
         api_url: ApiUrl = "http://127.0.0.1:8000",

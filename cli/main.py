@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -77,7 +78,7 @@ def worker(
 ) -> None:
     """Run a Celery worker that trains jobs; this process *becomes* the Celery main process."""
     from shared.db import upgrade_to_head
-    from shared.queueing import DEFAULT_QUEUE
+    from shared.queueing import DEFAULT_QUEUE, broker_kind
 
     settings = get_settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -101,7 +102,7 @@ def worker(
         "--without-gossip",
         "--without-mingle",
     ]
-    if (settings.broker_url or "").startswith(("redis://", "rediss://", "amqp://")):
+    if broker_kind(settings.broker_url).has_server:
         args.append("-E")
     sys.stdout.flush()
     os.execv(sys.executable, args)
@@ -155,15 +156,6 @@ def up(
     raise typer.Exit(code)
 
 
-def _resolve_model(name: str) -> str:
-    folder = get_settings().models_path / name
-    if folder.is_dir():
-        return str(folder.resolve())
-    if Path(name).expanduser().is_dir():
-        return str(Path(name).expanduser().resolve())
-    return name  # a hub id: from_pretrained fetches (or finds it in the HF cache)
-
-
 @app.command()
 def train(
     spec_file: Annotated[Path, typer.Argument(help="Job body JSON; files are local paths.")],
@@ -179,8 +171,11 @@ def train(
     from pydantic import ValidationError
 
     from shared.datasets import DatasetError, load_examples
+    from shared.services.fleet import locate_base_model
     from shared.spec import JobSpec
-    from worker.training.launch import device_count, iter_progress, launch
+    from worker.training import events
+    from worker.training.launch import device_count
+    from worker.training.run import Outcome, StopRequest, TrainingRun
 
     try:
         spec = JobSpec.model_validate_json(spec_file.read_text())
@@ -204,69 +199,75 @@ def train(
                 raise typer.Exit(2) from None
             files[field] = str(path.resolve())
     spec = spec.model_copy(update=files)
-    model_path = _resolve_model(spec.base_model)
+    # The engine alone on the user's own machine may also read a local folder by path; any other
+    # name goes through the service's one resolver (models dir, mirrors, allowed hub ids).
+    local = Path(spec.base_model).expanduser()
+    if local.is_dir():
+        model_path = str(local.resolve())
+    else:
+        try:
+            where = locate_base_model(spec.base_model, get_settings())
+        except ValueError as exc:
+            err.print(f"[red]base_model[/red]: {exc}")
+            raise typer.Exit(2) from None
+        model_path = str(where.resolve()) if isinstance(where, Path) else where
     nproc = nproc or device_count() or 1
     out = out.resolve()
-    work = Path(tempfile.mkdtemp(prefix="lorafleet-train-"))
-    spec_path = work / "spec.json"
-    spec_path.write_text(spec.model_dump_json())
-    progress = work / "progress.jsonl"
-    group = launch(
-        spec_path,
-        out,
-        nproc,
-        work_dir=work,
+    run = TrainingRun(
+        spec=spec,
         model_path=model_path,
-        progress_file=progress,
-        checkpoint_dir=checkpoint_dir.resolve() if checkpoint_dir else None,
+        work_dir=Path(tempfile.mkdtemp(prefix="lorafleet-train-")),
+        out_dir=out,
+        nproc=nproc,
         resume_from=resume_from.resolve() if resume_from else None,
+        checkpoint_dir=checkpoint_dir.resolve() if checkpoint_dir else None,
     )
-    code: int | None = None
+    interrupted = False
 
-    def stopped() -> bool:
-        nonlocal code
-        code = group.poll()
-        return code is not None
+    def on_interrupt(*_: Any) -> None:
+        nonlocal interrupted
+        interrupted = True
 
-    error = None
-    try:
-        for record in iter_progress(progress, stopped):
-            if json_output:
-                print(json.dumps(record), flush=True)
-            else:
-                _print_record(record)
-            if record.get("type") == "error":
-                error = record.get("message")
-    except KeyboardInterrupt:
-        group.terminate()
-        raise typer.Exit(130) from None
-    if code != 0:
-        err.print(f"[red]training failed (exit {code})[/red]: {error or ''}")
-        if not error:
-            err.print(group.log_tail(3000))
+    signal.signal(signal.SIGINT, on_interrupt)
+    result = run.run(
+        on_record=(lambda r: print(events.dumps(r), flush=True)) if json_output else _print_record,
+        control=lambda: StopRequest.CANCEL if interrupted else None,
+    )
+    if result.outcome == Outcome.CANCELLED:
+        err.print("interrupted; training stopped")
+        raise typer.Exit(130)
+    if result.outcome != Outcome.SUCCEEDED:
+        code = result.exit_code
+        reason = result.error.message if result.error else f"rank exit status {code}"
+        err.print(f"[red]training failed[/red]: {reason} (rank logs in {run.work_dir})")
+        if result.error is None and run.group is not None:
+            err.print(run.group.log_tail(3000), markup=False, highlight=False)
         raise typer.Exit(code if code and code > 0 else 1)
+    shutil.rmtree(run.work_dir, ignore_errors=True)  # kept only when the run failed
     err.print(f"adapter written to {out}")
 
 
-def _print_record(record: dict[str, Any]) -> None:
-    kind = record.get("type")
-    if kind == "progress":
-        loss = record.get("train_loss")
-        eval_loss = record.get("eval_loss")
-        tps = record.get("tokens_per_second") or 0
+def _print_record(record: Any) -> None:
+    """One line on stderr per engine record (``worker.training.events``)."""
+    from worker.training import events
+
+    if isinstance(record, events.Step):
+        loss = f"{record.train_loss:.4f}" if record.train_loss is not None else "-"
         line = (
-            f"step {record['step']}/{record['total_steps']}  loss {loss:.4f}"
-            + (f"  eval {eval_loss:.4f}" if eval_loss is not None else "")
-            + f"  lr {record.get('learning_rate', 0):.2e}  {tps:,.0f} tok/s"
-            + f"  eta {record.get('eta_seconds') or 0:.0f}s"
+            f"step {record.step}/{record.total_steps}  loss {loss}"
+            + (f"  eval {record.eval_loss:.4f}" if record.eval_loss is not None else "")
+            + f"  lr {record.learning_rate or 0:.2e}  {record.tokens_per_second or 0:,.0f} tok/s"
+            + f"  eta {record.eta_seconds or 0:.0f}s"
         )
         err.print(line, highlight=False)
-    elif kind == "event":
-        err.print(f"[{record.get('level', 'info')}] {record.get('message')}", highlight=False)
-    elif kind == "checkpoint":
-        err.print(f"checkpoint step {record['step']}: {record['path']}", highlight=False)
-    elif kind == "error":
-        err.print(f"[red]error[/red] {record.get('message')}", highlight=False)
+    elif isinstance(record, events.Event):
+        err.print(f"[{record.level}] {record.message}", highlight=False, markup=False)
+    elif isinstance(record, events.Resumed):
+        err.print(f"resumed from step {record.step}", highlight=False)
+    elif isinstance(record, events.CheckpointSaved):
+        err.print(f"checkpoint step {record.step}: {record.path}", highlight=False)
+    elif isinstance(record, events.Error):
+        err.print(f"[red]error[/red] {record.message}", highlight=False)
 
 
 @models_app.command("make-tiny")

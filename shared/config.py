@@ -41,13 +41,33 @@ class Settings(BaseSettings):
         "'*' allows any id of the form org/name, '' allows none.",
     )
     worker_procs: int = Field(1, ge=1, le=64, description="DDP processes per job on a CPU worker.")
+    worker_memory_limit_bytes: int | None = Field(
+        None,
+        gt=0,
+        description="Bound on a job's training processes' resident memory; default 90% of the "
+        "memory free when the job starts. Over it, the job ends out_of_memory.",
+    )
     worker_gpu_type: str | None = Field(None, description="Override the detected GPU type label.")
     lease_seconds: float = Field(30.0, gt=0, description="A running job's lease.")
     requeue_grace_seconds: float = Field(
         60.0, gt=0, description="A queued job older than this with no claim is re-published."
     )
     max_attempts: int = Field(3, ge=1, description="Attempts before a job that keeps dying fails.")
-    checkpoints_keep: int = Field(3, ge=1, description="Checkpoints kept per job in storage.")
+    checkpoints_keep: int | None = Field(
+        None,
+        ge=1,
+        description="Newest checkpoints kept per job (disk and storage); default the engine's "
+        "CheckpointPolicy (3).",
+    )
+    db_lock_timeout_seconds: float = Field(
+        5.0, gt=0, description="PostgreSQL lock_timeout: the longest a statement waits for a lock."
+    )
+    db_idle_in_transaction_seconds: float = Field(
+        60.0,
+        gt=0,
+        description="PostgreSQL idle_in_transaction_session_timeout: a session stalled inside a "
+        "transaction (a frozen worker) is ended and its locks released after this long.",
+    )
     progress_interval_seconds: float = Field(
         1.0, gt=0, description="Minimum time between progress writes to the database."
     )

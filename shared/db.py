@@ -38,6 +38,23 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+def _postgres_timeouts(dbapi_connection: Any, _record: Any) -> None:
+    """Bound how long anyone waits for a row lock, and how long a stalled session may hold one.
+
+    A worker frozen (SIGSTOP, a paused VM) inside a transaction keeps its row locks until it
+    thaws; without these the reaper's UPDATE of that job would wait with it, and the job would
+    never be requeued. With them the reaper's statement fails after ``lock_timeout`` (it retries
+    next round) and the server ends the frozen session, releasing its locks.
+    """
+    settings = get_settings()
+    cursor = dbapi_connection.cursor()
+    cursor.execute(f"SET lock_timeout = {int(settings.db_lock_timeout_seconds * 1000)}")
+    idle = int(settings.db_idle_in_transaction_seconds * 1000)
+    cursor.execute(f"SET idle_in_transaction_session_timeout = {idle}")
+    cursor.close()
+    dbapi_connection.commit()  # a SET inside a rolled-back transaction would be undone
+
+
 def make_engine(url: str, echo: bool = False) -> Engine:
     """A new engine for ``url``; SQLite gets its folder created and the pragmas above."""
     parsed = make_url(url)
@@ -51,6 +68,8 @@ def make_engine(url: str, echo: bool = False) -> Engine:
     engine = create_engine(url, **kwargs)
     if parsed.get_backend_name() == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
+    elif parsed.get_backend_name() == "postgresql":
+        event.listen(engine, "connect", _postgres_timeouts)
     return engine
 
 
@@ -150,6 +169,8 @@ def _run_alembic(url: str | None, action: str, revision: str) -> None:
     try:
         with _sqlite_migration_lock(url), engine.begin() as connection:
             if connection.dialect.name == "postgresql":
+                # Migrations may wait for locks as long as they need (see _postgres_timeouts).
+                connection.execute(text("SET LOCAL lock_timeout = 0"))
                 # Several API replicas may start together: one migrates, the others wait here.
                 connection.execute(
                     text("SELECT pg_advisory_xact_lock(:id)"), {"id": _MIGRATION_LOCK_ID}

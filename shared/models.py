@@ -151,6 +151,8 @@ class Job(Base):
     # gpus_required 0 means "any worker" (resources.gpus "all" or 0, CPU workers included).
     gpus_required: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     gpu_type: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # +1 at every claim, never decremented: the fencing token of an attempt (runs.Lease).
+    lease_epoch: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class JobEvent(Base):
@@ -197,6 +199,9 @@ class Checkpoint(Base):
     sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
     metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # The attempt (lease epoch) and worker that committed it, holding the lease at the time.
+    epoch: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    worker_id: Mapped[str | None] = mapped_column(String(255), nullable=True)
 
 
 class Worker(Base):
@@ -216,3 +221,7 @@ class Worker(Base):
     last_heartbeat: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     started_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     queues: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
+    # The devices this worker owns (GPU UUIDs): no two live workers may hold the same one.
+    gpu_uuids: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
+    # Per device, as of the last heartbeat: index, uuid, memory used/total, utilisation.
+    gpu_stats: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON, nullable=True)

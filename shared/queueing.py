@@ -7,6 +7,7 @@ carries job ids: the database row is the truth, and a lost message is re-publish
 from __future__ import annotations
 
 import re
+from enum import StrEnum
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -19,10 +20,39 @@ TRAIN_TASK = "lorafleet.train_job"
 DEFAULT_QUEUE = "lorafleet"
 
 
+class BrokerKind(StrEnum):
+    """Which kind of broker a URL names: what it can do (remote control, queue lengths) differs."""
+
+    REDIS = "redis"
+    AMQP = "amqp"
+    FILESYSTEM = "filesystem"
+    SQLALCHEMY = "sqlalchemy"
+    OTHER = "other"
+
+    @property
+    def has_server(self) -> bool:
+        """A real server with fanout: remote control and task events work."""
+        return self in (BrokerKind.REDIS, BrokerKind.AMQP)
+
+
+def broker_kind(url: str | None) -> BrokerKind:
+    """The kind of broker ``url`` names (the one place that reads URL schemes)."""
+    scheme = (url or "").split("://", 1)[0].lower()
+    if scheme in ("redis", "rediss"):
+        return BrokerKind.REDIS
+    if scheme in ("amqp", "amqps", "pyamqp"):
+        return BrokerKind.AMQP
+    if scheme == "filesystem":
+        return BrokerKind.FILESYSTEM
+    if scheme.startswith("sqla+") or scheme == "sqlalchemy":
+        return BrokerKind.SQLALCHEMY
+    return BrokerKind.OTHER
+
+
 def broker_options(settings: Settings) -> dict[str, Any]:
     """Transport options; the embedded filesystem broker keeps its folders in DATA_DIR."""
-    url = settings.broker_url or ""
-    if url.startswith("filesystem://"):
+    kind = broker_kind(settings.broker_url)
+    if kind == BrokerKind.FILESYSTEM:
         folder = settings.broker_dir
         (folder / "queue").mkdir(parents=True, exist_ok=True)
         (folder / "processed").mkdir(parents=True, exist_ok=True)
@@ -37,7 +67,7 @@ def broker_options(settings: Settings) -> dict[str, Any]:
             "store_processed": False,
             "polling_interval": 0.5,
         }
-    if url.startswith(("redis://", "rediss://")):
+    if kind == BrokerKind.REDIS:
         # Training runs for hours: never let Redis re-deliver a running task (celery#5935).
         # Recovery of dead workers' jobs comes from the database lease instead.
         return {"visibility_timeout": 7 * 24 * 3600}
@@ -93,8 +123,9 @@ def pending_job_ids(
     """
     settings = settings or get_settings()
     url = settings.broker_url or ""
+    kind = broker_kind(url)
     found: set[str] = set()
-    if url.startswith(("redis://", "rediss://")):
+    if kind == BrokerKind.REDIS:
         import redis
 
         client = redis.Redis.from_url(url, socket_timeout=5)
@@ -113,7 +144,7 @@ def pending_job_ids(
         finally:
             client.close()
         return found
-    if url.startswith("filesystem://"):
+    if kind == BrokerKind.FILESYSTEM:
         folder = Path(broker_options(settings)["data_folder_in"])
         for item in folder.iterdir():
             try:

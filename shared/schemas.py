@@ -266,6 +266,18 @@ class AdapterUrl(BaseModel):
     expires_at: datetime = Field(description="When the URL stops working (UTC).")
 
 
+class GpuDevice(BaseModel):
+    """One GPU a worker owns, as of its last heartbeat."""
+
+    index: int = Field(ge=0, description="Device index inside the worker.")
+    uuid: str = Field(description="The GPU's UUID (no two live workers share one).")
+    memory_used_bytes: int = Field(ge=0, description="Device memory in use, all processes.")
+    memory_total_bytes: int = Field(ge=0, description="Device memory in total.")
+    utilization_percent: float | None = Field(
+        default=None, ge=0, le=100, description="GPU utilisation (NVML); null without NVML."
+    )
+
+
 class WorkerObject(BaseModel):
     """A registered worker as ``GET /workers`` shows it."""
 
@@ -281,6 +293,10 @@ class WorkerObject(BaseModel):
     current_job: str | None = Field(description="The job it is training, if any.")
     last_heartbeat: datetime = Field(description="When it last reported (UTC).")
     version: str | None = Field(description="lorafleet version the worker runs.")
+    devices: list[GpuDevice] = Field(
+        default_factory=list,
+        description="Live use of each GPU it owns (empty on CPU workers and when offline).",
+    )
 
 
 class WorkerList(BaseModel):

@@ -96,7 +96,9 @@ class Resources(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     gpus: int | Literal["all"] = Field(
-        "all", description="GPUs for the job: a count, or 'all' of the worker's."
+        "all",
+        description="GPUs for the job: a count N > 0 (workers with at least N GPUs, trains on "
+        "N), or 'all' / 0 (any worker, CPU included; trains on every device it owns).",
     )
     gpu_type: str | None = Field(
         None, max_length=64, description="Only workers whose GPU type contains this string."

@@ -42,6 +42,15 @@ ALLOWED: dict[JobStatus, frozenset[JobStatus]] = {
 }
 
 
+class WorkerStatus(StrEnum):
+    """What a worker reports about itself; ``offline`` is also set by the reaper for silent ones."""
+
+    IDLE = "idle"
+    BUSY = "busy"
+    DRAINING = "draining"
+    OFFLINE = "offline"
+
+
 def can_transition(current: str, new: str) -> bool:
     """Whether ``current -> new`` is allowed (unknown states never are)."""
     try:

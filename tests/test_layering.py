@@ -33,8 +33,10 @@ def test_shared_never_imports_api_or_worker(module: str) -> None:
     assert _loaded_after(module, ("api", "worker", "torch")) == []
 
 
-def test_engine_knows_nothing_of_http_celery_or_database() -> None:
-    loaded = _loaded_after(
-        "worker.training.engine", ("fastapi", "celery", "sqlalchemy", "shared.db", "api")
-    )
+@pytest.mark.parametrize(
+    "module",
+    ["worker.training.engine", "worker.training.run", "worker.training.failures"],
+)
+def test_engine_knows_nothing_of_http_celery_or_database(module: str) -> None:
+    loaded = _loaded_after(module, ("fastapi", "celery", "sqlalchemy", "shared.db", "api"))
     assert loaded == []

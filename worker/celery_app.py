@@ -12,7 +12,7 @@ from typing import Any
 from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
 
 from shared.config import get_settings
-from shared.queueing import make_celery
+from shared.queueing import broker_kind, make_celery
 
 app = make_celery(get_settings())
 app.conf.update(
@@ -21,7 +21,7 @@ app.conf.update(
     worker_pool="solo",
     worker_concurrency=1,
 )
-if not (get_settings().broker_url or "").startswith(("redis://", "rediss://", "amqp://")):
+if not broker_kind(get_settings().broker_url).has_server:
     # The no-server brokers have no fanout exchange: no remote control, no events.
     app.conf.worker_enable_remote_control = False
     app.conf.worker_send_task_events = False

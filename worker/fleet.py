@@ -21,8 +21,11 @@ from shared.config import get_settings
 from shared.db import session_scope
 from shared.queueing import pending_job_ids, publish_job
 from shared.routing import Capacity
+from shared.services import fleet as fleet_service
 from shared.services import runs, webhooks
-from shared.services.fleet import stale_after
+from shared.services.fleet import DeviceTaken, stale_after
+from shared.states import WorkerStatus
+from worker.gpus import gpu_stats, gpu_uuids
 
 log = logging.getLogger("lorafleet.fleet")
 
@@ -30,6 +33,7 @@ _state_lock = threading.Lock()
 _current_job: str | None = None
 _worker_id: str | None = None
 _capacity: Capacity | None = None
+_uuids: list[str] = []
 _stop = threading.Event()
 draining = threading.Event()  # set on warm shutdown: checkpoint the current job and hand it back
 _threads: list[threading.Thread] = []
@@ -100,10 +104,15 @@ def _heartbeat_once() -> None:
     if _worker_id is None:
         return
     job = current_job()
+    stats = gpu_stats(_uuids)
     try:
         with session_scope() as session:
-            status = "draining" if draining.is_set() else ("busy" if job else "idle")
-            runs.heartbeat_worker(session, _worker_id, status, job)
+            status = (
+                WorkerStatus.DRAINING
+                if draining.is_set()
+                else (WorkerStatus.BUSY if job else WorkerStatus.IDLE)
+            )
+            fleet_service.heartbeat_worker(session, _worker_id, status, job, stats)
     except Exception:
         log.exception("worker heartbeat failed")
 
@@ -113,7 +122,7 @@ def reap_once() -> None:
     settings = get_settings()
     now = datetime.now(UTC)
     with session_scope() as session:
-        gone = runs.mark_stale_workers_offline(session, stale_after(settings))
+        gone = fleet_service.mark_stale_workers_offline(session, stale_after(settings))
     for wid in gone:
         log.warning("worker %s sent no heartbeat for %.0f s: offline", wid, stale_after(settings))
     with session_scope() as session:
@@ -159,17 +168,14 @@ def start_background(hostname: str) -> None:
     settings = get_settings()
     wid = worker_id(hostname)
     offer = routing_capacity()
-    with session_scope() as session:
-        runs.register_worker(
-            session,
-            wid,
-            hostname=platform.node(),
-            gpus=offer.gpus,
-            gpu_type=offer.gpu_type,
-            gpu_memory_bytes=offer.gpu_memory_bytes,
-            procs=offer.gpus or settings.worker_procs,
-            version=_version(),
-        )
+    _uuids[:] = gpu_uuids()
+    try:
+        _register(wid, offer, settings.worker_procs)
+    except DeviceTaken as exc:
+        # Two workers on one GPU would each assume all of its memory: refuse to start.
+        log.critical("refusing to start: %s", exc)
+        logging.shutdown()
+        os._exit(78)  # EX_CONFIG
     if _threads:
         return
     _stop.clear()
@@ -184,11 +190,26 @@ def start_background(hostname: str) -> None:
         _threads.append(thread)
 
 
+def _register(wid: str, offer: Capacity, cpu_procs: int) -> None:
+    with session_scope() as session:
+        fleet_service.register_worker(
+            session,
+            wid,
+            hostname=platform.node(),
+            gpus=offer.gpus,
+            gpu_type=offer.gpu_type,
+            gpu_memory_bytes=offer.gpu_memory_bytes,
+            procs=offer.gpus or cpu_procs,
+            version=_version(),
+            gpu_uuids=_uuids,
+        )
+
+
 def stop_background() -> None:
     _stop.set()
     if _worker_id is not None:
         try:
             with session_scope() as session:
-                runs.mark_worker_offline(session, _worker_id)
+                fleet_service.mark_worker_offline(session, _worker_id)
         except Exception:
             log.exception("could not mark worker offline")

@@ -1,50 +1,84 @@
-"""Run one claimed job: fetch inputs, launch the engine's ranks, publish progress, store results.
+"""Run one claimed attempt of a job: the glue between the engine's run, the database and storage.
 
-The engine writes progress as JSON lines; this runner tails them, renews the lease, watches the
-cancel flag, uploads each checkpoint to object storage (the next attempt may run on another
-machine), and records the outcome. It is the only place that joins the engine, the database and
-storage together.
+An attempt holds a :class:`~shared.services.runs.Lease` (job, worker, epoch). Everything it
+writes is fenced by that lease (a frozen-then-thawed worker writes nothing), and everything it
+keeps on disk lives in its own folder ``work/<job>/<worker>-<epoch>/`` (clean-up never touches
+another attempt's files, even on a data dir shared by several workers).
+
+Riding out outages: the engine's ranks never wait for the database or storage. Records from the
+engine go into an outbox; the outbox is pumped between polls of the run, and a write that fails
+(database restarting, storage unreachable) stays queued and is retried with backoff. The lease is
+renewed from its own thread, which knows when the last renewal succeeded: only when the lease
+would run out does the attempt stop (ranks ended, nothing more written). A short outage therefore
+costs nothing, not even an attempt.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
+import io
 import logging
+import re
 import shutil
-import signal
 import tarfile
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from shared.config import Settings
 from shared.db import session_scope
-from shared.models import File, Job
+from shared.models import File, Job, utcnow
 from shared.queueing import publish_job
 from shared.services import runs, webhooks
+from shared.services.fleet import locate_base_model
+from shared.services.logs import logs_prefix
+from shared.services.runs import Lease, LeaseLost
 from shared.spec import JobSpec
 from shared.storage import Storage, storage_from_url
 from worker import fleet
-from worker.training.launch import EXIT_PREEMPTED, device_count, iter_progress, launch
+from worker.training import events
+from worker.training.checkpoints import CheckpointPolicy
+from worker.training.failures import Failure, FailureClass, classify, read_log
+from worker.training.launch import device_count
+from worker.training.run import MemoryGuard, Outcome, RunResult, StopRequest, TrainingRun
 
 log = logging.getLogger("lorafleet.runner")
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "manifest.json", "README.md")
-DEFAULT_CHECKPOINT_EVERY = 50
+LOG_KEEP_BYTES = 1024 * 1024  # per rank: the end of a log is what explains a failure
+DISK_FULL_BYTES = 16 * 1024 * 1024  # less free than this under the work dir: "disk full"
+T = TypeVar("T")
 
 
-class JobLost(Exception):
-    """The row is no longer ours (lease taken over, or the job was cancelled/finished)."""
-
-
-def checkpoint_prefix(job_id: str, step: int) -> str:
-    return f"jobs/{job_id}/checkpoints/step_{step}/"
+def checkpoint_prefix(lease: Lease, step: int) -> str:
+    """Storage prefix of a checkpoint: the attempt's epoch is part of it, so a late upload of
+    an older attempt can never overwrite (or be mistaken for) the live attempt's checkpoint."""
+    return f"jobs/{lease.job_id}/checkpoints/step_{step}-e{lease.epoch}/"
 
 
 def adapter_key(job_id: str) -> str:
     return f"jobs/{job_id}/adapter.tar.gz"
+
+
+def attempt_dir(data_dir: Path, lease: Lease) -> Path:
+    """``work/<job>/<worker>-<epoch>``: this attempt's own files and nothing else."""
+    worker = re.sub(r"[^A-Za-z0-9_.-]", "_", lease.worker_id)
+    return data_dir.resolve() / "work" / lease.job_id / f"{worker}-{lease.epoch}"
+
+
+def folder_digest(folder: Path) -> str:
+    """sha256 over (name, content) of every file of a checkpoint folder, in name order."""
+    digest = hashlib.sha256()
+    for item in sorted(p for p in folder.iterdir() if p.is_file()):
+        digest.update(item.name.encode() + b"\0")
+        with open(item, "rb") as stream:
+            while chunk := stream.read(1 << 20):
+                digest.update(chunk)
+        digest.update(b"\0")
+    return digest.hexdigest()
 
 
 def make_adapter_tarball(folder: Path, dest: Path) -> tuple[str, int]:
@@ -58,281 +92,512 @@ def make_adapter_tarball(folder: Path, dest: Path) -> tuple[str, int]:
 
 
 class LeaseKeeper(threading.Thread):
-    """Renews the job's lease from its own thread, so a slow step of the runner (a first torch
-    import, a multi-GB checkpoint upload) can never let the lease lapse while the worker lives;
-    and notices a cancel request or the loss of the job."""
+    """Renews the lease from its own thread and knows when the last renewal succeeded.
 
-    def __init__(self, job_id: str, worker_id: str, settings: Settings) -> None:
-        super().__init__(name=f"lease-{job_id}", daemon=True)
-        self.job_id = job_id
-        self.worker_id = worker_id
+    A slow step of the runner (a first torch import, a big upload) never lets the lease lapse
+    while the worker lives; a database outage does not either, as long as it is shorter than
+    what is left of the lease. ``lost``: the job is no longer ours (renewal refused) or the lease
+    ran out while the database was unreachable; either way the attempt must stop writing.
+    """
+
+    def __init__(self, lease: Lease, settings: Settings) -> None:
+        super().__init__(name=f"lease-{lease.job_id}", daemon=True)
+        self.lease = lease
         self.lease_seconds = settings.lease_seconds
         self.period = max(0.2, min(2.0, settings.lease_seconds / 4))
+        # Stop this long before the lease would expire, so the reaper never sees a live writer.
+        self.margin = max(0.5, 0.2 * settings.lease_seconds)
+        self.last_renewed = time.monotonic()  # the claim just set the lease
         self.cancelled = threading.Event()
         self.lost = threading.Event()
+        self.failures = 0
         self._stop = threading.Event()
+
+    @property
+    def deadline(self) -> float:
+        """Monotonic time after which this attempt may no longer assume it holds the lease."""
+        return self.last_renewed + self.lease_seconds - self.margin
+
+    def expired(self) -> bool:
+        return self.lost.is_set() or time.monotonic() > self.deadline
 
     def run(self) -> None:
         while not self._stop.wait(self.period):
+            started = time.monotonic()
             try:
                 with session_scope() as session:
-                    ours = runs.renew_lease(
-                        session, self.job_id, self.worker_id, self.lease_seconds
-                    )
-                    cancel = runs.cancel_requested(session, self.job_id)
-            except Exception:  # a database hiccup: try again next period
-                log.exception("lease renewal failed for %s", self.job_id)
+                    ours = runs.renew_lease(session, self.lease, self.lease_seconds)
+                    cancel = runs.cancel_requested(session, self.lease.job_id) if ours else False
+            except Exception as exc:  # the database is unreachable: keep trying while we may
+                self.failures += 1
+                log.warning("lease renewal of %s failed (%s)", self.lease.job_id, exc)
+                if time.monotonic() > self.deadline:
+                    log.error("lease of %s ran out during an outage; stopping", self.lease.job_id)
+                    self.lost.set()
+                    return
                 continue
-            if cancel:
-                self.cancelled.set()
             if not ours:
                 self.lost.set()
                 return
+            self.last_renewed = started
+            if cancel:
+                self.cancelled.set()
 
     def stop(self) -> None:
         self._stop.set()
 
 
+@dataclass
+class _Upload:
+    step: int
+    path: Path
+    state: dict[str, Any]
+    prefix: str = ""
+    digest: str = ""
+    uploaded: bool = False
+
+
+@dataclass
+class Outbox:
+    """Writes of an attempt, in order, retried with backoff until they land or the lease ends.
+
+    Progress snapshots coalesce (only the newest matters); metric points, events and checkpoint
+    commits are kept in order. Nothing here raises into the training loop.
+    """
+
+    lease: Lease
+    storage: Storage
+    keep: int
+    events: list[tuple[str, str, dict[str, Any] | None, Any]] = field(default_factory=list)
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    progress: dict[str, Any] | None = None
+    uploads: list[_Upload] = field(default_factory=list)
+    lost: bool = False
+    retry_at: float = 0.0
+    backoff: float = 0.0
+    outage_started: float | None = None
+    outages: list[float] = field(default_factory=list)
+
+    def event(self, message: str, level: str = "info", data: dict[str, Any] | None = None) -> None:
+        self.events.append((level, message, data, utcnow()))
+
+    @property
+    def empty(self) -> bool:
+        return not (self.events or self.metrics or self.progress or self.uploads)
+
+    def pump(self, force: bool = False) -> bool:
+        """Try the queued writes once (respecting backoff unless ``force``); True when empty."""
+        if self.lost or self.empty:
+            return not self.lost
+        if not force and time.monotonic() < self.retry_at:
+            return False
+        try:
+            self._write_all()
+        except LeaseLost:
+            log.warning("job %s: lease lost; dropping unwritten records", self.lease.job_id)
+            self.lost = True
+            return False
+        except Exception as exc:  # database or storage unreachable: keep it for later
+            if self.outage_started is None:
+                self.outage_started = time.monotonic()
+            self.backoff = min(2.0, max(0.2, self.backoff * 2))
+            self.retry_at = time.monotonic() + self.backoff
+            log.warning(
+                "job %s: write failed, retrying in %.1fs (%s)",
+                self.lease.job_id,
+                self.backoff,
+                str(exc).splitlines()[0][:200],
+            )
+            return False
+        if self.outage_started is not None:
+            lasted = time.monotonic() - self.outage_started
+            self.outages.append(lasted)
+            self.outage_started = None
+            self.event(
+                f"database or storage unreachable for {lasted:.1f}s; training went on and the "
+                "delayed records were written",
+                "warning",
+                {"outage_seconds": round(lasted, 1)},
+            )
+        self.backoff = 0.0
+        return True
+
+    def _write_all(self) -> None:
+        while self.events:
+            level, message, data, at = self.events[0]
+            with session_scope() as session:
+                runs.add_event(session, self.lease, level, message, data, created_at=at)
+            self.events.pop(0)
+        if self.metrics:
+            with session_scope() as session:
+                runs.add_metrics(session, self.lease, self.metrics)
+            self.metrics = []
+        if self.progress is not None:
+            with session_scope() as session:
+                runs.record_progress(session, self.lease, self.progress)
+            self.progress = None
+        while self.uploads:
+            self._commit_checkpoint(self.uploads[0])
+            self.uploads.pop(0)
+
+    def _commit_checkpoint(self, upload: _Upload) -> None:
+        if not upload.uploaded:
+            if not upload.path.is_dir():  # pruned by the engine before we got to it
+                return
+            upload.prefix = checkpoint_prefix(self.lease, upload.step)
+            upload.digest = folder_digest(upload.path)
+            for item in sorted(upload.path.iterdir()):
+                self.storage.put_file(upload.prefix + item.name, item)
+            upload.uploaded = True
+        # The fenced row is the commit point: without it the objects are never used.
+        try:
+            with session_scope() as session:
+                runs.record_checkpoint(
+                    session, self.lease, upload.step, upload.prefix, upload.digest, upload.state
+                )
+                old = runs.prune_checkpoints(session, self.lease, self.keep)
+        except LeaseLost:
+            _delete_prefix(self.storage, upload.prefix)  # ours alone: nobody will use them
+            raise
+        for old_prefix in old:
+            _delete_prefix(self.storage, old_prefix)
+        self.event(f"checkpoint saved at step {upload.step}", data={"step": upload.step})
+
+
+def _delete_prefix(storage: Storage, prefix: str) -> None:
+    try:
+        for key in storage.list(prefix):
+            storage.delete(key)
+    except Exception:
+        log.warning("could not delete %s from storage", prefix, exc_info=True)
+
+
 class JobRunner:
     """One attempt of one job on this worker."""
 
-    def __init__(self, job_id: str, worker_id: str, attempt: int, settings: Settings) -> None:
-        self.job_id = job_id
-        self.worker_id = worker_id
+    def __init__(self, lease: Lease, attempt: int, settings: Settings) -> None:
+        self.lease = lease
+        self.job_id = lease.job_id
+        self.worker_id = lease.worker_id
         self.attempt = attempt
         self.settings = settings
         self.storage: Storage = storage_from_url(
             settings.storage_url or "", settings.s3_endpoint_url
         )
-        self.work = settings.data_dir.resolve() / "work" / job_id / f"attempt-{attempt}"
+        self.policy = CheckpointPolicy.with_keep(settings.checkpoints_keep)
+        self.work = attempt_dir(settings.data_dir, lease)
+        self.keeper = LeaseKeeper(lease, settings)
+        self.outbox = Outbox(lease, self.storage, self.policy.keep)
         self._last_progress_write = 0.0
-        self._pending_metrics: list[dict[str, Any]] = []
-        self._error: dict[str, str] | None = None
-        self._manifest: dict[str, Any] | None = None
-        self._last_step: int | None = None
-        self._drain_sent = False
+        self.guard: MemoryGuard | None = None
 
-    # ------------------------------------------------------------------ helpers
-    def _event(self, message: str, level: str = "info", data: dict[str, Any] | None = None) -> None:
-        with session_scope() as session:
-            runs.add_event(session, self.job_id, level, message, data)
+    # ------------------------------------------------------------------ retrying
+    def _retry(self, what: str, action: Callable[[], T]) -> T | None:
+        """Run ``action`` until it succeeds or the lease runs out (None then, or on LeaseLost)."""
+        delay = 0.2
+        while True:
+            try:
+                return action()
+            except LeaseLost:
+                return None
+            except Exception as exc:
+                if self.keeper.expired():
+                    log.error(
+                        "job %s: %s failed until the lease ran out: %s", self.job_id, what, exc
+                    )
+                    return None
+                log.warning("job %s: %s failed, retrying (%s)", self.job_id, what, exc)
+                time.sleep(delay)
+                delay = min(2.0, delay * 2)
 
-    def _finish(self, status: str, **fields: Any) -> None:
-        with session_scope() as session:
-            done = runs.finish_job(session, self.job_id, self.worker_id, status, **fields)
+    def _settle(self) -> bool:
+        """Flush the outbox before a final transition; False if the lease ended first."""
+        while not self.outbox.pump(force=True):
+            if self.outbox.lost or self.keeper.expired():
+                return False
+            time.sleep(max(0.2, self.outbox.backoff))
+        return True
+
+    def _finish(self, status: str, **fields: Any) -> bool:
+        def finish() -> bool:
+            with session_scope() as session:
+                return runs.finish_job(session, self.lease, status, **fields)
+
+        done = self._settle() and bool(self._retry("final state", finish))
         if done:  # only the attempt that set the final state announces it
-            webhooks.notify_final(self.job_id, self.settings)
+            try:
+                webhooks.notify_final(self.job_id, self.settings)
+            except Exception:
+                log.exception("webhook for %s failed", self.job_id)
+        return done
 
+    # ------------------------------------------------------------------ inputs
     def _fetch_inputs(self, spec: JobSpec) -> tuple[JobSpec, str]:
         """Download dataset files; resolve the base model to a local folder or hub id."""
         inputs = self.work / "inputs"
         inputs.mkdir(parents=True, exist_ok=True)
         local: dict[str, str | None] = {"training_file": None, "validation_file": None}
-        with session_scope() as session:
-            for field in local:
-                file_id = getattr(spec, field)
-                if not file_id:
-                    continue
+        for name in local:
+            file_id = getattr(spec, name)
+            if not file_id:
+                continue
+            with session_scope() as session:
                 record = session.get(File, file_id)
-                if record is None:
-                    raise ValueError(f"{field} {file_id} no longer exists")
-                target = inputs / f"{field}.jsonl"
-                self.storage.get_file(record.storage_key, target)
-                local[field] = str(target)
-        folder = self.settings.models_path / spec.base_model
-        model_path = str(folder.resolve()) if folder.is_dir() else spec.base_model
-        updates: dict[str, Any] = {
-            "training_file": local["training_file"],
-            "validation_file": local["validation_file"],
-        }
-        if spec.training.checkpoint_every_steps is None:
-            updates["training"] = spec.training.model_copy(
-                update={"checkpoint_every_steps": DEFAULT_CHECKPOINT_EVERY}
-            )
-        return spec.model_copy(update=updates), model_path
+                key = record.storage_key if record is not None else None
+            if key is None:
+                raise InputError(f"{name} {file_id} no longer exists")
+            target = inputs / f"{name}.jsonl"
+            self.storage.get_file(key, target)
+            local[name] = str(target)
+        try:
+            where = locate_base_model(spec.base_model, self.settings)
+        except ValueError as exc:
+            raise InputError(str(exc)) from None
+        if isinstance(where, str):
+            from worker.training.hub import check_hub_model
+
+            problem = check_hub_model(where)
+            if problem is not None:
+                raise InputError(problem)
+        model_path = str(where.resolve()) if isinstance(where, Path) else where
+        return spec.model_copy(update=local), model_path
 
     def _fetch_checkpoint(self) -> tuple[Path, int] | None:
-        with session_scope() as session:
-            latest = runs.latest_checkpoint(session, self.job_id)
-            found = (latest.step, latest.storage_key) if latest is not None else None
-        if found is None:
-            return None
-        step, prefix = found
-        target = self.work / "resume" / f"step_{step}"
-        target.mkdir(parents=True, exist_ok=True)
-        for key in self.storage.list(prefix):
-            self.storage.get_file(key, target / key[len(prefix) :].lstrip("/"))
-        return target, step
+        """The newest committed checkpoint whose digest verifies; older ones if it does not."""
 
-    def _upload_checkpoint(self, record: dict[str, Any]) -> None:
-        path = Path(record["path"])
-        step = int(record["step"])
-        prefix = checkpoint_prefix(self.job_id, step)
-        digest = hashlib.sha256()
-        try:
-            for item in sorted(path.iterdir()):
-                digest.update(item.read_bytes())
-                self.storage.put_file(prefix + item.name, item)
-        except FileNotFoundError:  # pruned by the engine before we got to it: a newer one exists
-            return
-        # Recorded only once every file is up: the row is the commit point of a checkpoint.
-        with session_scope() as session:
-            runs.record_checkpoint(
-                session, self.job_id, step, prefix, digest.hexdigest(), record.get("metrics") or {}
+        def committed() -> list[tuple[int, str, str | None]]:
+            with session_scope() as session:
+                return [
+                    (r.step, r.storage_key, r.sha256)
+                    for r in runs.committed_checkpoints(session, self.job_id)
+                ]
+
+        rows = self._retry("checkpoint list", committed) or []
+        for index, (step, prefix, sha) in enumerate(rows):
+            target = self.work / "resume" / f"step_{step}"
+            shutil.rmtree(target, ignore_errors=True)
+            target.mkdir(parents=True)
+            problem = None
+            try:
+                keys = self.storage.list(prefix)
+                if not keys:
+                    problem = "its files are missing from storage"
+                for key in keys:
+                    self.storage.get_file(key, target / key[len(prefix) :].lstrip("/"))
+                if problem is None and folder_digest(target) != sha:
+                    problem = "its sha256 does not match the one recorded at commit"
+            except FileNotFoundError:
+                problem = "its files are missing from storage"
+            if problem is None:
+                return target, step
+            older = rows[index + 1][0] if index + 1 < len(rows) else None
+            fallback = f"falling back to step {older}" if older is not None else "starting over"
+            self.outbox.event(
+                f"checkpoint at step {step} is unusable ({problem}); {fallback}",
+                "warning",
+                {"step": step, "fallback": older},
             )
-            old = runs.prune_checkpoints(session, self.job_id, self.settings.checkpoints_keep)
-        for old_prefix in old:
-            for key in self.storage.list(old_prefix):
-                self.storage.delete(key)
-        self._event(f"checkpoint saved at step {step}", data={"step": step})
+        return None
 
     # ------------------------------------------------------------------ progress
-    def _handle(self, record: dict[str, Any]) -> None:
-        kind = record.get("type")
-        if kind == "event":
-            message = str(record.get("message", ""))
-            if message.startswith("resumed from step"):
-                message = f"{message} (attempt {self.attempt})"
-            self._event(message, record.get("level", "info"), record.get("data"))
-        elif kind == "progress":
-            point = {key: record.get(key) for key in runs.PROGRESS_FIELDS}
-            # The series carries eval loss only where it was measured; progress keeps the latest.
-            self._pending_metrics.append(
-                {**point, "eval_loss": point["eval_loss"] if record.get("evaluated") else None}
+    def _handle(self, record: events.Record) -> None:
+        """Every engine record lands in the outbox; nothing here talks to the database."""
+        box = self.outbox
+        if isinstance(record, events.Event):
+            box.event(record.message, record.level, record.data)
+        elif isinstance(record, events.Resumed):
+            box.event(
+                f"resumed from step {record.step} (attempt {self.attempt})",
+                data={"step": record.step},
             )
-            self._last_step = point["step"]
-            self._flush_progress(point, force=point["step"] == point["total_steps"])
-        elif kind == "checkpoint":
-            self._flush_progress(None, force=True)
-            self._upload_checkpoint(record)
-        elif kind == "preempted":
-            self._last_step = int(record["step"])
-        elif kind == "done":
-            self._manifest = record.get("manifest")
-        elif kind == "error":
-            self._error = {"code": str(record.get("code")), "message": str(record.get("message"))}
+        elif isinstance(record, events.Step):
+            box.metrics.append(record.metric_point())
+            box.progress = record.snapshot()
+        elif isinstance(record, events.CheckpointSaved):
+            box.uploads.append(_Upload(record.step, Path(record.path), record.state))
 
-    def _flush_progress(self, point: dict[str, Any] | None, force: bool = False) -> None:
+    def _control(self) -> StopRequest | None:
         now = time.monotonic()
-        if not force and now - self._last_progress_write < self.settings.progress_interval_seconds:
-            return
-        if not self._pending_metrics:
-            return
-        latest = point or self._pending_metrics[-1]
-        with session_scope() as session:
-            runs.add_metrics(session, self.job_id, self._pending_metrics)
-            runs.record_progress(session, self.job_id, latest)
-        self._pending_metrics = []
-        self._last_progress_write = now
+        due = now - self._last_progress_write >= self.settings.progress_interval_seconds
+        if due or self.outbox.uploads:
+            self.outbox.pump()
+            self._last_progress_write = now
+        if self.keeper.expired() or self.outbox.lost:
+            return StopRequest.LOST
+        if self.keeper.cancelled.is_set():
+            return StopRequest.CANCEL
+        if fleet.draining.is_set():
+            return StopRequest.DRAIN
+        return None
 
     # ------------------------------------------------------------------ run
     def run(self) -> str:
-        shutil.rmtree(self.work, ignore_errors=True)
         self.work.mkdir(parents=True, exist_ok=True)
-        self.lease = LeaseKeeper(self.job_id, self.worker_id, self.settings)
-        self.lease.start()
+        self.keeper.start()
         try:
             return self._run()
         finally:
-            self.lease.stop()
-            shutil.rmtree(self.work.parent, ignore_errors=True)
+            self.keeper.stop()
+            shutil.rmtree(self.work, ignore_errors=True)  # our attempt's folder, nothing else
+            try:
+                self.work.parent.rmdir()  # the job's folder, only if no other attempt uses it
+            except OSError:
+                pass
 
     def _run(self) -> str:
-        with session_scope() as session:
-            job = session.get(Job, self.job_id)
-            assert job is not None
-            spec = JobSpec.model_validate(job.spec)
+        def read_spec() -> JobSpec:
+            with session_scope() as session:
+                job = session.get(Job, self.job_id)
+                assert job is not None
+                return JobSpec.model_validate(job.spec)
+
+        spec = self._retry("job read", read_spec)
+        if spec is None:  # the database stayed away for the whole lease
+            return "lost"
         try:
             local_spec, model_path = self._fetch_inputs(spec)
-            resume = self._fetch_checkpoint()
-        except Exception as exc:
+        except InputError as exc:
+            return self._fail(Failure("invalid_input", FailureClass.USER, str(exc)), None)
+        except Exception as exc:  # storage or database trouble: another attempt may do better
             log.exception("could not fetch inputs of %s", self.job_id)
-            self._finish("failed", error_code="input_unavailable", error_message=str(exc))
-            return "failed"
-        spec_path = self.work / "spec.json"
-        spec_path.write_text(local_spec.model_dump_json())
+            return self._fail(
+                Failure(
+                    "input_unavailable", FailureClass.INFRASTRUCTURE, f"inputs unavailable: {exc}"
+                ),
+                None,
+            )
+        resume = self._fetch_checkpoint()
         gpus = device_count()
-        nproc = gpus or self.settings.worker_procs
-        if isinstance(spec.resources.gpus, int) and gpus:
-            nproc = max(1, min(nproc, spec.resources.gpus))
+        nproc = ranks_for(spec, gpus, self.settings.worker_procs)
         if resume is None:
-            self._event(
+            self.outbox.event(
                 f"started on {self.worker_id} (attempt {self.attempt}, {nproc} "
                 f"{'GPU' if gpus else 'CPU'} process(es))"
             )
-        progress_file = self.work / "progress.jsonl"
-        out_dir = self.work / "adapter"
-        group = launch(
-            spec_path,
-            out_dir,
-            nproc,
-            work_dir=self.work,
+        run = TrainingRun(
+            spec=local_spec,
             model_path=model_path,
-            progress_file=progress_file,
-            checkpoint_dir=self.work / "checkpoints",
+            work_dir=self.work,
+            out_dir=self.work / "adapter",
+            nproc=nproc,
             resume_from=resume[0] if resume else None,
-            keep_checkpoints=2,
+            checkpoint_dir=self.work / "checkpoints",
+            policy=self.policy,
+            data_cache_dir=None,  # the engine's --cache-dir (per job, not per attempt) at merge
         )
-        code: int | None = None
-        try:
+        self.guard = MemoryGuard(memory_limit(self.settings))
+        result = run.run(on_record=self._handle, control=self._control, watchdog=self.guard)
+        return self._conclude(run, result)
 
-            def stopped() -> bool:
-                nonlocal code
-                code = group.poll()
-                if self.lease.cancelled.is_set():
-                    group.terminate(grace_seconds=2.0)
-                    raise InterruptedError
-                if self.lease.lost.is_set():
-                    group.kill()
-                    raise JobLost
-                if fleet.draining.is_set() and not self._drain_sent and code is None:
-                    self._drain_sent = True
-                    if self._last_step is None:  # not training yet: nothing worth saving
-                        group.terminate(grace_seconds=2.0)
-                        code = EXIT_PREEMPTED
-                    else:  # every rank checkpoints after the same step, then exits 75
-                        group.signal_all(signal.SIGUSR1)
-                return code is not None
-
-            for record in iter_progress(progress_file, stopped):
-                self._handle(record)
-            self._flush_progress(None, force=True)
-        except InterruptedError:
-            self._flush_progress(None, force=True)
-            self._finish("cancelled")
-            return "cancelled"
-        except JobLost:
+    def _conclude(self, run: TrainingRun, result: RunResult) -> str:
+        self._keep_logs(result)
+        if result.outcome == Outcome.LOST or self.outbox.lost:
             log.warning("job %s is no longer ours; dropped", self.job_id)
             return "lost"
-        finally:
-            if group.poll() is None:
-                group.kill()
-        if code == 0 and (out_dir / "adapter_model.safetensors").exists():
-            return self._succeed(out_dir)
-        if code == EXIT_PREEMPTED:
-            with session_scope() as session:
-                released = runs.release_job(session, self.job_id, self.worker_id, self._last_step)
-            if released:
-                publish_job(self.job_id, fleet.queue_of(self.job_id))
+        if result.outcome == Outcome.CANCELLED:
+            return "cancelled" if self._finish("cancelled") else "lost"
+        if result.outcome == Outcome.SUCCEEDED:
+            return self._succeed(run.out_dir, result)
+        if result.outcome == Outcome.PREEMPTED:
+            if not self._settle():  # the drain checkpoint must be committed before release
+                return "lost"
+
+            def release() -> bool:
+                with session_scope() as session:
+                    return runs.release_job(session, self.lease, result.last_step)
+
+            if self._retry("release", release):
+                self._publish()
             return "released"
+        failure = self._classify(result)
+        return self._fail(failure, result)
 
-        error = self._error or {
-            "code": "training_failed",
-            "message": (group.log_tail(1500).strip().splitlines() or ["exit code " + str(code)])[
-                -1
-            ],
-        }
-        log.error("job %s failed: %s", self.job_id, error)
-        self._finish("failed", error_code=error["code"], error_message=error["message"])
-        return "failed"
+    def _classify(self, result: RunResult) -> Failure:
+        rank = result.failed_rank if result.failed_rank is not None else 0
+        text = read_log(result.log_files[rank]) if rank < len(result.log_files) else ""
+        error = result.error
+        if error is not None and error.code == "out_of_memory" and self.guard is not None:
+            limit = self.guard.limit_bytes / 2**30
+            peak = self.guard.peak_bytes / 2**30
+            return Failure(
+                "out_of_memory",
+                FailureClass.USER,
+                f"out of memory: the training processes used {peak:.1f} GiB, over this worker's "
+                f"bound of {limit:.1f} GiB (LORAFLEET_WORKER_MEMORY_LIMIT_BYTES; POST /estimate "
+                "shows what the job needs). Lower training.batch_size or "
+                "training.max_seq_length, or enable training.gradient_checkpointing.",
+            )
+        free = shutil.disk_usage(self.work).free
+        if free < DISK_FULL_BYTES:  # the rank could not even write why it failed
+            return Failure(
+                "disk_full",
+                FailureClass.INFRASTRUCTURE,
+                f"disk full: {free} bytes free under {self.work.parent} when rank {rank} failed "
+                f"(exit status {result.exit_code})",
+            )
+        return classify(
+            result.exit_code,
+            error.code if error else None,
+            error.message if error else None,
+            result.failed_rank,
+            text,
+        )
 
-    def _succeed(self, out_dir: Path) -> str:
+    def _fail(self, failure: Failure, result: RunResult | None) -> str:
+        log.error("job %s attempt %s: %s", self.job_id, self.attempt, failure.message)
+        if not failure.retryable:
+            done = self._finish("failed", error_code=failure.code, error_message=failure.message)
+            return "failed" if done else "lost"
+
+        def retry() -> str | None:
+            with session_scope() as session:
+                return runs.retry_job(session, self.lease, failure.code, failure.message)
+
+        if not self._settle():
+            return "lost"
+        status = self._retry("retry", retry)
+        if status == "queued":
+            self._publish()
+            return "retrying"
+        if status == "failed":
+            webhooks.notify_final(self.job_id, self.settings)
+            return "failed"
+        return "lost"
+
+    def _publish(self) -> None:
+        def publish() -> bool:
+            publish_job(self.job_id, fleet.queue_of(self.job_id))
+            return True
+
+        self._retry("publish", publish)
+
+    def _put(self, key: str, path: Path) -> bool:
+        return self._retry(f"upload of {key}", lambda: self.storage.put_file(key, path)) is not None
+
+    def _put_bytes(self, key: str, blob: bytes) -> bool:
+        def put() -> int:
+            return self.storage.put_stream(key, io.BytesIO(blob))
+
+        return self._retry(f"upload of {key}", put) is not None
+
+    def _keep_logs(self, result: RunResult) -> None:
+        """Each attempt's rank logs (their last LOG_KEEP_BYTES) go to storage, whatever the end."""
+        prefix = logs_prefix(self.job_id, self.lease.epoch)
+        for rank, path in enumerate(result.log_files):
+            if not path.exists():
+                continue
+            text = read_log(path, LOG_KEEP_BYTES).encode()  # from memory: the disk may be full
+            key = f"{prefix}rank{rank}.log"
+            self._put_bytes(key, text)
+
+    def _succeed(self, out_dir: Path, result: RunResult) -> str:
         tarball = self.work / "adapter.tar.gz"
         sha, size = make_adapter_tarball(out_dir, tarball)
         key = adapter_key(self.job_id)
-        self.storage.put_file(key, tarball)
-        manifest = self._manifest or json.loads((out_dir / "manifest.json").read_text())
-        self._finish(
+        manifest = result.manifest or {}
+        if not self._put(key, tarball):
+            return "lost"
+        done = self._finish(
             "succeeded",
             adapter_key=key,
             adapter_sha256=sha,
@@ -340,4 +605,27 @@ class JobRunner:
             manifest=manifest,
             trained_tokens=int(manifest.get("trained_tokens") or 0),
         )
-        return "succeeded"
+        return "succeeded" if done else "lost"
+
+
+class InputError(ValueError):
+    """The job's inputs cannot be used (a user error: fail at once with this message)."""
+
+
+def ranks_for(spec: JobSpec, gpus: int, cpu_procs: int) -> int:
+    """How many ranks a job trains with on this worker (``resources.gpus``: see docs/operators)."""
+    if not gpus:
+        return cpu_procs
+    wanted = spec.resources.gpus
+    if isinstance(wanted, int) and wanted > 0:
+        return min(gpus, wanted)
+    return gpus  # "all" or 0: every GPU this worker owns
+
+
+def memory_limit(settings: Settings) -> int:
+    """The bound on the ranks' resident memory: the setting, else 90% of what is free now."""
+    if settings.worker_memory_limit_bytes:
+        return settings.worker_memory_limit_bytes
+    import psutil
+
+    return int(psutil.virtual_memory().available * 0.9)

@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
+
+from celery.exceptions import Reject
+from sqlalchemy.exc import OperationalError
 
 from shared.config import get_settings
 from shared.db import session_scope
 from shared.queueing import TRAIN_TASK
 from shared.services import runs
+from shared.services.runs import Lease
 from worker import fleet
 from worker.celery_app import app
 from worker.job_runner import JobRunner
 
 log = logging.getLogger("lorafleet.worker")
+CLAIM_BUDGET_S = 60.0
 
 
 @app.task(name=TRAIN_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)
@@ -28,25 +34,46 @@ def train_job(self: Any, job_id: str) -> str:
     ("skipped"); a job still queued without a message is re-published by the reaper.
     """
     settings = get_settings()
+    if fleet.draining.is_set():
+        # A draining worker takes nothing new; the message goes back for another worker (the
+        # job it just released is often the one this message names).
+        raise Reject("worker draining", requeue=True)
     worker_id = fleet.worker_id(self.request.hostname)
-    with session_scope() as session:
-        job = runs.claim_next(
-            session,
-            worker_id,
-            fleet.routing_capacity(),
-            settings.lease_seconds,
-            preferred_job_id=job_id,
-        )
-        claimed = job.id if job is not None else None
-        attempt = job.attempts if job is not None else 0
+    claimed = _claim(worker_id, job_id, settings.lease_seconds)
     if claimed is None:
         log.info("woken by %s: no queued job fits this worker", job_id)
         return "skipped"
-    if claimed != job_id:
-        log.info("woken by %s; the database picked %s", job_id, claimed)
-    job_id = claimed
-    fleet.set_current_job(job_id)
+    lease, attempt = claimed
+    if lease.job_id != job_id:
+        log.info("woken by %s; the database picked %s", job_id, lease.job_id)
+    fleet.set_current_job(lease.job_id)
     try:
-        return JobRunner(job_id, worker_id, attempt, settings).run()
+        return JobRunner(lease, attempt, settings).run()
     finally:
         fleet.set_current_job(None)
+
+
+def _claim(worker_id: str, job_id: str, lease_s: float) -> tuple[Lease, int] | None:
+    """Claim a job, riding out a database that is briefly unreachable.
+
+    The task must not die of an OperationalError: if the database stays away past the budget the
+    message is dropped; the job is still queued in the database and the reaper re-publishes it.
+    """
+    deadline = time.monotonic() + CLAIM_BUDGET_S
+    delay = 0.5
+    while True:
+        try:
+            with session_scope() as session:
+                job = runs.claim_next(
+                    session, worker_id, fleet.routing_capacity(), lease_s, preferred_job_id=job_id
+                )
+                return (Lease.of(job), job.attempts) if job is not None else None
+        except OperationalError as exc:
+            if time.monotonic() > deadline:
+                log.error(
+                    "database unreachable for %.0f s; leaving %s queued", CLAIM_BUDGET_S, job_id
+                )
+                return None
+            log.warning("claim failed, retrying in %.1f s: %s", delay, str(exc).splitlines()[0])
+            time.sleep(delay)
+            delay = min(5.0, delay * 2)

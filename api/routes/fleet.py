@@ -30,6 +30,7 @@ def list_workers(_admin: AdminKey, session: SessionDep, settings: SettingsDep) -
                 current_job=w.current_job if status != "offline" else None,
                 last_heartbeat=w.last_heartbeat,
                 version=w.version,
+                devices=(w.gpu_stats or []) if status != "offline" else [],
             )
             for w, status in fleet.list_workers(session, settings)
         ]

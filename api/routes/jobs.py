@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response
-from fastapi.responses import StreamingResponse
+from fastapi.responses import PlainTextResponse, StreamingResponse
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
@@ -28,6 +28,7 @@ from shared.schemas import (
     Progress,
 )
 from shared.services import jobs as job_service
+from shared.services import logs as log_service
 from shared.services.downloads import ready_adapter
 from shared.spec import JobSpec
 from shared.states import ALL_STATES, FINAL
@@ -198,3 +199,25 @@ def download_adapter(
     if job.adapter_bytes is not None:
         headers["Content-Length"] = str(job.adapter_bytes)
     return StreamingResponse(chunks, media_type="application/gzip", headers=headers)
+
+
+@router.get(
+    "/jobs/{job_id}/logs",
+    response_class=PlainTextResponse,
+    responses={
+        200: {"content": {"text/plain": {}}, "description": "The attempt's rank logs."},
+        404: {"description": "No such job, or no logs kept for that attempt yet."},
+    },
+)
+def job_logs(
+    job_id: str,
+    owner: CurrentOwner,
+    session: SessionDep,
+    storage: StorageDep,
+    attempt: Annotated[
+        int | None, Query(ge=1, description="Attempt number (claim order); default the last.")
+    ] = None,
+) -> PlainTextResponse:
+    """Each rank's log of one attempt (the end of it, as kept when the attempt ended)."""
+    chosen, text = log_service.attempt_logs(session, storage, owner.owner, job_id, attempt)
+    return PlainTextResponse(text, headers={"X-Attempt": str(chosen)})

@@ -18,7 +18,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, text, update
 from sqlalchemy.orm import Session
 
 from shared.config import Settings
@@ -34,13 +34,16 @@ from shared.modelinfo import (
 )
 from shared.models import File, Worker, utcnow
 from shared.routing import Capacity, fits, no_fit_reason, requirements
+from shared.services.transitions import rowcount
 from shared.spec import JobSpec
+from shared.states import WorkerStatus
 from shared.storage import Storage
 
 # A worker silent this many leases is offline (the reaper marks it: mark_stale_workers_offline).
 STALE_LEASES = 3
 TOKEN_SAMPLE_BYTES = 4 * 1024 * 1024  # datasets larger than this are counted on a prefix
 CHAT_TOKENS_PER_MESSAGE = 4  # role markers and separators the chat template adds per message
+_REGISTRY_LOCK_ID = 0x10FA_0DE5  # pg advisory lock held while a worker registers its devices
 
 
 def stale_after(settings: Settings) -> float:
@@ -48,15 +51,16 @@ def stale_after(settings: Settings) -> float:
     return STALE_LEASES * settings.lease_seconds
 
 
-def effective_status(worker: Worker, settings: Settings) -> str:
+def effective_status(worker: Worker, settings: Settings) -> WorkerStatus:
     """The worker's status, or ``offline`` when its heartbeat is older than ``stale_after``."""
     cutoff = utcnow() - timedelta(seconds=stale_after(settings))
-    return "offline" if worker.last_heartbeat < cutoff else worker.status
+    return WorkerStatus.OFFLINE if worker.last_heartbeat < cutoff else WorkerStatus(worker.status)
 
 
-def list_workers(session: Session, settings: Settings) -> list[tuple[Worker, str]]:
+def list_workers(session: Session, settings: Settings) -> list[tuple[Worker, WorkerStatus]]:
     """All registered workers with their effective status, most recently seen first."""
-    rows = session.scalars(select(Worker).order_by(Worker.last_heartbeat.desc(), Worker.id))
+    query = select(Worker).order_by(Worker.last_heartbeat.desc(), Worker.id)
+    rows = session.scalars(query.execution_options(populate_existing=True))
     return [(w, effective_status(w, settings)) for w in rows]
 
 
@@ -65,8 +69,145 @@ def fleet_capacities(session: Session, settings: Settings) -> list[Capacity] | N
     workers = list_workers(session, settings)
     if not workers:
         return None
-    live = [w for w, status in workers if status != "offline"] or [w for w, _ in workers]
+    live = [w for w, status in workers if status != WorkerStatus.OFFLINE] or [w for w, _ in workers]
     return [Capacity(w.gpus, w.gpu_type, w.gpu_memory_bytes) for w in live]
+
+
+# ---------------------------------------------------------------- the worker registry
+class DeviceTaken(InvalidInput):
+    """A worker tried to register a GPU another live worker owns."""
+
+
+def _lock_registry(session: Session) -> None:
+    """Serialise registrations (PostgreSQL), so two workers starting together cannot both take
+    the same GPU; SQLite serialises writers by itself."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _REGISTRY_LOCK_ID})
+
+
+def register_worker(
+    session: Session,
+    worker_id: str,
+    hostname: str,
+    gpus: int = 0,
+    gpu_type: str | None = None,
+    gpu_memory_bytes: int | None = None,
+    procs: int = 1,
+    version: str | None = None,
+    queues: list[str] | None = None,
+    gpu_uuids: list[str] | None = None,
+    settings: Settings | None = None,
+) -> Worker:
+    """Insert or refresh a worker's record when it starts; refuse a GPU another worker owns.
+
+    Each worker owns its devices: two workers training on one GPU would each assume the whole
+    memory the estimate counted. A device held by a live worker (heartbeat within
+    ``stale_after``) refuses the registration with :class:`DeviceTaken`; an offline worker's
+    devices are free again.
+    """
+    from shared.config import get_settings
+
+    settings = settings or get_settings()
+    now = utcnow()
+    _lock_registry(session)
+    if gpu_uuids:
+        cutoff = now - timedelta(seconds=stale_after(settings))
+        others = session.scalars(
+            select(Worker).where(
+                Worker.id != worker_id,
+                Worker.status != WorkerStatus.OFFLINE.value,
+                Worker.last_heartbeat >= cutoff,
+            )
+        )
+        for other in others:
+            shared = sorted(set(other.gpu_uuids or ()) & set(gpu_uuids))
+            if shared:
+                session.rollback()
+                raise DeviceTaken(
+                    f"GPU {shared[0]} is already held by live worker {other.id} on "
+                    f"{other.hostname}; give each worker its own GPUs (CUDA_VISIBLE_DEVICES or "
+                    "compose device_ids, see docs/operators.md)",
+                    param="gpu_uuids",
+                    code="device_taken",
+                )
+    row = session.get(Worker, worker_id, populate_existing=True) or Worker(id=worker_id)
+    row.gpu_uuids = list(gpu_uuids) if gpu_uuids else None
+    row.gpu_stats = None
+    row.hostname = hostname
+    row.gpus = gpus
+    row.gpu_type = gpu_type
+    row.gpu_memory_bytes = gpu_memory_bytes
+    row.procs = procs
+    row.version = version
+    row.queues = queues
+    row.status = WorkerStatus.IDLE.value
+    row.current_job = None
+    row.last_heartbeat = now
+    row.started_at = now
+    session.add(row)
+    session.commit()
+    return row
+
+
+def heartbeat_worker(
+    session: Session,
+    worker_id: str,
+    status: WorkerStatus | None = None,
+    current_job: str | None = None,
+    gpu_stats: list[dict[str, Any]] | None = None,
+) -> bool:
+    """Record that the worker is alive (and what it does, and its devices' live use); False if
+    it was never registered."""
+    values: dict[str, Any] = {
+        "last_heartbeat": utcnow(),
+        "current_job": current_job,
+        "gpu_stats": gpu_stats or None,
+    }
+    if status is not None:
+        values["status"] = WorkerStatus(status).value
+    done = rowcount(session, update(Worker).where(Worker.id == worker_id).values(**values))
+    session.commit()
+    return bool(done)
+
+
+def mark_worker_offline(session: Session, worker_id: str) -> None:
+    """The worker shut down cleanly (or was found dead)."""
+    rowcount(
+        session,
+        update(Worker)
+        .where(Worker.id == worker_id)
+        .values(status=WorkerStatus.OFFLINE.value, current_job=None),
+    )
+    session.commit()
+
+
+def mark_stale_workers_offline(session: Session, older_than: float) -> list[str]:
+    """Workers silent for ``older_than`` seconds are marked offline; returns their ids."""
+    cutoff = utcnow() - timedelta(seconds=older_than)
+    offline = WorkerStatus.OFFLINE.value
+    ids = list(
+        session.scalars(
+            select(Worker.id).where(Worker.status != offline, Worker.last_heartbeat < cutoff)
+        )
+    )
+    if ids:
+        rowcount(
+            session,
+            update(Worker).where(Worker.id.in_(ids)).values(status=offline, current_job=None),
+        )
+    session.commit()
+    return ids
+
+
+# ---------------------------------------------------------------- jobs against the fleet
+def locate_base_model(name: str, settings: Settings) -> Path | str:
+    """Where ``base_model`` lives for this deployment: a local folder or an allowed hub id.
+
+    The one resolver every reader uses (submit, estimate, the job runner, ``lorafleet train``):
+    :func:`shared.modelinfo.resolve_base_model` with this deployment's models directory and hub
+    allow-list. Raises ``ValueError`` saying why a name is refused.
+    """
+    return resolve_base_model(name, settings.models_path, settings.allowed_hub_models)
 
 
 def model_info(spec: JobSpec, settings: Settings) -> ModelInfo | None:
@@ -76,9 +217,7 @@ def model_info(spec: JobSpec, settings: Settings) -> ModelInfo | None:
     fail on the worker anyway, and the reason is clearer now.
     """
     try:
-        where = resolve_base_model(
-            spec.base_model, settings.models_path, settings.allowed_hub_models
-        )
+        where = locate_base_model(spec.base_model, settings)
         if not isinstance(where, Path):
             return None
         return read_model_info(where)
@@ -245,10 +384,16 @@ def estimate_job(
 __all__ = [
     "STALE_LEASES",
     "check_job_fits",
+    "DeviceTaken",
     "check_target_modules",
     "estimate_job",
     "fleet_capacities",
+    "heartbeat_worker",
     "list_workers",
+    "locate_base_model",
+    "mark_stale_workers_offline",
+    "mark_worker_offline",
     "model_info",
+    "register_worker",
     "stale_after",
 ]

@@ -10,11 +10,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
 from datetime import datetime
-from typing import Any, cast
+from typing import Any
 
-from sqlalchemy import CursorResult, and_, func, or_, select, update
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -25,13 +24,11 @@ from shared.models import Checkpoint, File, Job, JobEvent, JobMetric, utcnow
 from shared.queueing import DEFAULT_QUEUE, publish_job
 from shared.routing import requirements
 from shared.services.fleet import check_job_fits, model_info, with_default_targets
+from shared.services.transitions import rowcount, transition
 from shared.spec import JobSpec
 from shared.states import ACTIVE, CANCELLED, QUEUED, RUNNING
 
 log = logging.getLogger(__name__)
-
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*$")
-_FOLDER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
 
 def request_hash(spec: JobSpec) -> str:
@@ -47,26 +44,6 @@ def queue_for(spec: JobSpec) -> str:
     job that fits it from the database (``runs.claim_next``), so no per-GPU-type queue is needed.
     """
     return DEFAULT_QUEUE
-
-
-def check_base_model(name: str, settings: Settings) -> None:
-    """Allow a folder name in MODELS_DIR or an allowed hub id; never an arbitrary server path."""
-    if _FOLDER_NAME.match(name) and ".." not in name:
-        if (settings.models_path / name).is_dir():
-            return
-        raise InvalidInput(
-            f"base_model {name!r} is no model folder in the models directory", param="base_model"
-        )
-    allowed = settings.allowed_hub_models.strip()
-    if _HUB_ID.match(name) and ".." not in name:
-        names = {n.strip() for n in allowed.split(",") if n.strip()}
-        if "*" in names or name in names:
-            return
-        raise InvalidInput(f"base_model {name!r} is not an allowed hub model", param="base_model")
-    raise InvalidInput(
-        f"base_model {name!r} must be a model folder name or a hub id (org/name)",
-        param="base_model",
-    )
 
 
 def _check_file(session: Session, owner: str, file_id: str | None, param: str) -> None:
@@ -113,7 +90,8 @@ def create_job(
 
     _check_file(session, owner, spec.training_file, "training_file")
     _check_file(session, owner, spec.validation_file, "validation_file")
-    check_base_model(spec.base_model, settings)
+    # The one resolver (shared.modelinfo.resolve_base_model): folder names, mirrors
+    # (models_dir/org/name), allowed hub ids and patterns such as "my-org/*"; paths refused.
     info = model_info(spec, settings)
     spec = with_default_targets(spec, info)
     # target_modules, routing and memory against the registered fleet: refuse now what could
@@ -207,11 +185,6 @@ def list_jobs(
     return rows[:limit], len(rows) > limit
 
 
-def _conditional(session: Session, stmt: Any) -> int:
-    result = cast(CursorResult[Any], session.execute(stmt))
-    return result.rowcount
-
-
 def cancel_job(session: Session, owner: str, job_id: str) -> Job:
     """Cancel: a queued job ends at once; a running one gets ``cancel_requested`` for its worker.
 
@@ -220,27 +193,30 @@ def cancel_job(session: Session, owner: str, job_id: str) -> Job:
     """
     for _ in range(3):  # the job may start running between our two conditional updates
         now = utcnow()
-        done = _conditional(
+        done = transition(
             session,
-            update(Job)
-            .where(Job.id == job_id, Job.owner == owner, Job.status == QUEUED.value)
-            .values(status=CANCELLED.value, finished_at=now, updated_at=now, cancel_requested=True)
-            .execution_options(synchronize_session=False),
+            job_id,
+            QUEUED,
+            CANCELLED,
+            where=[Job.owner == owner],
+            event=("info", "cancelled while queued"),
+            finished_at=now,
+            updated_at=now,
+            cancel_requested=True,
         )
         if done:
-            session.add(JobEvent(job_id=job_id, level="info", message="cancelled while queued"))
-            session.commit()
             # No worker will ever see this job: its webhook goes from here.
             from shared.services.webhooks import notify_final
 
             notify_final(job_id)
             return get_job(session, owner, job_id)
-        requested = _conditional(
+        # Not a status change: the flag asks the running attempt to stop; its worker (or the
+        # reaper, if the worker is gone) makes the transition to cancelled.
+        requested = rowcount(
             session,
             update(Job)
             .where(Job.id == job_id, Job.owner == owner, Job.status == RUNNING.value)
-            .values(cancel_requested=True, updated_at=now)
-            .execution_options(synchronize_session=False),
+            .values(cancel_requested=True, updated_at=now),
         )
         if requested:
             session.add(JobEvent(job_id=job_id, level="info", message="cancel requested; stopping"))

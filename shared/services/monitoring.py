@@ -27,9 +27,9 @@ from sqlalchemy.orm import Session
 
 from shared.config import Settings
 from shared.models import Job, utcnow
+from shared.queueing import BrokerKind, broker_kind
 from shared.services.fleet import list_workers
-from shared.services.runs import WORKER_STATUSES
-from shared.states import ALL_STATES, FINAL, QUEUED
+from shared.states import ALL_STATES, FINAL, QUEUED, WorkerStatus
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def _histogram(
 def broker_lengths(settings: Settings, queues: Sequence[str]) -> dict[str, int] | None:
     """Messages waiting per queue in Redis; None for the embedded brokers (or Redis down)."""
     url = settings.broker_url or ""
-    if not url.startswith(("redis://", "rediss://")):
+    if broker_kind(url) != BrokerKind.REDIS:
         return None
     import redis
 
@@ -166,10 +166,10 @@ class FleetCollector(Collector):
             "Registered workers by status (offline: no heartbeat for 3 leases).",
             labels=["status"],
         )
-        for status in WORKER_STATUSES:
+        for status in WorkerStatus:
             by_status.add_metric([status], float(sum(s == status for _, s in workers)))
         yield by_status
-        alive = [w for w, s in workers if s != "offline"]
+        alive = [w for w, s in workers if s != WorkerStatus.OFFLINE]
         yield GaugeMetricFamily(
             "lorafleet_worker_gpus",
             "GPUs on workers that are not offline.",
@@ -184,6 +184,25 @@ class FleetCollector(Collector):
             if w.gpu_memory_bytes is not None:
                 memory.add_metric([w.id, w.gpu_type or ""], float(w.gpu_memory_bytes))
         yield memory
+        # Live use per device, from the heartbeat; CPU workers report no device, so no series.
+        used = GaugeMetricFamily(
+            "lorafleet_worker_gpu_memory_used_bytes",
+            "Device memory in use (all processes), per GPU of each live worker.",
+            labels=["worker", "device", "uuid"],
+        )
+        busy = GaugeMetricFamily(
+            "lorafleet_worker_gpu_utilization_ratio",
+            "GPU utilisation (0-1, NVML), per GPU of each live worker.",
+            labels=["worker", "device", "uuid"],
+        )
+        for w in alive:
+            for device in w.gpu_stats or []:
+                labels = [w.id, str(device.get("index")), str(device.get("uuid"))]
+                used.add_metric(labels, float(device.get("memory_used_bytes") or 0))
+                if device.get("utilization_percent") is not None:
+                    busy.add_metric(labels, float(device["utilization_percent"]) / 100.0)
+        yield used
+        yield busy
 
     def describe(self) -> Iterator[Any]:
         return iter(())

@@ -9,38 +9,47 @@ zero rows updated and drops out.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, cast
+from typing import Any
 
-from sqlalchemy import CursorResult, case, delete, func, literal, select, update
+from sqlalchemy import ColumnElement, case, delete, func, literal, select, update
 from sqlalchemy.orm import Session
 
-from shared.models import Checkpoint, Job, JobEvent, JobMetric, Worker, utcnow
+from shared.models import Checkpoint, Job, JobEvent, JobMetric, utcnow
 from shared.routing import Capacity, fits
+from shared.services.transitions import rowcount, transition
 from shared.states import CANCELLED, FAILED, FINAL, QUEUED, RUNNING, SUCCEEDED, JobStatus
 
-PROGRESS_FIELDS = (
-    "step",
-    "total_steps",
-    "epoch",
-    "train_loss",
-    "eval_loss",
-    "learning_rate",
-    "tokens_per_second",
-    "eta_seconds",
-)
 METRIC_FIELDS = ("train_loss", "eval_loss", "learning_rate", "tokens_per_second")
-WORKER_STATUSES = ("idle", "busy", "draining", "offline")
 
 
-def _rows(session: Session, stmt: Any) -> int:
-    stmt = stmt.execution_options(synchronize_session=False)
-    result = cast(CursorResult[Any], session.execute(stmt))
-    return result.rowcount
+class LeaseLost(Exception):
+    """A fenced write found the job no longer held by this attempt: stop, touch nothing."""
 
 
-def _event(session: Session, job_id: str, level: str, message: str, data: Any = None) -> None:
-    session.add(JobEvent(job_id=job_id, level=level, message=message, data=data))
+@dataclass(frozen=True)
+class Lease:
+    """One attempt's right to write: (job, worker, epoch). ``epoch`` is ``jobs.lease_epoch`` as
+    the claim set it; it only grows, so a thawed or late worker can never pass for the live one."""
+
+    job_id: str
+    worker_id: str
+    epoch: int
+
+    @classmethod
+    def of(cls, job: Job) -> Lease:
+        assert job.worker_id is not None, "a lease exists only for a claimed job"
+        return cls(job.id, job.worker_id, job.lease_epoch)
+
+    def holds(self) -> list[ColumnElement[bool]]:
+        """The WHERE clause of every write of this attempt."""
+        return [
+            Job.id == self.job_id,
+            Job.worker_id == self.worker_id,
+            Job.lease_epoch == self.epoch,
+            Job.status == RUNNING.value,
+        ]
 
 
 def claim_job(session: Session, job_id: str, worker_id: str, lease_s: float) -> Job | None:
@@ -48,23 +57,22 @@ def claim_job(session: Session, job_id: str, worker_id: str, lease_s: float) -> 
     now = utcnow()
     job = session.get(Job, job_id, populate_existing=True)
     started_at = job.started_at if job is not None and job.started_at else now
-    claimed = _rows(
+    session.rollback()
+    claimed = transition(
         session,
-        update(Job)
-        .where(Job.id == job_id, Job.status == QUEUED.value, Job.cancel_requested.is_(False))
-        .values(
-            status=RUNNING.value,
-            attempts=Job.attempts + 1,
-            started_at=started_at,
-            worker_id=worker_id,
-            lease_expires_at=now + timedelta(seconds=lease_s),
-            updated_at=now,
-        ),
+        job_id,
+        QUEUED,
+        RUNNING,
+        where=[Job.cancel_requested.is_(False)],
+        attempts=Job.attempts + 1,
+        lease_epoch=Job.lease_epoch + 1,
+        started_at=started_at,
+        worker_id=worker_id,
+        lease_expires_at=now + timedelta(seconds=lease_s),
+        updated_at=now,
     )
     if not claimed:
-        session.rollback()
         return None
-    session.commit()
     job = session.get(Job, job_id, populate_existing=True)
     assert job is not None
     return job
@@ -132,14 +140,12 @@ def claim_next(
     return None
 
 
-def renew_lease(session: Session, job_id: str, worker_id: str, lease_s: float) -> bool:
+def renew_lease(session: Session, lease: Lease, lease_s: float) -> bool:
     """Extend our lease; False means the job is no longer ours or running: stop training."""
     now = utcnow()
-    renewed = _rows(
+    renewed = rowcount(
         session,
-        update(Job)
-        .where(Job.id == job_id, Job.worker_id == worker_id, Job.status == RUNNING.value)
-        .values(lease_expires_at=now + timedelta(seconds=lease_s)),
+        update(Job).where(*lease.holds()).values(lease_expires_at=now + timedelta(seconds=lease_s)),
     )
     session.commit()
     return bool(renewed)
@@ -150,41 +156,75 @@ def cancel_requested(session: Session, job_id: str) -> bool:
     row = session.execute(
         select(Job.cancel_requested, Job.status).where(Job.id == job_id)
     ).one_or_none()
+    session.rollback()
     if row is None:
         return True
     return bool(row.cancel_requested) or row.status == CANCELLED.value
 
 
-is_cancel_requested = cancel_requested  # the name the worker glue reads best with
+def _hold(session: Session, lease: Lease) -> None:
+    """Start a fenced write: lock the job row while it is still held by ``lease``.
+
+    The UPDATE takes the row lock (PostgreSQL) or the write lock (SQLite) until the caller
+    commits, so the reaper cannot requeue the job between this check and the write it guards.
+    Raises :class:`LeaseLost` (after a rollback) when the lease is gone.
+    """
+    if not rowcount(session, update(Job).where(*lease.holds()).values(updated_at=utcnow())):
+        session.rollback()
+        raise LeaseLost(f"job {lease.job_id} is no longer held by {lease.worker_id}#{lease.epoch}")
 
 
-def record_progress(session: Session, job_id: str, progress: Mapping[str, Any]) -> None:
-    """Store the latest progress snapshot (known fields only) with ``updated_at``."""
+def record_progress(session: Session, lease: Lease, progress: Mapping[str, Any]) -> None:
+    """Store the latest progress snapshot with ``updated_at`` (fenced).
+
+    The fields are the engine's (``worker.training.events.Step.snapshot``); the API shows those
+    its ``Progress`` schema names, so a new metric is added where the record is defined.
+    """
     now = utcnow()
-    snapshot: dict[str, Any] = {k: progress.get(k) for k in PROGRESS_FIELDS}
-    snapshot["updated_at"] = now.isoformat()
-    _rows(session, update(Job).where(Job.id == job_id).values(progress=snapshot, updated_at=now))
+    snapshot: dict[str, Any] = {**progress, "updated_at": now.isoformat()}
+    if not rowcount(
+        session, update(Job).where(*lease.holds()).values(progress=snapshot, updated_at=now)
+    ):
+        session.rollback()
+        raise LeaseLost(f"job {lease.job_id} is no longer held by {lease.worker_id}#{lease.epoch}")
     session.commit()
 
 
 def add_event(
-    session: Session, job_id: str, level: str, message: str, data: dict[str, Any] | None = None
+    session: Session,
+    lease: Lease,
+    level: str,
+    message: str,
+    data: dict[str, Any] | None = None,
+    created_at: datetime | None = None,
 ) -> None:
-    """Append a line to the job's history."""
-    _event(session, job_id, level, message, data)
+    """Append a line to the job's history (fenced: a stale attempt writes nothing)."""
+    _hold(session, lease)
+    session.add(
+        JobEvent(
+            job_id=lease.job_id,
+            level=level,
+            message=message,
+            data=data,
+            created_at=created_at or utcnow(),
+        )
+    )
     session.commit()
 
 
-def add_metrics(session: Session, job_id: str, rows: Iterable[Mapping[str, Any]]) -> None:
-    """Upsert per-step metric points: a resumed attempt overwrites the steps it repeats."""
+def add_metrics(session: Session, lease: Lease, rows: Iterable[Mapping[str, Any]]) -> None:
+    """Upsert per-step metric points (fenced): a resumed attempt overwrites the steps it repeats."""
     points = [dict(r) for r in rows]
     if not points:
         return
+    _hold(session, lease)
     steps = [int(p["step"]) for p in points]
-    session.execute(delete(JobMetric).where(JobMetric.job_id == job_id, JobMetric.step.in_(steps)))
+    session.execute(
+        delete(JobMetric).where(JobMetric.job_id == lease.job_id, JobMetric.step.in_(steps))
+    )
     by_step = {int(p["step"]): p for p in points}  # the last value of a repeated step wins
     session.add_all(
-        JobMetric(job_id=job_id, step=step, **{k: p.get(k) for k in METRIC_FIELDS})
+        JobMetric(job_id=lease.job_id, step=step, **{k: p.get(k) for k in METRIC_FIELDS})
         for step, p in sorted(by_step.items())
     )
     session.commit()
@@ -192,61 +232,67 @@ def add_metrics(session: Session, job_id: str, rows: Iterable[Mapping[str, Any]]
 
 def record_checkpoint(
     session: Session,
-    job_id: str,
+    lease: Lease,
     step: int,
     key: str,
-    sha256: str | None,
+    sha256: str,
     metrics: dict[str, Any] | None = None,
 ) -> Checkpoint:
-    """Record a checkpoint after its upload finished (a retry of the same step replaces it)."""
-    session.execute(delete(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.step == step))
-    row = Checkpoint(job_id=job_id, step=step, storage_key=key, sha256=sha256, metrics=metrics)
+    """Commit a checkpoint whose upload finished: the row is what makes it usable for resume.
+
+    Fenced: only the lease holder commits, so a stale attempt's late upload is never recorded.
+    A later attempt that checkpoints the same step again replaces the row (its objects carry
+    its own epoch in the key, so nothing is overwritten in storage).
+    """
+    _hold(session, lease)
+    session.execute(
+        delete(Checkpoint).where(Checkpoint.job_id == lease.job_id, Checkpoint.step == step)
+    )
+    row = Checkpoint(
+        job_id=lease.job_id,
+        step=step,
+        storage_key=key,
+        sha256=sha256,
+        metrics=metrics,
+        epoch=lease.epoch,
+        worker_id=lease.worker_id,
+    )
     session.add(row)
     session.commit()
     return row
 
 
-def latest_checkpoint(session: Session, job_id: str) -> Checkpoint | None:
-    """The checkpoint a new attempt resumes from."""
+def committed_checkpoints(session: Session, job_id: str) -> list[Checkpoint]:
+    """Checkpoints a new attempt may resume from, newest first (each verified on download)."""
     query = (
         select(Checkpoint)
-        .where(Checkpoint.job_id == job_id)
+        .where(Checkpoint.job_id == job_id, Checkpoint.sha256.is_not(None))
         .order_by(Checkpoint.step.desc())
-        .limit(1)
     )
-    return session.scalar(query.execution_options(populate_existing=True))
+    rows = list(session.scalars(query.execution_options(populate_existing=True)))
+    session.rollback()
+    return rows
 
 
-def list_checkpoints(session: Session, job_id: str) -> list[Checkpoint]:
-    """All recorded checkpoints by step (to prune old ones beyond ``checkpoints_keep``)."""
-    query = select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step)
-    return list(session.scalars(query.execution_options(populate_existing=True)))
-
-
-def delete_checkpoint(session: Session, job_id: str, step: int) -> None:
-    """Forget a pruned checkpoint (delete its storage object first)."""
-    session.execute(delete(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.step == step))
-    session.commit()
-
-
-def prune_checkpoints(session: Session, job_id: str, keep: int) -> list[str]:
-    """Forget all but the newest ``keep`` checkpoints; returns the storage keys to delete.
+def prune_checkpoints(session: Session, lease: Lease, keep: int) -> list[str]:
+    """Forget all but the newest ``keep`` checkpoints (fenced); returns the storage keys to delete.
 
     Rows go first (committed), objects after: a crash in between leaves orphan objects, never a
     row that points at a deleted checkpoint.
     """
-    rows = list_checkpoints(session, job_id)
+    _hold(session, lease)
+    query = select(Checkpoint).where(Checkpoint.job_id == lease.job_id).order_by(Checkpoint.step)
+    rows = list(session.scalars(query))
     old = rows[:-keep] if keep > 0 else rows
     if old:
         session.execute(delete(Checkpoint).where(Checkpoint.id.in_([r.id for r in old])))
-        session.commit()
+    session.commit()
     return [r.storage_key for r in old]
 
 
 def finish_job(
     session: Session,
-    job_id: str,
-    worker_id: str,
+    lease: Lease,
     status: str,
     error_code: str | None = None,
     error_message: str | None = None,
@@ -256,7 +302,7 @@ def finish_job(
     manifest: dict[str, Any] | None = None,
     trained_tokens: int | None = None,
 ) -> bool:
-    """Set a final state if the job is still running under ``worker_id``; False otherwise.
+    """Set a final state if the job is still held by ``lease``; False otherwise.
 
     Also writes the closing event, so every finished job's history ends with its outcome.
     """
@@ -265,7 +311,6 @@ def finish_job(
         raise ValueError(f"finish_job needs a final status, not {status!r}")
     now = utcnow()
     values: dict[str, Any] = {
-        "status": final.value,
         "finished_at": now,
         "updated_at": now,
         "lease_expires_at": None,
@@ -280,24 +325,67 @@ def finish_job(
         "trained_tokens": trained_tokens,
     }
     values.update({k: v for k, v in optional.items() if v is not None})
-    done = _rows(
-        session,
-        update(Job)
-        .where(Job.id == job_id, Job.worker_id == worker_id, Job.status == RUNNING.value)
-        .values(**values),
-    )
-    if not done:
-        session.rollback()
-        return False
     if final == SUCCEEDED:
-        _event(session, job_id, "info", "job succeeded", {"trained_tokens": trained_tokens})
+        event = ("info", "job succeeded")
+        data: dict[str, Any] | None = {"trained_tokens": trained_tokens}
     elif final == CANCELLED:
-        _event(session, job_id, "info", "job cancelled")
+        event, data = ("info", "job cancelled"), None
     else:
         message = f"job failed: {error_message or error_code or 'unknown error'}"
-        _event(session, job_id, "error", message, {"code": error_code})
-    session.commit()
-    return True
+        event, data = ("error", message), {"code": error_code}
+    return transition(
+        session,
+        lease.job_id,
+        RUNNING,
+        final,
+        where=lease.holds(),
+        event=event,
+        event_data=data,
+        **values,
+    )
+
+
+def retry_job(session: Session, lease: Lease, cause: str, message: str) -> str | None:
+    """An infrastructure failure ended this attempt: requeue the job (attempts kept) or, out of
+    attempts, fail it; returns the new status, or None when the lease was already gone."""
+    row = session.get(Job, lease.job_id, populate_existing=True)
+    session.rollback()
+    if row is None:
+        return None
+    now = utcnow()
+    if row.attempts >= row.max_attempts:
+        text = f"{message} (attempt {row.attempts} of {row.max_attempts}; no attempts left)"
+        done = transition(
+            session,
+            lease.job_id,
+            RUNNING,
+            FAILED,
+            where=lease.holds(),
+            event=("error", f"job failed: {text}"),
+            event_data={"code": cause},
+            finished_at=now,
+            lease_expires_at=None,
+            error_code=cause,
+            error_message=text,
+        )
+        return FAILED.value if done else None
+    text = (
+        f"{message}; retrying from the last checkpoint "
+        f"(attempt {row.attempts} of {row.max_attempts})"
+    )
+    done = transition(
+        session,
+        lease.job_id,
+        RUNNING,
+        QUEUED,
+        where=lease.holds(),
+        event=("warning", text),
+        event_data={"code": cause},
+        worker_id=None,
+        lease_expires_at=None,
+        enqueued_at=now,
+    )
+    return QUEUED.value if done else None
 
 
 def reap_expired(session: Session, now: datetime | None = None) -> list[tuple[str, str]]:
@@ -318,33 +406,36 @@ def reap_expired(session: Session, now: datetime | None = None) -> list[tuple[st
     session.rollback()
     outcomes: list[tuple[str, str]] = []
     for job in expired:
-        still_expired = (
-            (Job.id == job.id) & (Job.status == RUNNING.value) & (Job.lease_expires_at < now)
-        )
-        common: dict[str, Any] = {"updated_at": now, "lease_expires_at": None}
         values: dict[str, Any]
         if job.cancel_requested:
-            new, values = CANCELLED, {"status": CANCELLED.value, "finished_at": now}
-            message = "worker lost while cancelling; job cancelled"
+            new, values = CANCELLED, {"finished_at": now}
+            level, message = "info", "worker lost while cancelling; job cancelled"
         elif job.attempts >= job.max_attempts:
             new = FAILED
             text = f"worker lost on attempt {job.attempts} of {job.max_attempts}; giving up"
             values = {
-                "status": FAILED.value,
                 "finished_at": now,
                 "error_code": "max_attempts_exceeded",
                 "error_message": f"max attempts exceeded: {text}",
             }
-            message = f"max attempts exceeded: {text}"
+            level, message = "error", f"max attempts exceeded: {text}"
         else:
-            new, values = QUEUED, {"status": QUEUED.value, "enqueued_at": now, "worker_id": None}
+            new, values = QUEUED, {"enqueued_at": now, "worker_id": None}
+            level = "warning"
             message = f"worker lost; requeued (attempt {job.attempts} of {job.max_attempts})"
-        if _rows(session, update(Job).where(still_expired).values(**common, **values)):
-            _event(session, job.id, "error" if new == FAILED else "warning", message)
-            session.commit()
+        if transition(
+            session,
+            job.id,
+            RUNNING,
+            new,
+            # Still expired: a worker that renews at the last moment keeps its job.
+            where=[Job.lease_expires_at < now],
+            event=(level, message),
+            updated_at=now,
+            lease_expires_at=None,
+            **values,
+        ):
             outcomes.append((job.id, new.value))
-        else:
-            session.rollback()
     return outcomes
 
 
@@ -371,7 +462,7 @@ def stale_queued(
     session.rollback()
     touched: list[Job] = []
     for job in candidates:
-        if _rows(
+        if rowcount(
             session,
             update(Job)
             .where(Job.id == job.id, Job.status == QUEUED.value, Job.enqueued_at == job.enqueued_at)
@@ -386,103 +477,21 @@ def stale_queued(
     return touched
 
 
-def register_worker(
-    session: Session,
-    worker_id: str,
-    hostname: str,
-    gpus: int = 0,
-    gpu_type: str | None = None,
-    gpu_memory_bytes: int | None = None,
-    procs: int = 1,
-    version: str | None = None,
-    queues: list[str] | None = None,
-) -> Worker:
-    """Insert or refresh a worker's record when it starts."""
-    now = utcnow()
-    row = session.get(Worker, worker_id, populate_existing=True) or Worker(id=worker_id)
-    row.hostname = hostname
-    row.gpus = gpus
-    row.gpu_type = gpu_type
-    row.gpu_memory_bytes = gpu_memory_bytes
-    row.procs = procs
-    row.version = version
-    row.queues = queues
-    row.status = "idle"
-    row.current_job = None
-    row.last_heartbeat = now
-    row.started_at = now
-    session.add(row)
-    session.commit()
-    return row
-
-
-def heartbeat_worker(
-    session: Session, worker_id: str, status: str | None = None, current_job: str | None = None
-) -> bool:
-    """Record that the worker is alive (and what it does); False if it was never registered."""
-    if status is not None and status not in WORKER_STATUSES:
-        raise ValueError(f"worker status must be one of {WORKER_STATUSES}")
-    values: dict[str, Any] = {"last_heartbeat": utcnow(), "current_job": current_job}
-    if status is not None:
-        values["status"] = status
-    done = _rows(session, update(Worker).where(Worker.id == worker_id).values(**values))
-    session.commit()
-    return bool(done)
-
-
-def mark_worker_offline(session: Session, worker_id: str) -> None:
-    """The worker shut down cleanly (or was found dead)."""
-    _rows(
-        session,
-        update(Worker).where(Worker.id == worker_id).values(status="offline", current_job=None),
-    )
-    session.commit()
-
-
-def mark_stale_workers_offline(session: Session, older_than: float) -> list[str]:
-    """Workers silent for ``older_than`` seconds are marked offline; returns their ids."""
-    cutoff = utcnow() - timedelta(seconds=older_than)
-    ids = list(
-        session.scalars(
-            select(Worker.id).where(Worker.status != "offline", Worker.last_heartbeat < cutoff)
-        )
-    )
-    if ids:
-        _rows(
-            session,
-            update(Worker).where(Worker.id.in_(ids)).values(status="offline", current_job=None),
-        )
-    session.commit()
-    return ids
-
-
-def list_workers(session: Session) -> list[Worker]:
-    """All known workers, most recently seen first."""
-    query = select(Worker).order_by(Worker.last_heartbeat.desc())
-    return list(session.scalars(query.execution_options(populate_existing=True)))
-
-
-def release_job(session: Session, job_id: str, worker_id: str, step: int | None) -> bool:
+def release_job(session: Session, lease: Lease, step: int | None) -> bool:
     """Hand a running job back to the queue without spending an attempt (a draining worker
     checkpointed it on request); False if it was no longer ours."""
-    now = utcnow()
-    done = _rows(
-        session,
-        update(Job)
-        .where(Job.id == job_id, Job.worker_id == worker_id, Job.status == RUNNING.value)
-        .values(
-            status=QUEUED.value,
-            worker_id=None,
-            lease_expires_at=None,
-            enqueued_at=now,
-            updated_at=now,
-            attempts=Job.attempts - 1,
-        ),
-    )
-    if not done:
-        session.rollback()
-        return False
     where = f"checkpointed at step {step}" if step is not None else "before its first step"
-    _event(session, job_id, "warning", f"worker draining: {where}; requeued")
-    session.commit()
-    return True
+    now = utcnow()
+    return transition(
+        session,
+        lease.job_id,
+        RUNNING,
+        QUEUED,
+        where=lease.holds(),
+        event=("warning", f"worker draining: {where}; requeued"),
+        worker_id=None,
+        lease_expires_at=None,
+        enqueued_at=now,
+        updated_at=now,
+        attempts=Job.attempts - 1,
+    )

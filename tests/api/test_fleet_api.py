@@ -10,7 +10,7 @@ from sqlalchemy import update
 
 from shared.db import session_factory
 from shared.models import Worker, utcnow
-from shared.services import keys, runs
+from shared.services import fleet, keys, runs
 from tests.conftest import CHAT_ROWS, jsonl
 
 
@@ -22,9 +22,9 @@ def _admin_headers() -> dict[str, str]:
 
 def _workers() -> None:
     with session_factory()() as s:
-        runs.register_worker(s, "gpu-1@a", "a", 2, "NVIDIA A100", 80 * 1024**3, 2, "0.1.0")
-        runs.register_worker(s, "cpu-1@b", "b", 0, None, None, 1, "0.1.0")
-        runs.register_worker(s, "old@c", "c", 0, None, None, 1, "0.0.9")
+        fleet.register_worker(s, "gpu-1@a", "a", 2, "NVIDIA A100", 80 * 1024**3, 2, "0.1.0")
+        fleet.register_worker(s, "cpu-1@b", "b", 0, None, None, 1, "0.1.0")
+        fleet.register_worker(s, "old@c", "c", 0, None, None, 1, "0.0.9")
         s.execute(
             update(Worker)
             .where(Worker.id == "old@c")
@@ -51,8 +51,38 @@ def test_workers_admin_only_and_stale_flagged(client: Any) -> None:
         "current_job": None,
         "last_heartbeat": None,
         "version": "0.1.0",
+        "devices": [],
     }
     assert rows["old@c"]["status"] == "offline"
+
+
+DEVICE = {  # a heartbeat as an H100 worker sends it (no GPU here: the numbers are given)
+    "index": 0,
+    "uuid": "GPU-1111",
+    "memory_used_bytes": 30 * 1024**3,
+    "memory_total_bytes": 80 * 1024**3,
+    "utilization_percent": 87.0,
+}
+
+
+def test_live_gpu_use_in_workers_and_metrics(client: Any) -> None:
+    _workers()
+    with session_factory()() as s:
+        fleet.heartbeat_worker(s, "gpu-1@a", None, None, [DEVICE])
+        fleet.heartbeat_worker(s, "cpu-1@b", None, None, [])
+    rows = {w["id"]: w for w in client.get("/workers", headers=_admin_headers()).json()["data"]}
+    assert rows["gpu-1@a"]["devices"] == [DEVICE]
+    assert rows["cpu-1@b"]["devices"] == []  # a CPU worker reports no device at all
+    text = client.get("/metrics", headers=_admin_headers()).text
+    samples = {
+        (s.name, s.labels.get("worker")): s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+    }
+    labels = ("lorafleet_worker_gpu_memory_used_bytes", "gpu-1@a")
+    assert samples[labels] == 30 * 1024**3
+    assert samples[("lorafleet_worker_gpu_utilization_ratio", "gpu-1@a")] == 0.87
+    assert not any(worker == "cpu-1@b" and "gpu" in name for name, worker in samples)
 
 
 def test_estimate_and_submit_refusals(client: Any) -> None:
@@ -87,7 +117,7 @@ def test_metrics_parse(client: Any) -> None:
     job = client.post("/jobs", json={"base_model": "tiny", "training_file": file_id}).json()
     with session_factory()() as s:
         runs.claim_job(s, job["id"], "cpu-1@b", 30)
-        runs.finish_job(s, job["id"], "cpu-1@b", "succeeded", trained_tokens=1234)
+        runs.finish_job(s, runs.Lease(job["id"], "cpu-1@b", 1), "succeeded", trained_tokens=1234)
     client.post("/jobs", json={"base_model": "tiny", "training_file": file_id})
     text = client.get("/metrics", headers=_admin_headers()).text
     families = {f.name: f for f in text_string_to_metric_families(text)}

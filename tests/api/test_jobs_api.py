@@ -122,7 +122,13 @@ def test_cancel_queued_then_conflict_on_succeeded(client: Any) -> None:
     done = _job(client)
     with session_factory()() as session:
         runs.claim_job(session, done["id"], "w1", 30)
-        runs.finish_job(session, done["id"], "w1", "succeeded", adapter_key="x", adapter_sha256="s")
+        runs.finish_job(
+            session,
+            runs.Lease(done["id"], "w1", 1),
+            "succeeded",
+            adapter_key="x",
+            adapter_sha256="s",
+        )
     assert client.post(f"/jobs/{done['id']}/cancel").status_code == 409
 
 
@@ -137,8 +143,7 @@ def test_adapter_download(client: Any, storage: Storage) -> None:
         runs.claim_job(session, job["id"], "w1", 30)
         runs.finish_job(
             session,
-            job["id"],
-            "w1",
+            runs.Lease(job["id"], "w1", 1),
             "succeeded",
             adapter_key=key,
             adapter_sha256=digest,
@@ -178,9 +183,9 @@ def test_sse_streams_until_final(client: Any) -> None:
     def work() -> None:
         time.sleep(0.8)
         with session_factory()() as session:
-            runs.add_event(session, job["id"], "info", "step 1", {"step": 1})
+            runs.add_event(session, runs.Lease(job["id"], "w1", 1), "info", "step 1", {"step": 1})
             time.sleep(0.6)
-            runs.finish_job(session, job["id"], "w1", "failed", "oops", "it broke")
+            runs.finish_job(session, runs.Lease(job["id"], "w1", 1), "failed", "oops", "it broke")
 
     thread = threading.Thread(target=work)
     thread.start()

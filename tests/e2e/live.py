@@ -74,11 +74,13 @@ class Deployment:
         assert result.returncode == 0, result.stderr
         return result.stdout.strip().splitlines()[-1]
 
-    def _spawn(self, args: list[str], name: str) -> subprocess.Popen[bytes]:
+    def _spawn(
+        self, args: list[str], name: str, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
         log = open(self.root / f"{name}.log", "ab")  # noqa: SIM115 (lives as long as the process)
         proc = subprocess.Popen(
             args,
-            env=self.env,
+            env={**self.env, **(env or {})},
             cwd=self.root,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -103,8 +105,11 @@ class Deployment:
             time.sleep(0.3)
         raise AssertionError("API did not start: " + self.log(f"api-{self.port}"))
 
-    def start_worker(self, name: str = "worker") -> subprocess.Popen[bytes]:
-        return self._spawn([sys.executable, "-m", "cli", "worker"], name)
+    def start_worker(
+        self, name: str = "worker", env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        """A `lorafleet worker`; ``env`` overrides settings for this worker only."""
+        return self._spawn([sys.executable, "-m", "cli", "worker"], name, env)
 
     def log(self, name: str) -> str:
         path = self.root / f"{name}.log"
@@ -214,6 +219,19 @@ def descendants(pid: int) -> list[int]:
         return [child.pid for child in psutil.Process(pid).children(recursive=True)]
     except psutil.NoSuchProcess:
         return []
+
+
+def tree(pid: int) -> list[int]:
+    """``pid`` and every process under it (what SIGSTOP must freeze to freeze a worker)."""
+    return [pid, *descendants(pid)]
+
+
+def signal_tree(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
 
 
 def alive(pids: list[int]) -> list[int]:

@@ -18,7 +18,6 @@ import pytest
 import torch
 from peft import PeftModel
 from safetensors.torch import load
-from sqlalchemy import create_engine, text
 from transformers import AutoModelForCausalLM
 
 from shared.spec import JobSpec
@@ -26,18 +25,6 @@ from tests.e2e.live import chat_rows, deployment, job_body, upload, wait_final, 
 from worker.training.engine import LoraTrainer, TrainPaths
 
 PG = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-
-
-@pytest.fixture
-def pg_schema() -> Iterator[str]:
-    schema = f"e2e_{secrets.token_hex(5)}"
-    engine = create_engine(PG, isolation_level="AUTOCOMMIT")
-    with engine.connect() as conn:
-        conn.execute(text(f"CREATE SCHEMA {schema}"))
-    yield f"{PG}?options=-csearch_path%3D{schema}"
-    with engine.connect() as conn:
-        conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
-    engine.dispose()
 
 
 @pytest.fixture

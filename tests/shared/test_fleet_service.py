@@ -17,6 +17,7 @@ from shared.errors import InvalidInput
 from shared.models import Job, Worker, utcnow
 from shared.routing import Capacity
 from shared.services import fleet, runs
+from shared.states import WorkerStatus
 from shared.storage import Storage
 
 CPU = Capacity(gpus=0)
@@ -24,7 +25,7 @@ A100x2 = Capacity(gpus=2, gpu_type="NVIDIA A100-SXM4-80GB", gpu_memory_bytes=80 
 
 
 def _register(session: Session, wid: str, cap: Capacity) -> None:
-    runs.register_worker(
+    fleet.register_worker(
         session, wid, "host", cap.gpus, cap.gpu_type, cap.gpu_memory_bytes, max(cap.gpus, 1)
     )
 
@@ -146,3 +147,33 @@ def test_estimate_reads_file_and_fleet(
     assert answer["fleet"]["gpu_memory_bytes"] == A100x2.gpu_memory_bytes
     with pytest.raises(InvalidInput):
         fleet.estimate_job(session, storage, "bob", spec, record.id, settings)
+
+
+def test_worker_registry(session: Session, settings: Settings) -> None:
+    fleet.register_worker(session, "celery@a", "a", gpus=2, gpu_type="H100", procs=2)
+    assert fleet.heartbeat_worker(session, "celery@a", WorkerStatus.BUSY, "ftjob-x")
+    assert not fleet.heartbeat_worker(session, "celery@nope")
+    ((worker, status),) = fleet.list_workers(session, settings)
+    assert (status, worker.current_job, worker.gpus) == (WorkerStatus.BUSY, "ftjob-x", 2)
+    assert worker.last_heartbeat.tzinfo is not None
+    fleet.mark_worker_offline(session, "celery@a")
+    assert fleet.list_workers(session, settings)[0][1] == WorkerStatus.OFFLINE
+    fleet.heartbeat_worker(session, "celery@a", WorkerStatus.IDLE)
+    assert fleet.mark_stale_workers_offline(session, 0) == ["celery@a"]
+    with pytest.raises(ValueError):
+        fleet.heartbeat_worker(session, "celery@a", "napping")  # type: ignore[arg-type]
+
+
+def test_a_gpu_belongs_to_one_live_worker(session: Session, settings: Settings) -> None:
+    """No GPU on this machine: the UUID lists are given to the service function directly (what
+    worker.gpus.gpu_uuids would read from torch/NVML on a GPU host)."""
+    fleet.register_worker(session, "w1@a", "a", gpus=2, gpu_uuids=["GPU-aaa", "GPU-bbb"])
+    with pytest.raises(fleet.DeviceTaken) as refused:
+        fleet.register_worker(session, "w2@a", "a", gpus=1, gpu_uuids=["GPU-bbb"])
+    message = str(refused.value)
+    assert "GPU-bbb" in message and "w1@a" in message and "CUDA_VISIBLE_DEVICES" in message
+    assert session.get(Worker, "w2@a") is None
+    fleet.register_worker(session, "w2@a", "a", gpus=1, gpu_uuids=["GPU-ccc"])  # its own: fine
+    fleet.register_worker(session, "w1@a", "a", gpus=2, gpu_uuids=["GPU-aaa", "GPU-bbb"])  # again
+    fleet.mark_worker_offline(session, "w1@a")  # a dead worker's devices are free again
+    fleet.register_worker(session, "w3@a", "a", gpus=1, gpu_uuids=["GPU-bbb"])

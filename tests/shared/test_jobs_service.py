@@ -13,6 +13,7 @@ from shared.config import Settings
 from shared.errors import Conflict, InvalidInput, NotFound, QuotaExceeded
 from shared.services import jobs, runs
 from shared.spec import JobSpec
+from tests.conftest import write_header_model
 
 
 def _spec(file_id: str, **extra: Any) -> JobSpec:
@@ -55,6 +56,30 @@ def test_references_are_checked(
     jobs.create_job(session, "alice", _spec(mine, base_model="org/ok"), settings=strict)
     with pytest.raises(InvalidInput):
         jobs.create_job(session, "alice", _spec(mine, base_model="org/model"), settings=strict)
+
+
+def test_submit_uses_the_one_resolver(
+    session: Session, settings: Settings, make_file: Callable[..., Any]
+) -> None:
+    """Regression: submit refused hub patterns and mirror folders the resolver accepts."""
+    mine = make_file().id
+    write_header_model(settings.models_path / "mirror-org" / "model-x")
+    only_mine = settings.model_copy(update={"allowed_hub_models": "my-org/*"})
+    job, _ = jobs.create_job(
+        session, "alice", _spec(mine, base_model="my-org/anything"), settings=only_mine
+    )
+    assert job.base_model == "my-org/anything"
+    # a mirror is local: allowed with an empty hub allow-list, and its shapes are read
+    # (default target modules filled in from the model's own names)
+    none = settings.model_copy(update={"allowed_hub_models": ""})
+    job, _ = jobs.create_job(
+        session, "alice", _spec(mine, base_model="mirror-org/model-x"), settings=none
+    )
+    assert job.spec["lora"]["target_modules"]
+    for refused in ("other-org/m", "my-org/../tiny", "../tiny", "tiny/../../etc", "~/models"):
+        with pytest.raises(InvalidInput) as exc:
+            jobs.create_job(session, "alice", _spec(mine, base_model=refused), settings=only_mine)
+        assert exc.value.param == "base_model", refused
 
 
 def test_idempotency(session: Session, make_file: Callable[..., Any]) -> None:
@@ -120,12 +145,14 @@ def test_cancel_queued_running_and_final(session: Session, make_job: Callable[..
     requested = jobs.cancel_job(session, "alice", running.id)
     assert requested.status == "running" and requested.cancel_requested
     assert runs.cancel_requested(session, running.id)
-    assert runs.finish_job(session, running.id, "w1", "cancelled")
+    assert runs.finish_job(session, runs.Lease(running.id, "w1", 1), "cancelled")
     assert jobs.get_job(session, "alice", running.id).status == "cancelled"
 
     done = make_job()
     runs.claim_job(session, done.id, "w1", 30)
-    runs.finish_job(session, done.id, "w1", "succeeded", adapter_key="k", adapter_sha256="s")
+    runs.finish_job(
+        session, runs.Lease(done.id, "w1", 1), "succeeded", adapter_key="k", adapter_sha256="s"
+    )
     with pytest.raises(Conflict):
         jobs.cancel_job(session, "alice", done.id)
 

@@ -85,8 +85,10 @@ def test_event_feed_merges_and_pages_newest_first(
     job = make_job()
     runs.claim_job(session, job.id, "w1", 30)
     for step in range(1, 4):
-        runs.add_event(session, job.id, "info", f"message {step}")
-        runs.add_metrics(session, job.id, [{"step": step, "train_loss": 1.0 / step}])
+        runs.add_event(session, runs.Lease(job.id, "w1", 1), "info", f"message {step}")
+        runs.add_metrics(
+            session, runs.Lease(job.id, "w1", 1), [{"step": step, "train_loss": 1.0 / step}]
+        )
     _, full, more = event_feed(session, "alice", job.id, limit=100)
     assert not more
     kinds = [

@@ -7,11 +7,13 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
+import pytest
 from sqlalchemy.orm import Session
 
 from shared.db import session_factory
 from shared.models import Job, utcnow
 from shared.services import jobs, runs
+from shared.services.runs import Lease, LeaseLost
 
 
 def test_claim_only_once(session: Session, make_job: Callable[..., Any]) -> None:
@@ -52,14 +54,15 @@ def test_lease_renewal_and_finish_are_ours_only(
     session: Session, make_job: Callable[..., Any]
 ) -> None:
     job = make_job()
-    runs.claim_job(session, job.id, "w1", 30)
-    assert runs.renew_lease(session, job.id, "w1", 30)
-    assert not runs.renew_lease(session, job.id, "w2", 30)
-    assert not runs.finish_job(session, job.id, "w2", "failed", error_code="x")
+    lease = Lease.of(runs.claim_job(session, job.id, "w1", 30))  # type: ignore[arg-type]
+    assert lease.epoch == 1
+    other = Lease(job.id, "w2", lease.epoch)
+    assert runs.renew_lease(session, lease, 30)
+    assert not runs.renew_lease(session, other, 30)
+    assert not runs.finish_job(session, other, "failed", error_code="x")
     assert runs.finish_job(
         session,
-        job.id,
-        "w1",
+        lease,
         "succeeded",
         adapter_key="adapters/x.tar.gz",
         adapter_sha256="ab" * 32,
@@ -69,8 +72,8 @@ def test_lease_renewal_and_finish_are_ours_only(
     )
     done = jobs.get_job(session, "alice", job.id)
     assert (done.status, done.trained_tokens, done.adapter_bytes) == ("succeeded", 123, 10)
-    assert not runs.renew_lease(session, job.id, "w1", 30)
-    assert not runs.finish_job(session, job.id, "w1", "failed")
+    assert not runs.renew_lease(session, lease, 30)
+    assert not runs.finish_job(session, lease, "failed")
     assert jobs.list_events(session, "alice", job.id)[-1].message == "job succeeded"
 
 
@@ -119,31 +122,68 @@ def test_stale_queued_touches_once(session: Session, make_job: Callable[..., Any
 
 def test_progress_metrics_checkpoints(session: Session, make_job: Callable[..., Any]) -> None:
     job = make_job()
-    runs.claim_job(session, job.id, "w1", 30)
-    runs.record_progress(session, job.id, {"step": 3, "total_steps": 10, "train_loss": 1.5})
+    lease = Lease.of(runs.claim_job(session, job.id, "w1", 30))  # type: ignore[arg-type]
+    runs.record_progress(session, lease, {"step": 3, "total_steps": 10, "train_loss": 1.5})
     progress = jobs.get_progress(session, "alice", job.id)
     assert progress["step"] == 3 and progress["status"] == "running" and progress["updated_at"]
-    runs.add_metrics(session, job.id, [{"step": 1, "train_loss": 2.0}, {"step": 2}])
-    runs.add_metrics(session, job.id, [{"step": 2, "train_loss": 1.0}, {"step": 3}])
+    runs.add_metrics(session, lease, [{"step": 1, "train_loss": 2.0}, {"step": 2}])
+    runs.add_metrics(session, lease, [{"step": 2, "train_loss": 1.0}, {"step": 3}])
     series = jobs.list_metrics(session, "alice", job.id)
     assert [(m.step, m.train_loss) for m in series] == [(1, 2.0), (2, 1.0), (3, None)]
     for step in (5, 10, 15):
-        runs.record_checkpoint(session, job.id, step, f"ckpt/{step}/", "s", {"loss": 1})
-    runs.record_checkpoint(session, job.id, 15, "ckpt/15b/", "s2", None)
-    latest = runs.latest_checkpoint(session, job.id)
-    assert latest is not None and (latest.step, latest.storage_key) == (15, "ckpt/15b/")
-    assert runs.prune_checkpoints(session, job.id, 2) == ["ckpt/5/"]
+        runs.record_checkpoint(session, lease, step, f"ckpt/{step}/", "s", {"loss": 1})
+    runs.record_checkpoint(session, lease, 15, "ckpt/15b/", "s2", None)
+    latest = runs.committed_checkpoints(session, job.id)[0]
+    assert (latest.step, latest.storage_key, latest.epoch) == (15, "ckpt/15b/", 1)
+    assert runs.prune_checkpoints(session, lease, 2) == ["ckpt/5/"]
     assert [c.step for c in jobs.list_checkpoints(session, "alice", job.id)] == [10, 15]
 
 
-def test_workers(session: Session) -> None:
-    runs.register_worker(session, "celery@a", "a", gpus=2, gpu_type="H100", procs=2)
-    assert runs.heartbeat_worker(session, "celery@a", "busy", "ftjob-x")
-    assert not runs.heartbeat_worker(session, "celery@nope")
-    (worker,) = runs.list_workers(session)
-    assert (worker.status, worker.current_job, worker.gpus) == ("busy", "ftjob-x", 2)
-    assert worker.last_heartbeat.tzinfo is not None
-    runs.mark_worker_offline(session, "celery@a")
-    assert runs.list_workers(session)[0].status == "offline"
-    runs.heartbeat_worker(session, "celery@a", "idle")
-    assert runs.mark_stale_workers_offline(session, 0) == ["celery@a"]
+def test_every_write_of_a_stale_attempt_is_fenced(
+    session: Session, make_job: Callable[..., Any]
+) -> None:
+    """A frozen worker's attempt (epoch 1) thaws after the job was requeued and re-claimed
+    by the SAME worker id (epoch 2): attempts alone could not tell them apart, the epoch does."""
+    job = make_job()
+    stale = Lease.of(runs.claim_job(session, job.id, "w1", 30))  # type: ignore[arg-type]
+    assert runs.release_job(session, stale, 3)  # attempts goes back to 0...
+    live = Lease.of(runs.claim_job(session, job.id, "w1", 30))  # type: ignore[arg-type]
+    assert (stale.epoch, live.epoch) == (1, 2)
+    assert jobs.get_job(session, "alice", job.id).attempts == 1  # ...so attempts repeats
+    assert not runs.renew_lease(session, stale, 30)
+    for write in (
+        lambda: runs.record_progress(session, stale, {"step": 99}),
+        lambda: runs.add_event(session, stale, "info", "from the past"),
+        lambda: runs.add_metrics(session, stale, [{"step": 99, "train_loss": 9.0}]),
+        lambda: runs.record_checkpoint(session, stale, 99, "k/", "sha", None),
+        lambda: runs.prune_checkpoints(session, stale, 1),
+    ):
+        with pytest.raises(LeaseLost):
+            write()
+    assert not runs.finish_job(session, stale, "failed", error_code="stale")
+    assert not runs.release_job(session, stale, 1)
+    assert runs.retry_job(session, stale, "rank_killed", "x") is None
+    row = jobs.get_job(session, "alice", job.id)
+    assert (row.status, row.worker_id, row.lease_epoch, row.progress) == ("running", "w1", 2, None)
+    assert runs.committed_checkpoints(session, job.id) == []
+    messages = [e.message for e in jobs.list_events(session, "alice", job.id)]
+    assert "from the past" not in messages
+    runs.add_event(session, live, "info", "live")
+    assert runs.finish_job(session, live, "succeeded")
+
+
+def test_retry_requeues_with_the_cause_then_fails(
+    session: Session, make_job: Callable[..., Any]
+) -> None:
+    job = make_job(max_attempts=2)
+    first = Lease.of(runs.claim_job(session, job.id, "w1", 30))  # type: ignore[arg-type]
+    assert runs.retry_job(session, first, "rank_killed", "rank 1 was killed by SIGKILL") == "queued"
+    second = Lease.of(runs.claim_job(session, job.id, "w2", 30))  # type: ignore[arg-type]
+    assert runs.retry_job(session, second, "disk_full", "rank 0: disk full") == "failed"
+    row = jobs.get_job(session, "alice", job.id)
+    assert row.status == "failed" and row.error_code == "disk_full"
+    assert "disk full" in (row.error_message or "") and "attempt 2 of 2" in (
+        row.error_message or ""
+    )
+    messages = [e.message for e in jobs.list_events(session, "alice", job.id)]
+    assert any("SIGKILL" in m and "retrying from the last checkpoint" in m for m in messages)

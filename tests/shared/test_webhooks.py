@@ -123,7 +123,7 @@ def test_notify_final_posts_the_job_object(
 
     for row in (job, plain):
         assert runs.claim_job(session, row.id, "w1", 30) is not None
-        assert runs.finish_job(session, row.id, "w1", "failed", "boom", "it broke")
+        assert runs.finish_job(session, runs.Lease(row.id, "w1", 1), "failed", "boom", "it broke")
     assert webhooks.notify_final(plain.id, secret_settings) is None, "no webhook_url"
     thread = webhooks.notify_final(job.id, secret_settings, backoff=(0.01,))
     assert thread is not None

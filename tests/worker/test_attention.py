@@ -201,6 +201,7 @@ def test_engine_falls_back_when_segment_attention_disagrees(
 
     from shared.spec import JobSpec
     from worker.training.engine import LoraTrainer, TrainPaths
+    from worker.training.events import Event, ListSink
 
     def leaky(module, query, key, value, attention_mask, **kwargs):  # type: ignore[no-untyped-def]
         if kwargs.get(attention.LAYOUT_KWARG) is not None:
@@ -211,7 +212,7 @@ def test_engine_falls_back_when_segment_attention_disagrees(
         )
 
     monkeypatch.setitem(AttentionInterface._global_mapping, attention.IMPLEMENTATION, leaky)
-    events: list[dict] = []
+    sink = ListSink()
     spec = JobSpec.model_validate(
         {
             "base_model": str(tiny_model),
@@ -220,9 +221,9 @@ def test_engine_falls_back_when_segment_attention_disagrees(
         }
     )
     trainer = LoraTrainer(
-        spec, TrainPaths(model=str(tiny_model), output_dir=tmp_path / "out"), progress=events.append
+        spec, TrainPaths(model=str(tiny_model), output_dir=tmp_path / "out"), sink=sink
     )
     trainer.setup()
     assert trainer.packed_attention is False
-    assert any("segment attention disabled" in e.get("message", "") for e in events)
+    assert any("segment attention disabled" in e.message for e in sink.of(Event))
     assert trainer.train() is not None

@@ -46,7 +46,7 @@ def make_spec(model: Path, train: Path, **training: object) -> JobSpec:
 
 def run_inprocess(spec: JobSpec, out: Path, resume: Path | None = None) -> tuple[dict, LoraTrainer]:
     trainer = LoraTrainer(
-        spec, TrainPaths(model=spec.base_model, output_dir=out, resume_from=resume), progress=None
+        spec, TrainPaths(model=spec.base_model, output_dir=out, resume_from=resume)
     )
     trainer.setup()
     manifest = trainer.train()

@@ -34,7 +34,6 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -51,6 +50,20 @@ from shared.datasets import load_examples, sha256_file
 from shared.spec import JobSpec
 from worker.training import data as datamod
 from worker.training.attention import build_layout, use_packed_attention
+from worker.training.checkpoints import CheckpointPolicy
+from worker.training.events import (
+    CheckpointSaved,
+    Done,
+    Error,
+    Event,
+    JsonlSink,
+    NullSink,
+    Preempted,
+    Record,
+    Resumed,
+    Sink,
+    Step,
+)
 from worker.training.launch import EXIT_PREEMPTED
 from worker.training.lora_dropout import fuse_lora_dropout
 from worker.training.manifest import model_fingerprint, write_manifest
@@ -61,8 +74,6 @@ from worker.training.model import (
     load_tokenizer,
     with_default_targets,
 )
-
-ProgressCallback = Callable[[dict[str, Any]], None]
 
 
 @dataclass
@@ -122,14 +133,15 @@ class LoraTrainer:
         self,
         spec: JobSpec,
         paths: TrainPaths,
-        progress: ProgressCallback | None = None,
+        sink: Sink | None = None,
         dist_info: DistInfo | None = None,
-        keep_checkpoints: int = 3,
+        keep_checkpoints: int = CheckpointPolicy().keep,
     ) -> None:
         self.spec = spec
         self.paths = paths
         self.dist = dist_info or DistInfo()
-        self._progress = progress if self.dist.is_main else None
+        # Only rank 0 reports (torchtune's rule): the others would repeat the same numbers.
+        self._sink: Sink = sink if sink is not None and self.dist.is_main else NullSink()
         self.keep_checkpoints = keep_checkpoints
         self.start_step = 0
         self.stop_requested = False  # set by SIGUSR1: checkpoint at the end of this step and exit
@@ -138,12 +150,11 @@ class LoraTrainer:
         self.train_loss: float | None = None
 
     # ---------------------------------------------------------------- reporting
-    def emit(self, kind: str, **payload: Any) -> None:
-        if self._progress is not None:
-            self._progress({"type": kind, **payload})
+    def emit(self, record: Record) -> None:
+        self._sink.log(record)
 
     def event(self, message: str, level: str = "info", **data: Any) -> None:
-        self.emit("event", level=level, message=message, data=data or None)
+        self.emit(Event(message=message, level=level, data=data or None))
 
     # ---------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -386,23 +397,24 @@ class LoraTrainer:
             elapsed = time.monotonic() - started
             steps_this_run = done - self.start_step
             self.emit(
-                "progress",
-                step=done,
-                total_steps=self.total_steps,
-                epoch=round(done / self.plan.steps_per_epoch, 4),
-                train_loss=self.train_loss,
-                eval_loss=self.eval_loss,
-                evaluated=evaluated,
-                learning_rate=self.scheduler.get_last_lr()[0],
-                tokens_per_second=tokens_done / elapsed if elapsed > 0 else None,
-                eta_seconds=elapsed / steps_this_run * (self.total_steps - done),
-                trained_tokens=sum(self._tokens_of_step(s) for s in range(done))
-                if done == self.total_steps
-                else None,
+                Step(
+                    step=done,
+                    total_steps=self.total_steps,
+                    epoch=round(done / self.plan.steps_per_epoch, 4),
+                    train_loss=self.train_loss,
+                    eval_loss=self.eval_loss,
+                    evaluated=evaluated,
+                    learning_rate=self.scheduler.get_last_lr()[0],
+                    tokens_per_second=tokens_done / elapsed if elapsed > 0 else None,
+                    eta_seconds=elapsed / steps_this_run * (self.total_steps - done),
+                    trained_tokens=sum(self._tokens_of_step(s) for s in range(done))
+                    if done == self.total_steps
+                    else None,
+                )
             )
             if self.stop_agreed and done < self.total_steps:
                 self.save_checkpoint(done)
-                self.emit("preempted", step=done)
+                self.emit(Preempted(step=done))
                 return None
             if (
                 t.checkpoint_every_steps
@@ -450,7 +462,7 @@ class LoraTrainer:
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
             self._prune_checkpoints(root)
-            self.emit("checkpoint", step=step, path=str(final), metrics=state)
+            self.emit(CheckpointSaved(step=step, path=str(final), state=state))
         if self.dist.enabled:
             dist.barrier()
 
@@ -475,7 +487,7 @@ class LoraTrainer:
         self.start_step = int(state["step"])
         self.train_loss = state.get("train_loss")
         self.eval_loss = state.get("eval_loss")
-        self.event(f"resumed from step {self.start_step}", step=self.start_step)
+        self.emit(Resumed(step=self.start_step))
 
     # ---------------------------------------------------------------- output
     def save_final(self, duration: float) -> dict[str, Any]:
@@ -521,7 +533,7 @@ class LoraTrainer:
                     "created_at": datetime.now(UTC).isoformat(),
                 },
             )
-            self.emit("done", manifest=manifest)
+            self.emit(Done(manifest=manifest))
         if self.dist.enabled:
             dist.barrier()
         return manifest
@@ -552,18 +564,6 @@ def _die_with_parent() -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
-class JsonlSink:
-    """Progress as JSON lines (a file the launcher tails, or stdout)."""
-
-    def __init__(self, path: str | None) -> None:
-        self._stream = open(path, "a", buffering=1) if path else sys.stdout  # noqa: SIM115
-
-    def __call__(self, record: dict[str, Any]) -> None:
-        record = {"time": time.time(), **record}
-        self._stream.write(json.dumps(record, default=str) + "\n")
-        self._stream.flush()
-
-
 def read_spec(path: str) -> JobSpec:
     return JobSpec.model_validate_json(Path(path).read_text())
 
@@ -586,12 +586,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint-dir")
     parser.add_argument("--resume-from")
     parser.add_argument("--progress-file")
-    parser.add_argument("--keep-checkpoints", type=int, default=3)
+    parser.add_argument("--keep-checkpoints", type=int, default=CheckpointPolicy().keep)
     args = parser.parse_args(argv)
     _die_with_parent()
     info = DistInfo.from_env()
     _configure_threads(info)
-    sink = JsonlSink(args.progress_file) if info.is_main else None
+    sink: Sink = NullSink()
+    if info.is_main:
+        sink = (
+            JsonlSink.to_path(args.progress_file) if args.progress_file else JsonlSink(sys.stdout)
+        )
     spec = read_spec(args.spec)
     trainer = LoraTrainer(
         spec,
@@ -601,7 +605,7 @@ def main(argv: list[str] | None = None) -> int:
             checkpoint_dir=Path(args.checkpoint_dir) if args.checkpoint_dir else None,
             resume_from=Path(args.resume_from) if args.resume_from else None,
         ),
-        progress=sink,
+        sink=sink,
         dist_info=info,
         keep_checkpoints=args.keep_checkpoints,
     )
@@ -613,19 +617,11 @@ def main(argv: list[str] | None = None) -> int:
         if trainer.train() is None:
             code = EXIT_PREEMPTED
     except TrainingError as exc:
-        if sink:
-            sink({"type": "error", "code": "invalid_job", "message": str(exc)})
+        sink.log(Error(code="invalid_job", message=str(exc)))
         print(f"error: {exc}", file=sys.stderr)
         code = 2
     except Exception as exc:
-        if sink:
-            sink(
-                {
-                    "type": "error",
-                    "code": "training_failed",
-                    "message": f"{type(exc).__name__}: {exc}",
-                }
-            )
+        sink.log(Error(code="training_failed", message=f"{type(exc).__name__}: {exc}"))
         traceback.print_exc()
         code = 1
     finally:

@@ -9,17 +9,15 @@ asks the kernel for SIGKILL when its parent dies (see engine._die_with_parent).
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: a rank checkpointed on request (SIGUSR1) and exited
 
@@ -44,6 +42,7 @@ class RankGroup:
     procs: list[subprocess.Popen[bytes]]
     log_files: list[Path]
     _closed: bool = field(default=False, repr=False)
+    _first_failed: int | None = field(default=None, repr=False)
 
     @property
     def pgid(self) -> int:
@@ -57,8 +56,14 @@ class RankGroup:
         codes = [p.poll() for p in self.procs]
         failed = [c for c in codes if c not in (None, 0)]
         if failed:
+            if self._first_failed is None:  # before kill(): the others then die of our SIGKILL
+                bad = [i for i, c in enumerate(codes) if c not in (None, 0)]
+                # A rank killed by a signal is the cause; peers failing in a collective because
+                # it vanished are the consequence, even when they are noticed in the same poll.
+                signalled = [i for i in bad if (codes[i] or 0) < 0]
+                self._first_failed = (signalled or bad)[0]
             self.kill()
-            return failed[0]
+            return codes[self._first_failed]
         if all(c == 0 for c in codes):
             return 0
         return None
@@ -100,6 +105,10 @@ class RankGroup:
                 except ProcessLookupError:
                     pass
 
+    def failed_rank(self) -> int | None:
+        """The rank whose failure ended the group (a signal counts), or None."""
+        return self._first_failed
+
     def log_tail(self, chars: int = 2000) -> str:
         """The end of the first failing rank's log (or rank 0's)."""
         order = sorted(
@@ -122,7 +131,8 @@ def launch(
     progress_file: Path | None = None,
     checkpoint_dir: Path | None = None,
     resume_from: Path | None = None,
-    keep_checkpoints: int = 3,
+    keep_checkpoints: int | None = None,
+    cache_dir: Path | None = None,
     extra_env: dict[str, str] | None = None,
 ) -> RankGroup:
     """Start ``nproc`` ranks of ``worker.training.engine``; returns at once."""
@@ -135,14 +145,14 @@ def launch(
         str(spec_path),
         "--out",
         str(out_dir),
-        "--keep-checkpoints",
-        str(keep_checkpoints),
     ]
     optional: Sequence[tuple[str, object | None]] = (
         ("--model-path", model_path),
         ("--progress-file", progress_file),
         ("--checkpoint-dir", checkpoint_dir),
         ("--resume-from", resume_from),
+        ("--cache-dir", cache_dir),
+        ("--keep-checkpoints", keep_checkpoints),
     )
     for flag, value in optional:
         if value is not None:
@@ -175,26 +185,3 @@ def launch(
             )
         procs.append(proc)
     return RankGroup(procs, logs)
-
-
-def iter_progress(
-    path: Path, stop: Callable[[], bool], poll: float = 0.2
-) -> Iterator[dict[str, Any]]:
-    """Tail a progress file until ``stop()`` is true and nothing more is written."""
-    position = 0
-    pending = b""
-    while True:
-        finished = stop()
-        if path.exists():
-            with open(path, "rb") as stream:
-                stream.seek(position)
-                chunk = stream.read()
-            position += len(chunk)
-            pending += chunk
-            *lines, pending = pending.split(b"\n")
-            for line in lines:
-                if line.strip():
-                    yield json.loads(line)
-        if finished:
-            return
-        time.sleep(poll)
