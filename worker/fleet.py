@@ -23,6 +23,7 @@ from shared.queueing import pending_job_ids, publish_job
 from shared.routing import Capacity
 from shared.services import runs, webhooks
 from shared.services.fleet import stale_after
+from worker.host_memory import host_memory_bytes
 
 log = logging.getLogger("lorafleet.fleet")
 
@@ -160,7 +161,7 @@ def start_background(hostname: str) -> None:
     wid = worker_id(hostname)
     offer = routing_capacity()
     with session_scope() as session:
-        runs.register_worker(
+        row = runs.register_worker(
             session,
             wid,
             hostname=platform.node(),
@@ -170,6 +171,7 @@ def start_background(hostname: str) -> None:
             procs=offer.gpus or settings.worker_procs,
             version=_version(),
         )
+        row.host_memory_bytes = host_memory_bytes()  # submit checks CPU jobs against it
     if _threads:
         return
     _stop.clear()

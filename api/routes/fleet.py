@@ -19,17 +19,11 @@ def list_workers(_admin: AdminKey, session: SessionDep, settings: SettingsDep) -
     """Registered workers; silent ones (no heartbeat for 3 leases) show as ``offline``."""
     return WorkerList(
         data=[
-            WorkerObject(
-                id=w.id,
-                hostname=w.hostname,
-                gpus=w.gpus,
-                gpu_type=w.gpu_type,
-                gpu_memory_bytes=w.gpu_memory_bytes,
-                procs=w.procs,
-                status=status,  # type: ignore[arg-type]
-                current_job=w.current_job if status != "offline" else None,
-                last_heartbeat=w.last_heartbeat,
-                version=w.version,
+            WorkerObject.model_validate(w).model_copy(
+                update={
+                    "status": status,
+                    "current_job": w.current_job if status != "offline" else None,
+                }
             )
             for w, status in fleet.list_workers(session, settings)
         ]
@@ -44,7 +38,12 @@ def estimate(
     storage: StorageDep,
     settings: SettingsDep,
 ) -> dict[str, Any]:
-    """Parameters, per-device memory, steps and ``fits`` of a job body, before submitting it."""
+    """Parameters, per-device memory, steps and ``fits`` of a job body, before submitting it.
+
+    ``fits`` is judged against the largest worker the job may run on: GPU memory on GPU workers,
+    RAM (all training processes together) on CPU workers; ``warnings`` lists what submission
+    would refuse or what may surprise (e.g. a sequence length beyond the model's positions).
+    """
     return fleet.estimate_job(
         session, storage, owner.owner, body.job_spec(), body.training_file, settings
     )

@@ -84,6 +84,50 @@ def test_idempotent_upload(client: Any) -> None:
     assert other.status_code == 409
 
 
+def test_identical_reupload_returns_the_stored_file(
+    client: Any, bob_headers: dict[str, str]
+) -> None:
+    data = jsonl(CHAT_ROWS)
+    first = _upload(client, data)
+    again = client.post("/files", files={"file": ("renamed.jsonl", data)})
+    assert first.status_code == 201 and again.status_code == 200
+    assert again.json() == first.json(), "same owner, same bytes: the stored file, not a copy"
+    assert len(client.get("/files").json()["data"]) == 1
+    as_validation = _upload(client, data, data={"purpose": "validation"})
+    assert as_validation.status_code == 201 and as_validation.json()["id"] != first.json()["id"]
+    other_owner = client.post("/files", files={"file": ("t.jsonl", data)}, headers=bob_headers)
+    assert other_owner.status_code == 201 and other_owner.json()["id"] != first.json()["id"]
+
+
+def test_list_pages_in_sql_and_delete(client: Any, storage: Any) -> None:
+    ids = [_upload(client, jsonl([{"text": f"doc {i}"}])).json()["id"] for i in range(5)]
+    seen: list[str] = []
+    after = None
+    while True:
+        params: dict[str, Any] = {"limit": 2, **({"after": after} if after else {})}
+        page = client.get("/files", params=params).json()
+        seen += [f["id"] for f in page["data"]]
+        if not page["has_more"]:
+            break
+        after = page["data"][-1]["id"]
+    assert seen == ids[::-1]
+    assert client.get("/files", params={"after": "file-nope"}).status_code == 422
+
+    gone = client.delete(f"/files/{ids[0]}")
+    assert gone.status_code == 200 and gone.json()["id"] == ids[0]
+    assert client.get(f"/files/{ids[0]}").status_code == 404
+    assert not storage.exists(f"files/{ids[0]}.jsonl")
+    assert client.delete(f"/files/{ids[0]}").status_code == 404
+
+    body = {"base_model": "tiny", "training_file": ids[1], "training": {"max_steps": 2}}
+    job = client.post("/jobs", json=body).json()
+    busy = client.delete(f"/files/{ids[1]}")
+    assert busy.status_code == 409 and busy.json()["error"]["code"] == "file_in_use"
+    assert job["id"] in busy.json()["detail"]
+    client.post(f"/jobs/{job['id']}/cancel")
+    assert client.delete(f"/files/{ids[1]}").status_code == 200, "a final job no longer holds it"
+
+
 def test_auth_and_other_owner(client: Any, bob_headers: dict[str, str]) -> None:
     file_id = _upload(client, jsonl(TEXT_ROWS)).json()["id"]
     assert client.get(f"/files/{file_id}", headers=bob_headers).status_code == 404

@@ -64,7 +64,9 @@ def receiver() -> Iterator[tuple[str, type[_Receiver]]]:
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     base = tmp_path_factory.mktemp("live-openai")
-    with live_stack(base, LORAFLEET_WEBHOOK_SECRET=SECRET) as stack:
+    with live_stack(
+        base, LORAFLEET_WEBHOOK_SECRET=SECRET, LORAFLEET_WEBHOOK_ALLOW="127.0.0.1"
+    ) as stack:
         yield stack
 
 
@@ -114,7 +116,7 @@ def test_file_round_trip(sdk: OpenAI, training_file: str) -> None:
 
 def test_job_trains_to_succeeded(finished_job: Any, training_file: str) -> None:
     job = finished_job
-    assert job.fine_tuned_model == f"tiny:ft-{job.id}"
+    assert job.fine_tuned_model == f"ft:tiny:t:sdk:{job.id}"
     assert job.model == "tiny" and job.organization_id == "t"
     assert job.training_file == training_file and job.result_files == []
     assert job.hyperparameters.n_epochs == 1
