@@ -54,6 +54,7 @@ from worker.training.attention import build_layout, use_packed_attention
 from worker.training.launch import EXIT_PREEMPTED
 from worker.training.lora_dropout import fuse_lora_dropout
 from worker.training.manifest import model_fingerprint, write_manifest
+from worker.training.model_card import finish_adapter
 from worker.training.model import (
     CausalLMLoss,
     apply_lora,
@@ -521,6 +522,7 @@ class LoraTrainer:
                     "created_at": datetime.now(UTC).isoformat(),
                 },
             )
+            manifest = finish_adapter(out, manifest)  # model card, public base name
             self.emit("done", manifest=manifest)
         if self.dist.enabled:
             dist.barrier()
