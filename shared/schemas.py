@@ -324,3 +324,27 @@ class KeyList(BaseModel):
 
     object: Literal["list"] = Field(default="list", description="Always `list`.")
     data: list[KeyObject] = Field(description="Keys.")
+
+
+class QueueEntry(BaseModel):
+    """A queued job as the fleet view shows it (every owner's)."""
+
+    model_config = ROWS
+
+    position: int | None = Field(
+        default=None, ge=1, description="Place in the dispatch order (1 = next)."
+    )
+    id: str = Field(description="Job id.")
+    owner: str = Field(description="Who submitted it.")
+    base_model: str = Field(description="Model being adapted.")
+    priority: int = Field(description="Higher runs first.")
+    gpus_required: int = Field(ge=0, description="GPUs it needs (0: any worker).")
+    gpu_type: str | None = Field(default=None, description="GPU type it needs, if any.")
+    created_at: datetime = Field(description="When it was submitted (UTC).")
+
+
+class QueueList(BaseModel):
+    """The queue, in dispatch order."""
+
+    object: Literal["list"] = Field(default="list", description="Always `list`.")
+    data: list[QueueEntry] = Field(description="Queued jobs, next first.")

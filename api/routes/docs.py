@@ -7,6 +7,7 @@ Swagger UI 5.32.6 (Apache-2.0) and ReDoc 2.5.3 (MIT) as package data; they are s
 its installed folder through an allow-list, like the web page's own assets.
 
 Swagger UI keeps the key entered under "Authorize" across reloads (``persistAuthorization``).
+The pages carry a Content-Security-Policy that lets them load nothing from anywhere else.
 """
 
 from __future__ import annotations
@@ -40,7 +41,22 @@ SWAGGER_PARAMETERS = {
     "docExpansion": "list",
     "defaultModelsExpandDepth": 0,
     "tryItOutEnabled": False,
+    # Swagger UI would otherwise send the document to validator.swagger.io for a badge.
+    "validatorUrl": None,
 }
+# Belt and braces: the pages may load nothing from elsewhere (ReDoc's footer logo points at a
+# CDN; this blocks it instead of letting a browser reach out). Inline scripts are FastAPI's
+# page bootstrap; ReDoc runs its search in a blob: worker.
+CSP = (
+    "default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
+    "script-src 'self' 'unsafe-inline'; worker-src 'self' blob:; connect-src 'self'; "
+    "font-src 'self' data:"
+)
+
+
+def _offline(response: HTMLResponse) -> HTMLResponse:
+    response.headers["Content-Security-Policy"] = CSP
+    return response
 
 
 def _root(request: Request) -> str:
@@ -51,7 +67,7 @@ def _root(request: Request) -> str:
 def swagger_ui(request: Request) -> HTMLResponse:
     """Swagger UI on this server's OpenAPI document."""
     root = _root(request)
-    return get_swagger_ui_html(
+    page = get_swagger_ui_html(
         openapi_url=f"{root}{request.app.openapi_url}",
         title=f"{request.app.title} - API",
         swagger_js_url=f"{root}/docs/assets/swagger-ui-bundle.js",
@@ -60,6 +76,7 @@ def swagger_ui(request: Request) -> HTMLResponse:
         oauth2_redirect_url=f"{root}{OAUTH2_REDIRECT}",
         swagger_ui_parameters=SWAGGER_PARAMETERS,
     )
+    return _offline(page)
 
 
 @router.get(OAUTH2_REDIRECT)
@@ -72,13 +89,14 @@ def swagger_ui_redirect() -> HTMLResponse:
 def redoc(request: Request) -> HTMLResponse:
     """ReDoc: the same document as a readable reference."""
     root = _root(request)
-    return get_redoc_html(
+    page = get_redoc_html(
         openapi_url=f"{root}{request.app.openapi_url}",
         title=f"{request.app.title} - API reference",
         redoc_js_url=f"{root}/docs/assets/redoc.standalone.js",
         redoc_favicon_url=f"{root}/docs/assets/favicon.png",
         with_google_fonts=False,
     )
+    return _offline(page)
 
 
 @router.get("/docs/assets/{name}")

@@ -1,14 +1,15 @@
-"""``/workers`` (admin) and ``/estimate``: the fleet, and whether a job fits it."""
+"""``/workers`` and ``/queue`` (admin), ``/estimate``: the fleet, and whether a job fits it."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Query
 
 from api.deps import AdminKey, CurrentOwner, SessionDep, SettingsDep, StorageDep
-from shared.schemas import WorkerList, WorkerObject
+from shared.schemas import QueueEntry, QueueList, WorkerList, WorkerObject
 from shared.services import fleet
+from shared.services import jobs as job_service
 from shared.spec import EstimateRequest
 
 router = APIRouter(tags=["fleet"])
@@ -26,6 +27,21 @@ def list_workers(_admin: AdminKey, session: SessionDep, settings: SettingsDep) -
                 }
             )
             for w, status in fleet.list_workers(session, settings)
+        ]
+    )
+
+
+@router.get("/queue", response_model=QueueList)
+def queue(
+    _admin: AdminKey,
+    session: SessionDep,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> QueueList:
+    """Every owner's queued jobs in the order workers will take them (admin)."""
+    return QueueList(
+        data=[
+            QueueEntry.model_validate(job).model_copy(update={"position": position})
+            for position, job in job_service.queue_overview(session, limit)
         ]
     )
 

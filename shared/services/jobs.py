@@ -394,16 +394,13 @@ def clone_job(
     return create_job(session, owner, spec, idempotency_key)
 
 
-def queue_positions(session: Session, job_ids: Sequence[str]) -> dict[str, int]:
-    """Place in the dispatch order of each of ``job_ids`` that is queued (1 = taken next).
+def _ranked_queue() -> Any:
+    """Queued jobs with their place in the dispatch order, as a subquery (``id``, ``position``).
 
     The order is the one ``runs.claim_next`` uses: priority (high first), then owners with
     fewer running jobs first, then age. It is fleet-wide: a job routed to GPUs that are busy
-    may wait longer than its place says. One query with a window function, whatever the queue's
-    length.
+    may wait longer than its place says. One window function, whatever the queue's length.
     """
-    if not job_ids:
-        return {}
     running = (
         select(Job.owner.label("owner"), func.count().label("n"))
         .where(Job.status == RUNNING.value)
@@ -411,7 +408,7 @@ def queue_positions(session: Session, job_ids: Sequence[str]) -> dict[str, int]:
         .subquery()
     )
     load = func.coalesce(running.c.n, 0)
-    ranked = (
+    return (
         select(
             Job.id.label("id"),
             func.row_number()
@@ -422,7 +419,26 @@ def queue_positions(session: Session, job_ids: Sequence[str]) -> dict[str, int]:
         .where(Job.status == QUEUED.value, Job.cancel_requested.is_(False))
         .subquery()
     )
+
+
+def queue_positions(session: Session, job_ids: Sequence[str]) -> dict[str, int]:
+    """Place in the dispatch order of each of ``job_ids`` that is queued (1 = taken next)."""
+    if not job_ids:
+        return {}
+    ranked = _ranked_queue()
     rows = session.execute(
         select(ranked.c.id, ranked.c.position).where(ranked.c.id.in_(list(job_ids)))
     )
     return {job: int(position) for job, position in rows}
+
+
+def queue_overview(session: Session, limit: int = 100) -> list[tuple[int, Job]]:
+    """The first ``limit`` queued jobs of every owner in dispatch order: (position, job)."""
+    ranked = _ranked_queue()
+    rows = session.execute(
+        select(ranked.c.position, Job)
+        .join(Job, Job.id == ranked.c.id)
+        .order_by(ranked.c.position)
+        .limit(limit)
+    )
+    return [(int(position), job) for position, job in rows]
