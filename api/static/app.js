@@ -24,6 +24,8 @@ const TRAINING_FIELDS = [
   "eval_every_steps", "checkpoint_every_steps", "seed",
 ];
 
+const LABELS = { r: "rank (r)", max_seq_length: "max sequence length", lr: "learning rate" };
+
 const $ = (id) => document.getElementById(id);
 let timer = null;
 let lastEventId = 0;
@@ -218,7 +220,7 @@ function fieldInput(block, name, prop) {
   const inner = plainType(prop);
   const id = `${block}.${name}`;
   const wrap = el("div", { class: "field" });
-  const label = el("label", { for: id }, name.replace(/_/g, " "));
+  const label = el("label", { for: id }, LABELS[name] || name.replace(/_/g, " "));
   let input;
   if (inner.type === "boolean") {
     input = el("input", { id, type: "checkbox", "data-kind": "boolean" });

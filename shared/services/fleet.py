@@ -149,6 +149,10 @@ def judge(
         dataset_tokens=dataset.get("dataset_tokens"),
     )
     ram = worker.host_memory_bytes if worker is not None and not on_gpu else None
+    if worker is None or (not on_gpu and ram is None):
+        per = answer["memory_bytes"]["total"] / _GIB
+        who = "no worker has registered yet" if worker is None else "the worker reported no RAM"
+        answer["reason"] = f"{who}; the job needs about {per:.2f} GiB per training process"
     if ram is not None:
         need = answer["memory_bytes"]["total"] * world
         answer["fits"] = need <= ram

@@ -260,3 +260,24 @@ def test_progress_visible_while_running(sdk: OpenAI, live: Live, training_file: 
             timeout=120,
             what="cancel",
         )
+
+
+def test_files_delete_and_models_delete(sdk: OpenAI, live: Live, finished_job: Any) -> None:
+    """The SDK's ``files.delete`` and ``models.delete`` (last: it deletes the finished adapter)."""
+    spare = sdk.files.create(
+        file=("spare.jsonl", _jsonl(chat_rows(3, seed=7))), purpose="fine-tune"
+    )
+    deleted = sdk.files.delete(spare.id)
+    assert deleted.id == spare.id and deleted.deleted is True and deleted.object == "file"
+    with pytest.raises(openai.NotFoundError):
+        sdk.files.retrieve(spare.id)
+
+    name = finished_job.fine_tuned_model
+    gone = sdk.models.delete(name)
+    assert gone.id == name and gone.deleted is True
+    after = sdk.fine_tuning.jobs.retrieve(finished_job.id)
+    assert after.status == "succeeded" and after.fine_tuned_model is None
+    with live.client() as http:
+        assert http.get(f"/jobs/{finished_job.id}/adapter").status_code == 409
+    with pytest.raises(openai.NotFoundError):
+        sdk.models.delete("tiny")  # base models are the operator's, not deletable

@@ -49,7 +49,9 @@ def test_swagger_ui_authorize_and_try_it_out(live: Live, browser: Any) -> None:
     _one(browser, f"{operation} button.try-out__btn").click()
     wait_for(lambda: _one(browser, f"{operation} button.execute"), 10, what="Execute").click()
     status = wait_for(
-        lambda: _one(browser, f"{operation} .live-responses-table tr.response .response-col_status"),
+        lambda: _one(
+            browser, f"{operation} .live-responses-table tr.response .response-col_status"
+        ),
         timeout=20,
         what="the live response",
     )
