@@ -54,7 +54,6 @@ from worker.training.attention import build_layout, use_packed_attention
 from worker.training.launch import EXIT_PREEMPTED
 from worker.training.lora_dropout import fuse_lora_dropout
 from worker.training.manifest import model_fingerprint, write_manifest
-from worker.training.model_card import finish_adapter
 from worker.training.model import (
     CausalLMLoss,
     apply_lora,
@@ -62,6 +61,7 @@ from worker.training.model import (
     load_tokenizer,
     with_default_targets,
 )
+from worker.training.model_card import finish_adapter
 
 ProgressCallback = Callable[[dict[str, Any]], None]
 

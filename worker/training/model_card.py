@@ -43,19 +43,30 @@ def render_card(manifest: dict[str, Any]) -> str:
     rank = int(lora.get("r") or 8)
     rows = [
         ("method", f"{method} fine-tuning, LoRA"),
-        ("LoRA rank / alpha / dropout", f"{lora.get('r')} / {lora.get('alpha')} / "
-         f"{lora.get('dropout')}"),
+        (
+            "LoRA rank / alpha / dropout",
+            f"{lora.get('r')} / {lora.get('alpha')} / {lora.get('dropout')}",
+        ),
         ("target modules", _fmt(lora.get("target_modules"))),
         ("steps", _fmt(manifest.get("steps"))),
-        ("epochs (max_steps wins when set)", f"{training.get('epochs')} "
-         f"(max_steps {_fmt(training.get('max_steps'))})"),
-        ("learning rate, scheduler, warmup", f"{_fmt(training.get('learning_rate'))}, "
-         f"{training.get('lr_scheduler')}, {training.get('warmup_ratio')}"),
-        ("batch size per device x processes x accumulation",
-         f"{training.get('batch_size')} x {manifest.get('world_size')} x "
-         f"{manifest.get('gradient_accumulation_steps')} = {manifest.get('effective_batch')}"),
-        ("max sequence length, packing", f"{training.get('max_seq_length')}, "
-         f"{training.get('packing')}"),
+        (
+            "epochs (max_steps wins when set)",
+            f"{training.get('epochs')} (max_steps {_fmt(training.get('max_steps'))})",
+        ),
+        (
+            "learning rate, scheduler, warmup",
+            f"{_fmt(training.get('learning_rate'))}, "
+            f"{training.get('lr_scheduler')}, {training.get('warmup_ratio')}",
+        ),
+        (
+            "batch size per device x processes x accumulation",
+            f"{training.get('batch_size')} x {manifest.get('world_size')} x "
+            f"{manifest.get('gradient_accumulation_steps')} = {manifest.get('effective_batch')}",
+        ),
+        (
+            "max sequence length, packing",
+            f"{training.get('max_seq_length')}, {training.get('packing')}",
+        ),
         ("precision, device", f"{manifest.get('precision')}, {manifest.get('device')}"),
         ("seed", _fmt(manifest.get("seed"))),
         ("trained tokens", _fmt(manifest.get("trained_tokens"))),
@@ -66,9 +77,7 @@ def render_card(manifest: dict[str, Any]) -> str:
         ("base model fingerprint", _fmt((manifest.get("base_model") or {}).get("fingerprint"))),
     ]
     table = "\n".join(f"| {name} | {value} |" for name, value in rows)
-    vllm_rank = (
-        f" --max-lora-rank {rank}" if rank > VLLM_DEFAULT_MAX_LORA_RANK else ""
-    )
+    vllm_rank = f" --max-lora-rank {rank}" if rank > VLLM_DEFAULT_MAX_LORA_RANK else ""
     return f"""---
 base_model: {base}
 library_name: peft
