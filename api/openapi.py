@@ -70,6 +70,19 @@ _GENERIC: dict[int, tuple[str, str, str | None, str]] = {
         "job_id",
         "No such object of yours.",
     ),
+    409: (
+        "conflict",
+        "job ftjob-0123456789abcdef01234567 is running; its adapter exists once it has succeeded",
+        None,
+        "The request clashes with the object's state.",
+    ),
+    413: ("too_large", "JSON body is larger than the limit of 1048576 bytes", None, "Too large."),
+    429: (
+        "quota_exceeded",
+        "you already have 50 queued or running jobs (limit 50)",
+        None,
+        "Quota.",
+    ),
     422: (
         "invalid_request",
         "training.learning_rate: Input should be less than or equal to 1",
@@ -167,7 +180,13 @@ def _patch(schema: dict[str, Any]) -> dict[str, Any]:
                 if not status.isdigit() or int(status) < 400:
                     continue
                 content = entry.setdefault("content", {}).setdefault("application/json", {})
+                example = content.get("example")
+                if isinstance(example, dict) and "error" not in example:
+                    continue  # a documented non-error body (e.g. /readyz's 503)
                 content.setdefault("schema", {"$ref": "#/components/schemas/Error"})
+                if example is None and int(status) in _GENERIC:
+                    code, message, param, _ = _GENERIC[int(status)]
+                    content["example"] = error_body(int(status), code, message, param, openai)
     return schema
 
 

@@ -143,3 +143,29 @@ def test_notify_final_posts_the_job_object(
     payload = json.loads(body)
     assert payload["id"] == job.id and payload["status"] == "failed"
     assert payload["error"] == {"code": "boom", "message": "it broke"}
+
+
+def test_refused_destination_leaves_an_event_and_sends_nothing(
+    settings: Settings,
+    session: Session,
+    make_job: Callable[..., Any],
+    receiver: Callable[[list[int]], Receiver],
+) -> None:
+    from sqlalchemy import update
+
+    from shared.models import Job
+    from shared.services.jobs import list_events
+
+    hook = receiver([200])
+    job = make_job()
+    # Set after submit, as a host name would be that only resolves to loopback at send time.
+    session.execute(update(Job).where(Job.id == job.id).values(webhook_url=hook.url))
+    session.commit()
+    assert runs.claim_job(session, job.id, "w1", 30) is not None
+    assert runs.finish_job(session, job.id, "w1", "failed", "boom", "it broke")
+    thread = webhooks.notify_final(job.id, settings, backoff=(0.0,))
+    assert thread is not None
+    thread.join(timeout=10)
+    assert hook.requests == [], "no allow-list: the loopback receiver gets nothing"
+    messages = [e.message for e in list_events(session, "alice", job.id)]
+    assert any(m.startswith("webhook not sent:") and "loopback" in m for m in messages), messages
