@@ -12,6 +12,7 @@ import tempfile
 from typing import IO, Any
 
 from fastapi import Request
+from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
@@ -100,9 +101,12 @@ async def _receive(request: Request, sink: IO[bytes], limit: int) -> _MultipartU
         raise TooLarge(f"file is larger than the limit of {limit} bytes", param="file")
     upload = _MultipartUpload(sink, limit)
     parser = MultipartParser(params[b"boundary"], upload.callbacks())  # type: ignore[arg-type]
-    async for chunk in request.stream():
-        parser.write(chunk)
-    parser.finalize()
+    try:
+        async for chunk in request.stream():
+            parser.write(chunk)
+        parser.finalize()
+    except MultipartParseError as exc:
+        raise InvalidInput(f"malformed multipart body: {exc}", param="file") from None
     if upload.filename is None:
         raise InvalidInput("no 'file' part in the upload", param="file")
     return upload
