@@ -6,7 +6,8 @@ from collections.abc import Iterator
 from functools import lru_cache
 from typing import Annotated
 
-from fastapi import Depends, Header, Request
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from shared.config import Settings, get_settings
@@ -17,6 +18,11 @@ from shared.services.keys import authenticate
 from shared.storage import Storage, storage_from_url
 
 LOOPBACK = {"127.0.0.1", "::1", "localhost", "testclient"}
+
+# Declares the bearer scheme in the OpenAPI document (Swagger UI's Authorize button). It never
+# refuses by itself (auto_error=False): ``current_owner`` reads the header and words the errors.
+bearer = HTTPBearer(auto_error=False, description="API key (`lf-...`).")
+Bearer = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
 
 
 def get_session() -> Iterator[Session]:
@@ -41,9 +47,7 @@ def get_storage() -> Storage:
 
 
 def current_owner(
-    request: Request,
-    session: Annotated[Session, Depends(get_session)],
-    authorization: Annotated[str | None, Header()] = None,
+    request: Request, session: Annotated[Session, Depends(get_session)], _bearer: Bearer
 ) -> ApiKey:
     """The API key of the request (``Authorization: Bearer KEY``); 401 when missing or wrong.
 
@@ -55,6 +59,7 @@ def current_owner(
         if host not in LOOPBACK:
             raise Forbidden("authentication is disabled; only loopback clients are served")
         return ApiKey(id="local", key_hash="", owner="local", admin=True)
+    authorization = request.headers.get("authorization")
     if not authorization:
         raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
     scheme, _, token = authorization.partition(" ")
@@ -74,9 +79,7 @@ def require_admin(key: Annotated[ApiKey, Depends(current_owner)]) -> ApiKey:
 
 
 def metrics_access(
-    request: Request,
-    session: Annotated[Session, Depends(get_session)],
-    authorization: Annotated[str | None, Header()] = None,
+    request: Request, session: Annotated[Session, Depends(get_session)], bearer_: Bearer
 ) -> None:
     """Gate for ``/metrics``: an admin key, unless ``LORAFLEET_METRICS_PUBLIC=true``.
 
@@ -85,7 +88,7 @@ def metrics_access(
     """
     if get_settings().metrics_public:
         return
-    require_admin(current_owner(request, session, authorization))
+    require_admin(current_owner(request, session, bearer_))
 
 
 SessionDep = Annotated[Session, Depends(get_session)]

@@ -54,7 +54,10 @@ def error_response(
     return JSONResponse(body, status_code=status, headers=dict(headers) if headers else None)
 
 
-def _status_of(exc: LorafleetError) -> int:
+def status_of(exc: LorafleetError, invalid_input: int = 422) -> int:
+    """The HTTP status of a domain error (``invalid_input``: 422 natively, 400 under ``/v1``)."""
+    if isinstance(exc, InvalidInput):
+        return invalid_input
     for cls in type(exc).__mro__:
         if cls in STATUS:
             return STATUS[cls]  # type: ignore[index]
@@ -63,26 +66,33 @@ def _status_of(exc: LorafleetError) -> int:
 
 async def _domain(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, LorafleetError)
-    status = _status_of(exc)
+    status = status_of(exc)
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
     return error_response(status, exc.message, exc.code, exc.param, headers)
 
 
-def _loc(loc: tuple[Any, ...]) -> str:
+def field_of(loc: tuple[Any, ...] | list[Any]) -> str:
+    """A validation error's location as the dotted field name (``training.max_steps``)."""
     # Drop the "body"/"query" prefix: clients know where they sent it, they want the field.
     parts = [str(p) for p in loc[1:]] if loc and loc[0] in ("body", "query", "path") else loc
     return ".".join(str(p) for p in parts) or "body"
 
 
-async def _validation(_request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, RequestValidationError)
+def validation_problem(exc: RequestValidationError) -> tuple[str, str, list[dict[str, Any]]]:
+    """(param of the first problem, one message naming every field, the problems as a list)."""
     errors = exc.errors()
     first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
-    param = _loc(tuple(first.get("loc", ())))
-    message = "; ".join(f"{_loc(tuple(e.get('loc', ())))}: {e.get('msg')}" for e in errors)
+    param = field_of(tuple(first.get("loc", ())))
+    message = "; ".join(f"{field_of(tuple(e.get('loc', ())))}: {e.get('msg')}" for e in errors)
     details = [
         {"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")} for e in errors
     ]
+    return param, message or "invalid request", details
+
+
+async def _validation(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    param, message, details = validation_problem(exc)
     return error_response(422, message, "invalid_request", param, errors=details)
 
 
@@ -99,51 +109,8 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     return error_response(500, "internal server error", "internal_error")
 
 
-# What every 4xx/5xx body looks like, for the OpenAPI page. FastAPI documents 422 as its own
-# ``HTTPValidationError`` (``detail`` a list); ours is the shape above, the ``/v1`` routes answer
-# OpenAI's (``error`` alone), so the documented schema is what both have in common.
-ERROR_SCHEMA: dict[str, Any] = {
-    "title": "Error",
-    "type": "object",
-    "required": ["error"],
-    "properties": {
-        "detail": {"type": "string", "description": "Human-readable message."},
-        "error": {
-            "type": "object",
-            "required": ["message"],
-            "properties": {
-                "code": {"type": ["string", "null"], "description": "Reason programs switch on."},
-                "message": {"type": "string", "description": "Human-readable message."},
-                "param": {"type": ["string", "null"], "description": "The field at fault."},
-            },
-        },
-        "errors": {
-            "type": "array",
-            "items": {"type": "object"},
-            "description": "Every validation problem (422 only).",
-        },
-    },
-}
-
-
-def _document_error_shape(app: FastAPI) -> None:
-    generate = app.openapi
-
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema is not None:
-            return app.openapi_schema
-        schema = generate()  # caches itself in app.openapi_schema: patched once
-        components = schema.get("components", {}).get("schemas", {})
-        if "HTTPValidationError" in components:
-            components["HTTPValidationError"] = ERROR_SCHEMA
-        return schema
-
-    app.openapi = openapi  # type: ignore[method-assign]
-
-
 def install(app: FastAPI) -> None:
-    """Register the handlers on ``app`` and document the error body they produce."""
-    _document_error_shape(app)
+    """Register the handlers on ``app`` (``api.openapi`` documents the bodies they produce)."""
     app.add_exception_handler(Exception, _unexpected)
     app.add_exception_handler(LorafleetError, _domain)
     app.add_exception_handler(RequestValidationError, _validation)

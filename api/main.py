@@ -14,21 +14,32 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
-from api import errors
+from api import errors, openapi
 from api.guards import HostileInputGuard
 from api.routes import (
     checkpoints,
+    docs,
     downloads,
     files,
     fleet,
     health,
     jobs,
+    keys,
     metrics,
+    models,
     openai_compat,
     web,
 )
 from shared.config import get_settings
 from shared.db import upgrade_to_head
+
+DESCRIPTION = """Self-hosted LoRA fine-tuning. Upload a JSONL dataset (`POST /files`), check what a
+job needs (`POST /estimate`), submit it (`POST /jobs`), follow it (`GET /jobs/{id}/events` with
+`Accept: text/event-stream`), download the peft adapter (`GET /jobs/{id}/adapter`).
+
+Authenticate with an API key (`lorafleet keys create --owner NAME`): press **Authorize** and paste
+it. Every error answers `{"detail": message, "error": {"code", "message", "param"}}`; `param`
+names the field to fix. The OpenAI fine-tuning API is served under `/v1` for the `openai` SDK."""
 
 
 def prepare_database() -> None:
@@ -44,13 +55,22 @@ async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
 
 def create_app() -> FastAPI:
     """A new app instance (uvicorn factory mode; tests build one per settings)."""
-    app = FastAPI(title="lorafleet", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(
+        title="lorafleet",
+        version="0.1.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        docs_url=None,  # served by api.routes.docs from installed assets, not a CDN
+        redoc_url=None,
+    )
     errors.install(app)
+    openapi.install(app)
     app.add_middleware(HostileInputGuard)
-    for module in (health, metrics, files, jobs, fleet):
+    for module in (health, metrics, files, jobs, fleet, models, keys):
         app.include_router(module.router)
     app.include_router(checkpoints.router)
     app.include_router(downloads.router)
     app.include_router(openai_compat.router)
     app.include_router(web.router)
+    app.include_router(docs.router)
     return app

@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 import uuid
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -23,15 +24,51 @@ import typer
 from rich.console import Console
 
 from cli import client as client_cmds
+from cli import resources
+from cli.client import example
+from cli.http import EXIT_CODES_HELP, EXIT_INTERRUPTED, CliError
 from shared.config import get_settings
 
-app = typer.Typer(help="lorafleet: self-hosted LoRA fine-tuning.", no_args_is_help=True)
+
+class Lorafleet(typer.Typer):
+    """The ``lorafleet`` command: every failure is one line and an exit code, never a traceback.
+
+    ``LORAFLEET_DEBUG=1`` lets unexpected errors show their traceback (for bug reports).
+    """
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().__call__(*args, **kwargs)
+        except CliError as exc:
+            err.print(f"[red]error:[/red] {exc.message}", highlight=False)
+            sys.exit(exc.code)
+        except KeyboardInterrupt:
+            err.print("interrupted")
+            sys.exit(EXIT_INTERRUPTED)
+        except Exception as exc:
+            if os.environ.get("LORAFLEET_DEBUG"):
+                raise
+            err.print(
+                f"[red]error:[/red] {type(exc).__name__}: {exc} "
+                "(unexpected; LORAFLEET_DEBUG=1 shows the traceback)",
+                highlight=False,
+            )
+            sys.exit(1)
+
+
+err = Console(stderr=True, soft_wrap=True)  # one error, one line, whatever the width
+app = Lorafleet(
+    help="lorafleet: self-hosted LoRA fine-tuning.",
+    epilog=EXIT_CODES_HELP,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
 models_app = typer.Typer(help="Base models.", no_args_is_help=True)
 keys_app = typer.Typer(help="API keys.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 app.add_typer(keys_app, name="keys")
 client_cmds.register(app)
-err = Console(stderr=True)
+resources.register(app, models_app, keys_app)
 
 
 def _is_loopback(host: str) -> bool:
@@ -43,7 +80,7 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-@app.command()
+@app.command(epilog=example("lorafleet serve --host 0.0.0.0 --port 8000"))
 def serve(
     host: Annotated[str, typer.Option(help="Bind address.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port.")] = 8000,
@@ -68,7 +105,7 @@ def serve(
     )
 
 
-@app.command()
+@app.command(epilog=example("LORAFLEET_BROKER_URL=redis://host:6379/0 lorafleet worker"))
 def worker(
     queues: Annotated[str, typer.Option(help="Comma-separated queues to consume.")] = "",
     name: Annotated[
@@ -108,7 +145,7 @@ def worker(
     os.execv(sys.executable, args)
 
 
-@app.command()
+@app.command(epilog=example("lorafleet up --port 8000"))
 def up(
     host: Annotated[str, typer.Option(help="Bind address.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port.")] = 8000,
@@ -156,7 +193,7 @@ def up(
     raise typer.Exit(code)
 
 
-@app.command()
+@app.command(epilog=example("lorafleet train job.json --out adapter --nproc 2"))
 def train(
     spec_file: Annotated[Path, typer.Argument(help="Job body JSON; files are local paths.")],
     out: Annotated[Path, typer.Option("--out", help="Adapter output folder.")],
@@ -270,26 +307,48 @@ def _print_record(record: Any) -> None:
         err.print(f"[red]error[/red] {record.message}", highlight=False)
 
 
-@models_app.command("make-tiny")
+class TinySize(StrEnum):
+    """Sizes of the test models (worker/training/tiny.py)."""
+
+    default = "default"
+    m5 = "5m"
+    m40 = "40m"
+
+
+class TinyArch(StrEnum):
+    """Architectures of the test models."""
+
+    llama = "llama"
+    gpt2 = "gpt2"
+
+
+@models_app.command(
+    "make-tiny", epilog=example("lorafleet models make-tiny data/models/tiny-llama")
+)
 def make_tiny_cmd(
     directory: Annotated[Path, typer.Argument(help="Output folder.")],
-    size: Annotated[str, typer.Option(help="default, 5m or 40m.")] = "default",
-    arch: Annotated[str, typer.Option(help="llama or gpt2.")] = "llama",
+    size: Annotated[TinySize, typer.Option(help="Model size.")] = TinySize.default,
+    arch: Annotated[TinyArch, typer.Option(help="Architecture.")] = TinyArch.llama,
     chat_template: Annotated[bool, typer.Option(help="Give the tokenizer a chat template.")] = True,
     seed: Annotated[int, typer.Option(help="Init seed.")] = 0,
 ) -> None:
     """Write a small random-init model + offline tokenizer loadable with from_pretrained(DIR)."""
     from worker.training.tiny import TINY_SIZES, make_tiny, make_tiny_gpt2
 
-    kwargs: dict[str, Any] = dict(TINY_SIZES[size]) if size != "default" else {}
-    if arch == "gpt2":
+    kwargs: dict[str, Any] = dict(TINY_SIZES[size.value]) if size != TinySize.default else {}
+    if arch == TinyArch.gpt2:
         make_tiny_gpt2(directory, seed=seed)
     else:
         make_tiny(directory, seed=seed, chat_template=chat_template, **kwargs)
     print(directory.resolve())
 
 
-@keys_app.command("create")
+@keys_app.command(
+    "create",
+    epilog=example(
+        "lorafleet keys create --owner alice", "lorafleet keys create --owner ops --admin --json"
+    ),
+)
 def keys_create(
     owner: Annotated[str, typer.Option(help="Tenant name.")],
     admin: Annotated[bool, typer.Option(help="May see fleet routes.")] = False,
@@ -310,7 +369,7 @@ def keys_create(
         print(plaintext)
 
 
-@app.command()
+@app.command(epilog=example("lorafleet demo   # what `make demo` runs"))
 def demo() -> None:
     """The whole user path on the embedded defaults (what `make demo` runs)."""
     from cli.demo import main as run_demo

@@ -89,6 +89,17 @@ class Settings(BaseSettings):
         300, ge=1, le=7 * 24 * 3600, description="Lifetime of presigned adapter download URLs."
     )
     webhook_secret: str = Field("", description="HMAC key for webhook signatures.")
+    webhook_allow: str = Field(
+        "",
+        description="Comma list of host names or CIDRs a webhook_url may reach although they are "
+        "loopback, private, link-local or metadata addresses; empty: public addresses only.",
+    )
+    hub_check_timeout_seconds: float = Field(
+        3.0,
+        ge=0,
+        description="How long submit waits for the model hub to confirm a hub id exists; 0 skips "
+        "the check (the worker still checks it first). HF_ENDPOINT / HF_HUB_OFFLINE apply.",
+    )
     sync_db_echo: bool = False
 
     @model_validator(mode="after")

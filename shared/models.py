@@ -28,6 +28,9 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from shared.model_names import fine_tuned_model_name
+from shared.states import SUCCEEDED
+
 # SQLite only auto-increments an INTEGER PRIMARY KEY; PostgreSQL gets 64 bits for long histories.
 BigIntPK = BigInteger().with_variant(Integer(), "sqlite")
 
@@ -87,7 +90,11 @@ class File(Base):
     """An uploaded, validated JSONL dataset; the bytes live in storage under ``storage_key``."""
 
     __tablename__ = "files"
-    __table_args__ = (UniqueConstraint("owner", "idempotency_key"),)
+    __table_args__ = (
+        UniqueConstraint("owner", "idempotency_key"),
+        # An owner re-uploading the same bytes gets the file already stored (files.create_file).
+        Index(None, "owner", "sha256"),
+    )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     owner: Mapped[str] = mapped_column(String(200), index=True)
@@ -153,6 +160,44 @@ class Job(Base):
     gpu_type: Mapped[str | None] = mapped_column(String(64), nullable=True)
     # +1 at every claim, never decremented: the fencing token of an attempt (runs.Lease).
     lease_epoch: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # Set when the owner deleted a final job: its artifacts are gone from storage, the row stays
+    # as a tombstone (ids are never reused, and a webhook or a log line naming it still resolves).
+    deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+    # Views of the spec and state that the public schemas read (``from_attributes``).
+    @property
+    def suffix(self) -> str | None:
+        """The label the job body gave its fine-tuned model name."""
+        return (self.spec or {}).get("suffix")
+
+    @property
+    def lora(self) -> dict[str, Any]:
+        return dict((self.spec or {}).get("lora") or {})
+
+    @property
+    def training(self) -> dict[str, Any]:
+        return dict((self.spec or {}).get("training") or {})
+
+    @property
+    def resources(self) -> dict[str, Any]:
+        return dict((self.spec or {}).get("resources") or {})
+
+    @property
+    def error(self) -> dict[str, str] | None:
+        """``{code, message}`` of a failed job, None otherwise."""
+        if not (self.error_code or self.error_message):
+            return None
+        return {
+            "code": self.error_code or "error",
+            "message": self.error_message or self.error_code or "",
+        }
+
+    @property
+    def fine_tuned_model(self) -> str | None:
+        """The adapter's model name once the job succeeded (``shared.model_names``)."""
+        if self.status != SUCCEEDED.value or self.deleted_at is not None:
+            return None
+        return fine_tuned_model_name(self.base_model, self.owner, self.suffix, self.id)
 
 
 class JobEvent(Base):
@@ -214,6 +259,8 @@ class Worker(Base):
     gpus: Mapped[int] = mapped_column(Integer, default=0)
     gpu_type: Mapped[str | None] = mapped_column(String(128), nullable=True)
     gpu_memory_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    # RAM of the host (or its cgroup limit): what CPU training processes share.
+    host_memory_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     procs: Mapped[int] = mapped_column(Integer, default=1)
     version: Mapped[str | None] = mapped_column(String(64), nullable=True)
     status: Mapped[str] = mapped_column(String(16), default="idle")

@@ -20,10 +20,12 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from shared.errors import InvalidInput
-from shared.models import Checkpoint, File, Job, JobEvent, JobMetric
+from shared.model_names import checkpoint_model_name
+from shared.models import Checkpoint, Job, JobEvent, JobMetric
+from shared.schemas import unix_seconds
 from shared.spec import JobSpec, LoraSettings, TrainingSettings
 from shared.states import RUNNING, SUCCEEDED
 
@@ -84,7 +86,23 @@ class MethodIn(BaseModel):
 class FineTuningJobCreate(BaseModel):
     """Body of ``POST /v1/fine_tuning/jobs`` as the openai SDK sends it (plus ``extra_body``)."""
 
-    model_config = ConfigDict(extra="allow", protected_namespaces=())
+    model_config = ConfigDict(
+        extra="allow",
+        protected_namespaces=(),
+        json_schema_extra={
+            "examples": [
+                {
+                    "model": "tiny-llama",
+                    "training_file": "file-0123456789abcdef01234567",
+                    "suffix": "support-bot",
+                    "method": {
+                        "type": "supervised",
+                        "supervised": {"hyperparameters": {"n_epochs": 1, "lora_r": 8}},
+                    },
+                }
+            ]
+        },
+    )
 
     model: str = Field(min_length=1, max_length=200, description="Base model (folder or hub id).")
     training_file: str = Field(min_length=1, max_length=64, description="Training file id.")
@@ -214,7 +232,9 @@ class FineTuningJob(BaseModel):
     created_at: int = Field(description="Unix seconds.")
     finished_at: int | None = Field(None, description="Unix seconds, once final.")
     error: OpenAIError | None = Field(None, description="Set when failed.")
-    fine_tuned_model: str | None = Field(None, description="`<model>:ft-<id>` once succeeded.")
+    fine_tuned_model: str | None = Field(
+        None, description="`ft:<model>:<owner>:<suffix>:<job id>` once succeeded."
+    )
     hyperparameters: Hyperparameters = Field(description="Resolved hyperparameters.")
     model: str = Field(description="Base model.")
     organization_id: str = Field(description="The owner of the API key.")
@@ -251,14 +271,18 @@ class CheckpointOut(BaseModel):
     id: str = Field(description="`ftckpt-N`; the cursor.")
     object: Literal["fine_tuning.job.checkpoint"] = Field(default="fine_tuning.job.checkpoint")
     created_at: int = Field(description="Unix seconds.")
-    fine_tuned_model_checkpoint: str = Field(description="`<model>:ft-<job>:ckpt-step-<N>`.")
+    fine_tuned_model_checkpoint: str = Field(
+        description="`ft:<model>:<owner>:<suffix>:<job id>:ckpt-step-<N>`."
+    )
     fine_tuning_job_id: str = Field(description="Its job.")
     metrics: dict[str, float | None] = Field(description="step, train_loss, valid_loss.")
     step_number: int = Field(description="Optimizer step.")
 
 
 class FileOut(BaseModel):
-    """OpenAI's ``file``, plus lorafleet's rows/format/sha256."""
+    """OpenAI's ``file``, plus lorafleet's rows/format/sha256 (read from the row)."""
+
+    model_config = ConfigDict(from_attributes=True)
 
     id: str = Field(description="File id.")
     object: Literal["file"] = Field(default="file")
@@ -272,6 +296,16 @@ class FileOut(BaseModel):
     rows: int = Field(description="lorafleet: examples in the file.")
     format: str = Field(description="lorafleet: chat, completion, alpaca or text.")
     sha256: str = Field(description="lorafleet: SHA-256 of the bytes.")
+
+    _unix = field_validator("created_at", mode="before")(unix_seconds)
+
+
+class Deleted(BaseModel):
+    """OpenAI's answer to a delete (``files.delete``, ``models.delete``)."""
+
+    id: str = Field(description="What was deleted.")
+    object: Literal["file", "model"] = Field(description="Its kind.")
+    deleted: Literal[True] = Field(default=True, description="Always true.")
 
 
 class Page(BaseModel, Generic[T]):
@@ -318,7 +352,7 @@ def job_to_openai(job: Job) -> FineTuningJob:
         created_at=int(job.created_at.timestamp()),
         finished_at=unix(job.finished_at),
         error=error,
-        fine_tuned_model=f"{job.base_model}:ft-{job.id}" if succeeded else None,
+        fine_tuned_model=job.fine_tuned_model,
         hyperparameters=hyper,
         model=job.base_model,
         organization_id=job.owner,
@@ -377,7 +411,9 @@ def checkpoint_to_openai(row: Checkpoint, job: Job) -> CheckpointOut:
     return CheckpointOut(
         id=f"ftckpt-{row.id}",
         created_at=int(row.created_at.timestamp()),
-        fine_tuned_model_checkpoint=f"{job.base_model}:ft-{job.id}:ckpt-step-{row.step}",
+        fine_tuned_model_checkpoint=checkpoint_model_name(
+            job.base_model, job.owner, job.suffix, job.id, row.step
+        ),
         fine_tuning_job_id=job.id,
         metrics={
             "step": float(row.step),
@@ -385,18 +421,4 @@ def checkpoint_to_openai(row: Checkpoint, job: Job) -> CheckpointOut:
             "valid_loss": metrics.get("eval_loss"),
         },
         step_number=row.step,
-    )
-
-
-def file_to_openai(row: File) -> FileOut:
-    """A file row as OpenAI's ``file``."""
-    return FileOut(
-        id=row.id,
-        bytes=row.bytes,
-        created_at=int(row.created_at.timestamp()),
-        filename=row.filename,
-        purpose=row.purpose,
-        rows=row.rows,
-        format=row.format,
-        sha256=row.sha256,
     )

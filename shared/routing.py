@@ -32,6 +32,10 @@ class Capacity:
     gpus: int = 0
     gpu_type: str | None = None
     gpu_memory_bytes: int | None = None
+    # Memory checks at submit: the host's RAM (CPU workers train in it) and how many training
+    # processes share it. None: an older worker that did not report it (no check).
+    host_memory_bytes: int | None = None
+    procs: int | None = None
 
 
 def requirements(spec: JobSpec) -> tuple[int, str | None]:

@@ -1,7 +1,10 @@
-"""Public response models of the HTTP API, built from database rows by ``from_row``.
+"""Public response models of the HTTP API, read from database rows with ``from_attributes``.
 
-Every field has a description (it lands in the OpenAPI page). Response shapes are the contract in
-DESIGN.md; request bodies live in ``shared.spec``.
+``Model.model_validate(row)`` reads the row's attributes by field name; what a row does not hold as
+a column (a job's ``lora``, ``error`` or ``fine_tuned_model``) is a property of the ORM class in
+``shared.models``, so there is no per-schema copying code. Every field has a description (it
+lands in the OpenAPI page). Response shapes are the contract in DESIGN.md; request bodies live in
+``shared.spec``.
 """
 
 from __future__ import annotations
@@ -9,15 +12,22 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from shared.models import Checkpoint, File, Job, JobEvent, JobMetric
 from shared.spec import LoraSettings, Resources, TrainingSettings
-from shared.states import SUCCEEDED
+
+ROWS = ConfigDict(from_attributes=True)
+
+
+def unix_seconds(value: Any) -> Any:
+    """A datetime as Unix seconds (the OpenAI-style ``created_at`` of files); others unchanged."""
+    return int(value.timestamp()) if isinstance(value, datetime) else value
 
 
 class FileObject(BaseModel):
     """An uploaded, validated dataset."""
+
+    model_config = ROWS
 
     id: str = Field(description="File id, `file-` + 24 hex digits.")
     object: Literal["file"] = Field(default="file", description="Always `file`.")
@@ -32,18 +42,7 @@ class FileObject(BaseModel):
     )
     created_at: int = Field(description="Upload time, Unix seconds.")
 
-    @classmethod
-    def from_row(cls, row: File) -> FileObject:
-        return cls(
-            id=row.id,
-            filename=row.filename,
-            bytes=row.bytes,
-            rows=row.rows,
-            format=row.format,
-            sha256=row.sha256,
-            purpose=row.purpose,
-            created_at=int(row.created_at.timestamp()),
-        )
+    _unix = field_validator("created_at", mode="before")(unix_seconds)
 
 
 class FileList(BaseModel):
@@ -56,6 +55,25 @@ class FileList(BaseModel):
 
 class Progress(BaseModel):
     """A running job's latest progress snapshot (null fields: not known yet)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "status": "running",
+                    "step": 12,
+                    "total_steps": 40,
+                    "epoch": 0.3,
+                    "train_loss": 1.7321,
+                    "eval_loss": None,
+                    "learning_rate": 0.00019,
+                    "tokens_per_second": 5210.4,
+                    "eta_seconds": 93.0,
+                    "updated_at": "2025-01-01T12:00:03Z",
+                }
+            ]
+        }
+    )
 
     status: str = Field(description="Job status.")
     step: int | None = Field(default=None, ge=0, description="Optimizer steps done.")
@@ -75,10 +93,9 @@ class Progress(BaseModel):
     updated_at: datetime | None = Field(default=None, description="When this snapshot was written.")
 
     @classmethod
-    def from_job(cls, job: Job) -> Progress:
-        data = {k: v for k, v in (job.progress or {}).items() if k in cls.model_fields}
-        data["status"] = job.status
-        return cls.model_validate(data)
+    def of(cls, status: str, snapshot: dict[str, Any] | None) -> Progress:
+        """The snapshot a worker stored (``Job.progress``) with the job's current status."""
+        return cls.model_validate({**(snapshot or {}), "status": status})
 
 
 class ErrorInfo(BaseModel):
@@ -91,6 +108,8 @@ class ErrorInfo(BaseModel):
 class JobObject(BaseModel):
     """A fine-tuning job."""
 
+    model_config = ROWS
+
     id: str = Field(description="Job id, `ftjob-` + 24 hex digits.")
     object: Literal["job"] = Field(default="job", description="Always `job`.")
     status: str = Field(description="queued, running, succeeded, failed or cancelled.")
@@ -98,6 +117,11 @@ class JobObject(BaseModel):
     started_at: datetime | None = Field(default=None, description="When a worker first started it.")
     finished_at: datetime | None = Field(default=None, description="When it reached a final state.")
     base_model: str = Field(description="Model folder name or hub id being adapted.")
+    deleted_at: datetime | None = Field(
+        default=None,
+        description="Set once the owner deleted the job: its adapter, checkpoints and logs are "
+        "gone from storage; the record stays.",
+    )
     training_file: str = Field(description="Training file id.")
     validation_file: str | None = Field(default=None, description="Validation file id, if any.")
     suffix: str | None = Field(
@@ -117,43 +141,25 @@ class JobObject(BaseModel):
         default=None, ge=0, description="Tokens trained on (with loss)."
     )
     fine_tuned_model: str | None = Field(
-        None, description="`<base_model>:ft-<id>` once the job succeeded."
+        None,
+        description="`ft:<base>:<owner>:<suffix>:<job id>` once the job succeeded "
+        "(shared.model_names; the job id at the end resolves it).",
     )
     adapter_sha256: str | None = Field(default=None, description="SHA-256 of the adapter .tar.gz.")
     progress: Progress | None = Field(default=None, description="Latest progress snapshot.")
+    queue_position: int | None = Field(
+        default=None,
+        ge=1,
+        description="While queued: 1 = the next job a free worker takes (priority, then "
+        "fair share between owners, then age). Null once running or final.",
+    )
 
+    @field_validator("progress", mode="before")
     @classmethod
-    def from_row(cls, job: Job) -> JobObject:
-        spec = job.spec or {}
-        error = None
-        if job.error_code or job.error_message:
-            error = ErrorInfo(
-                code=job.error_code or "error", message=job.error_message or job.error_code or ""
-            )
-        succeeded = job.status == SUCCEEDED.value
-        return cls(
-            id=job.id,
-            status=job.status,
-            created_at=job.created_at,
-            started_at=job.started_at,
-            finished_at=job.finished_at,
-            base_model=job.base_model,
-            training_file=job.training_file,
-            validation_file=job.validation_file,
-            suffix=spec.get("suffix"),
-            lora=LoraSettings.model_validate(spec.get("lora") or {}),
-            training=TrainingSettings.model_validate(spec.get("training") or {}),
-            resources=Resources.model_validate(spec.get("resources") or {}),
-            priority=job.priority,
-            error=error,
-            attempts=job.attempts,
-            max_attempts=job.max_attempts,
-            cancel_requested=job.cancel_requested,
-            trained_tokens=job.trained_tokens,
-            fine_tuned_model=f"{job.base_model}:ft-{job.id}" if succeeded else None,
-            adapter_sha256=job.adapter_sha256,
-            progress=Progress.from_job(job) if job.progress else None,
-        )
+    def _progress_with_status(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, dict):
+            return {**value, "status": info.data.get("status")}
+        return value
 
 
 class JobList(BaseModel):
@@ -167,22 +173,14 @@ class JobList(BaseModel):
 class Event(BaseModel):
     """One line of a job's history."""
 
+    model_config = ROWS
+
     id: int = Field(ge=1, description="Increasing id; the cursor for polling and SSE.")
     object: Literal["job.event"] = Field(default="job.event", description="Always `job.event`.")
     created_at: datetime = Field(description="When it happened (UTC).")
     level: str = Field(description="info, warning or error.")
     message: str = Field(description="What happened.")
     data: dict[str, Any] | None = Field(default=None, description="Structured details, if any.")
-
-    @classmethod
-    def from_row(cls, row: JobEvent) -> Event:
-        return cls(
-            id=row.id,
-            created_at=row.created_at,
-            level=row.level,
-            message=row.message,
-            data=row.data,
-        )
 
 
 class EventList(BaseModel):
@@ -196,23 +194,14 @@ class EventList(BaseModel):
 class MetricPoint(BaseModel):
     """The training curve at one optimizer step."""
 
+    model_config = ROWS
+
     step: int = Field(ge=0, description="Optimizer step.")
     train_loss: float | None = Field(default=None, description="Training loss at this step.")
     eval_loss: float | None = Field(default=None, description="Validation loss, on eval steps.")
     learning_rate: float | None = Field(default=None, ge=0, description="Learning rate used.")
     tokens_per_second: float | None = Field(default=None, ge=0, description="Throughput.")
     created_at: datetime = Field(description="When the point was recorded.")
-
-    @classmethod
-    def from_row(cls, row: JobMetric) -> MetricPoint:
-        return cls(
-            step=row.step,
-            train_loss=row.train_loss,
-            eval_loss=row.eval_loss,
-            learning_rate=row.learning_rate,
-            tokens_per_second=row.tokens_per_second,
-            created_at=row.created_at,
-        )
 
 
 class MetricList(BaseModel):
@@ -225,6 +214,8 @@ class MetricList(BaseModel):
 class CheckpointObject(BaseModel):
     """A saved checkpoint a retry can resume from."""
 
+    model_config = ROWS
+
     id: int = Field(ge=1, description="Row id.")
     object: Literal["checkpoint"] = Field(default="checkpoint", description="Always `checkpoint`.")
     step: int = Field(ge=0, description="Optimizer step it was taken at.")
@@ -233,16 +224,6 @@ class CheckpointObject(BaseModel):
     )
     metrics: dict[str, Any] | None = Field(default=None, description="Metrics at that step.")
     created_at: datetime = Field(description="When it was recorded.")
-
-    @classmethod
-    def from_row(cls, row: Checkpoint) -> CheckpointObject:
-        return cls(
-            id=row.id,
-            step=row.step,
-            sha256=row.sha256,
-            metrics=row.metrics,
-            created_at=row.created_at,
-        )
 
 
 class CheckpointList(BaseModel):
@@ -281,11 +262,16 @@ class GpuDevice(BaseModel):
 class WorkerObject(BaseModel):
     """A registered worker as ``GET /workers`` shows it."""
 
+    model_config = ROWS
+
     id: str = Field(description="The worker's Celery node name (unique per worker process).")
     hostname: str = Field(description="Host (or container) the worker runs on.")
     gpus: int = Field(ge=0, description="GPUs the worker trains on (0: a CPU worker).")
     gpu_type: str | None = Field(description="GPU model name, or the configured label.")
     gpu_memory_bytes: int | None = Field(description="Memory of one GPU; null on CPU workers.")
+    host_memory_bytes: int | None = Field(
+        default=None, description="RAM of the worker's host or container (CPU training uses it)."
+    )
     procs: int = Field(ge=1, description="Training processes per job (GPUs, or CPU processes).")
     status: Literal["idle", "busy", "draining", "offline"] = Field(
         description="`offline` also when the last heartbeat is older than 3 leases."
@@ -303,3 +289,78 @@ class WorkerList(BaseModel):
     """All registered workers, most recently seen first."""
 
     data: list[WorkerObject] = Field(description="Workers.")
+
+
+class BaseModelObject(BaseModel):
+    """A base model a job can name in ``base_model``."""
+
+    model_config = ROWS
+
+    id: str = Field(description="What to put in `base_model` (folder name, or hub id of a mirror).")
+    object: Literal["base_model"] = Field(default="base_model", description="Always `base_model`.")
+    parameters: int | None = Field(description="Parameter count (null: unreadable folder).")
+    context_length: int | None = Field(
+        description="max_position_embeddings: the largest training.max_seq_length it accepts."
+    )
+    chat_template: bool = Field(
+        description="The tokenizer has a chat template (chat rows use it; otherwise "
+        "`Role: content` blocks)."
+    )
+    model_type: str | None = Field(description="config.json model_type, e.g. llama, qwen2, gpt2.")
+    dtype: str | None = Field(description="Dtype of most stored weights.")
+    error: str | None = Field(default=None, description="Why the folder cannot be used, if so.")
+
+
+class BaseModelList(BaseModel):
+    """The base models of this server."""
+
+    object: Literal["list"] = Field(default="list", description="Always `list`.")
+    data: list[BaseModelObject] = Field(description="Models by name.")
+    allowed_hub_models: str = Field(
+        description="Hub ids that may be named besides these (LORAFLEET_ALLOWED_HUB_MODELS: "
+        "comma list or patterns; '*' any, '' none)."
+    )
+
+
+class KeyObject(BaseModel):
+    """An API key's record; the secret itself is never shown again after creation."""
+
+    model_config = ROWS
+
+    id: str = Field(description="Key id, `key-` + 24 hex digits (not the secret).")
+    object: Literal["api_key"] = Field(default="api_key", description="Always `api_key`.")
+    owner: str = Field(description="Tenant the key acts as.")
+    admin: bool = Field(description="May use fleet and key routes.")
+    created_at: datetime = Field(description="When it was created (UTC).")
+    revoked_at: datetime | None = Field(description="When it was revoked; null while live.")
+
+
+class KeyList(BaseModel):
+    """API keys, oldest first."""
+
+    object: Literal["list"] = Field(default="list", description="Always `list`.")
+    data: list[KeyObject] = Field(description="Keys.")
+
+
+class QueueEntry(BaseModel):
+    """A queued job as the fleet view shows it (every owner's)."""
+
+    model_config = ROWS
+
+    position: int | None = Field(
+        default=None, ge=1, description="Place in the dispatch order (1 = next)."
+    )
+    id: str = Field(description="Job id.")
+    owner: str = Field(description="Who submitted it.")
+    base_model: str = Field(description="Model being adapted.")
+    priority: int = Field(description="Higher runs first.")
+    gpus_required: int = Field(ge=0, description="GPUs it needs (0: any worker).")
+    gpu_type: str | None = Field(default=None, description="GPU type it needs, if any.")
+    created_at: datetime = Field(description="When it was submitted (UTC).")
+
+
+class QueueList(BaseModel):
+    """The queue, in dispatch order."""
+
+    object: Literal["list"] = Field(default="list", description="Always `list`.")
+    data: list[QueueEntry] = Field(description="Queued jobs, next first.")

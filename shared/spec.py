@@ -7,11 +7,13 @@ what it gets. Every field carries a description and a range; cross-field rules n
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 _MODULE_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
+# The suffix becomes part of a colon-separated model name (shared.model_names): no colons.
+SUFFIX_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
 
 
 class LoraSettings(BaseModel):
@@ -112,10 +114,30 @@ class Resources(BaseModel):
         return value
 
 
+JOB_EXAMPLE: dict[str, Any] = {
+    "base_model": "tiny-llama",
+    "training_file": "file-0123456789abcdef01234567",
+    "validation_file": None,
+    "suffix": "support-bot",
+    "lora": {"r": 8, "alpha": 16, "dropout": 0.05, "target_modules": ["q_proj", "v_proj"]},
+    "training": {
+        "epochs": 1,
+        "max_steps": 20,
+        "batch_size": 4,
+        "learning_rate": 0.0002,
+        "max_seq_length": 512,
+        "seed": 0,
+    },
+    "resources": {"gpus": "all"},
+}
+ESTIMATE_EXAMPLE: dict[str, Any] = {**JOB_EXAMPLE, "training_file": None}
+CLONE_EXAMPLE: dict[str, Any] = {"suffix": "lr-1e-4", "training": {"learning_rate": 0.0001}}
+
+
 class JobSpec(BaseModel):
     """A fine-tuning job body."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [JOB_EXAMPLE]})
 
     base_model: str = Field(
         ...,
@@ -130,7 +152,12 @@ class JobSpec(BaseModel):
         None, max_length=4096, description="Optional file for eval loss."
     )
     suffix: str | None = Field(
-        None, max_length=64, description="Free label added to the fine-tuned model name."
+        None,
+        max_length=64,
+        pattern=SUFFIX_PATTERN,
+        description="Label in the fine-tuned model name `ft:<base>:<owner>:<suffix>:<job id>`: "
+        "1 to 64 letters, digits, '.', '_' or '-'.",
+        examples=["support-bot"],
     )
     lora: LoraSettings = Field(default_factory=LoraSettings)  # type: ignore[arg-type]
     training: TrainingSettings = Field(default_factory=TrainingSettings)  # type: ignore[arg-type]
@@ -152,6 +179,11 @@ class JobSpec(BaseModel):
 
 class EstimateRequest(JobSpec):
     """``POST /estimate``: a job body whose ``training_file`` may be left out."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [ESTIMATE_EXAMPLE]},
+    )
 
     training_file: str | None = Field(  # type: ignore[assignment]
         None,

@@ -25,6 +25,10 @@ from shared.db import dispose_engines, session_factory, upgrade_to_head
 from shared.queueing import reset_publisher
 from shared.storage import Storage, storage_from_settings
 
+# No test may talk to the model hub (traffic off this machine is forbidden here): submit-time hub
+# checks and workers stay offline unless a test points HF_ENDPOINT at a loopback fake hub.
+os.environ["HF_HUB_OFFLINE"] = "1"
+
 PG_BASE = os.environ.get(
     "LORAFLEET_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )

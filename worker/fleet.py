@@ -26,6 +26,7 @@ from shared.services import runs, webhooks
 from shared.services.fleet import DeviceTaken, stale_after
 from shared.states import WorkerStatus
 from worker.gpus import gpu_stats, gpu_uuids
+from worker.host_memory import host_memory_bytes
 
 log = logging.getLogger("lorafleet.fleet")
 
@@ -202,6 +203,7 @@ def _register(wid: str, offer: Capacity, cpu_procs: int) -> None:
             procs=offer.gpus or cpu_procs,
             version=_version(),
             gpu_uuids=_uuids,
+            host_memory_bytes=host_memory_bytes(),  # submit checks CPU jobs against it
         )
 
 

@@ -1,113 +1,51 @@
-"""``/files``: upload (streamed to disk, size-limited while it arrives), read, list."""
+"""``/files``: upload (streamed, size-limited while it arrives), read, list, delete."""
 
 from __future__ import annotations
 
-import tempfile
-from typing import IO, Annotated
+from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response
-from python_multipart.multipart import MultipartParser, parse_options_header
-from starlette.concurrency import run_in_threadpool
 
 from api.deps import CurrentOwner, SessionDep, StorageDep
-from shared.config import get_settings
-from shared.datasets import Limits
-from shared.errors import InvalidInput, TooLarge
+from api.openapi import error_doc
+from api.uploads import MULTIPART_BODY, upload_dataset
 from shared.schemas import FileList, FileObject
 from shared.services import files as file_service
 
 router = APIRouter(tags=["files"])
 
-MAX_FIELD_BYTES = 4096
-MULTIPART_OVERHEAD = 64 * 1024  # boundaries and part headers on top of the file itself
 
-
-class _MultipartUpload:
-    """Streams the ``file`` part of a multipart body into ``sink``; small fields into memory.
-
-    Starlette's form parser would first spool the whole body, however large, before any limit
-    could apply; this one stops at the first byte past ``limit``.
-    """
-
-    def __init__(self, sink: IO[bytes], limit: int) -> None:
-        self.sink = sink
-        self.limit = limit
-        self.file_bytes = 0
-        self.filename: str | None = None
-        self.fields: dict[str, bytearray] = {}
-        self._header_field = bytearray()
-        self._header_value = bytearray()
-        self._disposition = b""
-        self._target: bytearray | None = None
-        self._in_file = False
-
-    def callbacks(self) -> dict[str, object]:
-        return {
-            "on_part_begin": self._part_begin,
-            "on_header_field": lambda d, s, e: self._header_field.extend(d[s:e]),
-            "on_header_value": lambda d, s, e: self._header_value.extend(d[s:e]),
-            "on_header_end": self._header_end,
-            "on_headers_finished": self._headers_finished,
-            "on_part_data": self._part_data,
-        }
-
-    def _part_begin(self) -> None:
-        self._disposition = b""
-        self._target = None
-        self._in_file = False
-
-    def _header_end(self) -> None:
-        if bytes(self._header_field).lower() == b"content-disposition":
-            self._disposition = bytes(self._header_value)
-        self._header_field.clear()
-        self._header_value.clear()
-
-    def _headers_finished(self) -> None:
-        _, options = parse_options_header(self._disposition)
-        name = options.get(b"name", b"").decode("utf-8", "replace")
-        if name == "file":
-            if self.filename is not None:
-                raise InvalidInput("send exactly one 'file' part", param="file")
-            self.filename = options.get(b"filename", b"data.jsonl").decode("utf-8", "replace")
-            self._in_file = True
-        else:
-            self._target = self.fields.setdefault(name, bytearray())
-
-    def _part_data(self, data: bytes, start: int, end: int) -> None:
-        chunk = data[start:end]
-        if self._in_file:
-            self.file_bytes += len(chunk)
-            if self.file_bytes > self.limit:
-                raise TooLarge(f"file is larger than the limit of {self.limit} bytes", param="file")
-            self.sink.write(chunk)
-        elif self._target is not None:
-            self._target.extend(chunk)
-            if len(self._target) > MAX_FIELD_BYTES:
-                raise InvalidInput("form field too long", param="purpose")
-
-    def field(self, name: str) -> str | None:
-        value = self.fields.get(name)
-        return value.decode("utf-8", "replace").strip() if value is not None else None
-
-
-async def _receive(request: Request, sink: IO[bytes], limit: int) -> _MultipartUpload:
-    content_type, params = parse_options_header(request.headers.get("content-type"))
-    if content_type != b"multipart/form-data" or b"boundary" not in params:
-        raise InvalidInput("send multipart/form-data with the dataset in field 'file'", "file")
-    length = request.headers.get("content-length")
-    if length and length.isdigit() and int(length) > limit + MULTIPART_OVERHEAD:
-        raise TooLarge(f"file is larger than the limit of {limit} bytes", param="file")
-    upload = _MultipartUpload(sink, limit)
-    parser = MultipartParser(params[b"boundary"], upload.callbacks())  # type: ignore[arg-type]
-    async for chunk in request.stream():
-        parser.write(chunk)
-    parser.finalize()
-    if upload.filename is None:
-        raise InvalidInput("no 'file' part in the upload", param="file")
-    return upload
-
-
-@router.post("/files", status_code=201, response_model=FileObject)
+@router.post(
+    "/files",
+    status_code=201,
+    response_model=FileObject,
+    openapi_extra={"requestBody": MULTIPART_BODY},
+    responses={
+        200: {"description": "A replay of an earlier upload with the same Idempotency-Key."},
+        **error_doc(
+            409,
+            "idempotency_key_reused",
+            "Idempotency-Key was already used with a different file",
+            "The Idempotency-Key was used for another file.",
+            "Idempotency-Key",
+        ),
+        **error_doc(
+            413,
+            "too_large",
+            "file is larger than the limit of 536870912 bytes",
+            "Too large.",
+            "file",
+        ),
+        **error_doc(
+            422,
+            "invalid_file",
+            "invalid dataset: line 3: messages[1].role must be one of system, user, assistant, "
+            "tool",
+            "The dataset is not valid; the message names the line.",
+            "file",
+        ),
+    },
+)
 async def upload_file(
     request: Request,
     response: Response,
@@ -116,42 +54,52 @@ async def upload_file(
     storage: StorageDep,
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
 ) -> FileObject:
-    """Upload a JSONL dataset (field ``file``, optional ``purpose``); validated before storing."""
-    settings = get_settings()
-    limits = Limits(max_rows=settings.max_rows, max_line_bytes=settings.max_line_bytes)
-    with tempfile.TemporaryFile() as spool:
-        upload = await _receive(request, spool, settings.max_upload_bytes)
-        spool.seek(0)
-        row, created = await run_in_threadpool(
-            file_service.create_file,
-            session,
-            storage,
-            owner.owner,
-            upload.filename or "data.jsonl",
-            spool,
-            upload.field("purpose") or "fine-tune",
-            idempotency_key,
-            limits,
-            settings.max_upload_bytes,
-        )
-    if not created:
+    """Upload a JSONL dataset (field ``file``, optional ``purpose``); validated before storing.
+
+    Uploading bytes you already uploaded (same sha256 and purpose) answers with that file (201,
+    as any successful upload) instead of storing a second copy; a replay of the same
+    ``Idempotency-Key`` answers 200.
+    """
+    row, created = await upload_dataset(request, owner.owner, session, storage, idempotency_key)
+    if not created and idempotency_key:
         response.status_code = 200
-    return FileObject.from_row(row)
+    return FileObject.model_validate(row)
 
 
 @router.get("/files", response_model=FileList)
 def list_files(
     owner: CurrentOwner,
     session: SessionDep,
-    purpose: str | None = None,
+    purpose: Annotated[str | None, Query(max_length=64)] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    after: Annotated[str | None, Query(max_length=64)] = None,
 ) -> FileList:
-    """The caller's files, newest first."""
-    rows = file_service.list_files(session, owner.owner, purpose, limit)
-    return FileList(data=[FileObject.from_row(r) for r in rows], has_more=False)
+    """The caller's files, newest first; pass the last id of a page as ``after``."""
+    rows, has_more = file_service.list_files(session, owner.owner, purpose, limit, after)
+    return FileList(data=[FileObject.model_validate(r) for r in rows], has_more=has_more)
 
 
 @router.get("/files/{file_id}", response_model=FileObject)
 def get_file(file_id: str, owner: CurrentOwner, session: SessionDep) -> FileObject:
     """One of the caller's files."""
-    return FileObject.from_row(file_service.get_file(session, owner.owner, file_id))
+    return FileObject.model_validate(file_service.get_file(session, owner.owner, file_id))
+
+
+@router.delete(
+    "/files/{file_id}",
+    response_model=FileObject,
+    responses=error_doc(
+        409,
+        "file_in_use",
+        "file file-0123456789abcdef01234567 is used by ftjob-0123456789abcdef01234567 (queued or "
+        "running); cancel the job or wait until it ends, then delete the file",
+        "A queued or running job uses the file.",
+        "file_id",
+    ),
+)
+def delete_file(
+    file_id: str, owner: CurrentOwner, session: SessionDep, storage: StorageDep
+) -> FileObject:
+    """Delete a file (its bytes too); refused while a queued or running job uses it."""
+    row = file_service.delete_file(session, storage, owner.owner, file_id)
+    return FileObject.model_validate(row)

@@ -1,14 +1,15 @@
-"""``/workers`` (admin) and ``/estimate``: the fleet, and whether a job fits it."""
+"""``/workers`` and ``/queue`` (admin), ``/estimate``: the fleet, and whether a job fits it."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Query
 
 from api.deps import AdminKey, CurrentOwner, SessionDep, SettingsDep, StorageDep
-from shared.schemas import WorkerList, WorkerObject
+from shared.schemas import GpuDevice, QueueEntry, QueueList, WorkerList, WorkerObject
 from shared.services import fleet
+from shared.services import jobs as job_service
 from shared.spec import EstimateRequest
 
 router = APIRouter(tags=["fleet"])
@@ -19,20 +20,31 @@ def list_workers(_admin: AdminKey, session: SessionDep, settings: SettingsDep) -
     """Registered workers; silent ones (no heartbeat for 3 leases) show as ``offline``."""
     return WorkerList(
         data=[
-            WorkerObject(
-                id=w.id,
-                hostname=w.hostname,
-                gpus=w.gpus,
-                gpu_type=w.gpu_type,
-                gpu_memory_bytes=w.gpu_memory_bytes,
-                procs=w.procs,
-                status=status,  # type: ignore[arg-type]
-                current_job=w.current_job if status != "offline" else None,
-                last_heartbeat=w.last_heartbeat,
-                version=w.version,
-                devices=(w.gpu_stats or []) if status != "offline" else [],
+            WorkerObject.model_validate(w).model_copy(
+                update={
+                    "status": status,
+                    "current_job": w.current_job if status != "offline" else None,
+                    "devices": [GpuDevice.model_validate(d) for d in w.gpu_stats or []]
+                    if status != "offline"
+                    else [],
+                }
             )
             for w, status in fleet.list_workers(session, settings)
+        ]
+    )
+
+
+@router.get("/queue", response_model=QueueList)
+def queue(
+    _admin: AdminKey,
+    session: SessionDep,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> QueueList:
+    """Every owner's queued jobs in the order workers will take them (admin)."""
+    return QueueList(
+        data=[
+            QueueEntry.model_validate(job).model_copy(update={"position": position})
+            for position, job in job_service.queue_overview(session, limit)
         ]
     )
 
@@ -45,7 +57,12 @@ def estimate(
     storage: StorageDep,
     settings: SettingsDep,
 ) -> dict[str, Any]:
-    """Parameters, per-device memory, steps and ``fits`` of a job body, before submitting it."""
+    """Parameters, per-device memory, steps and ``fits`` of a job body, before submitting it.
+
+    ``fits`` is judged against the largest worker the job may run on: GPU memory on GPU workers,
+    RAM (all training processes together) on CPU workers; ``warnings`` lists what submission
+    would refuse or what may surprise (e.g. a sequence length beyond the model's positions).
+    """
     return fleet.estimate_job(
         session, storage, owner.owner, body.job_spec(), body.training_file, settings
     )

@@ -1,18 +1,19 @@
-"""``/jobs``: submit, read, list, follow (JSON or SSE), cancel, download the adapter."""
+"""``/jobs``: submit, read, list, follow (JSON or SSE), cancel, clone, delete, download."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi import APIRouter, Body, Header, Query, Request, Response
 from fastapi.responses import PlainTextResponse, StreamingResponse
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import CurrentOwner, SessionDep, StorageDep
+from api.openapi import error_doc
 from shared.db import session_factory
 from shared.errors import NotFound
 from shared.models import Job
@@ -30,8 +31,8 @@ from shared.schemas import (
 from shared.services import jobs as job_service
 from shared.services import logs as log_service
 from shared.services.downloads import ready_adapter
-from shared.spec import JobSpec
-from shared.states import ALL_STATES, FINAL
+from shared.spec import CLONE_EXAMPLE, JobSpec
+from shared.states import ALL_STATES, FINAL, QUEUED
 
 router = APIRouter(tags=["jobs"])
 
@@ -42,21 +43,67 @@ SSE_BATCH = 500
 StatusFilter = Annotated[
     str | None, Query(pattern="^(" + "|".join(s.value for s in ALL_STATES) + ")$")
 ]
+IdempotencyKey = Annotated[str | None, Header(max_length=255)]
+
+REFUSED = error_doc(
+    422,
+    "invalid_input",
+    "training.max_seq_length 100000 exceeds the 2048 positions of model 'tiny-llama' "
+    "(max_position_embeddings); set training.max_seq_length to 2048 or less",
+    "The job cannot run as asked: the message names the field and the setting to change "
+    "(sequence length beyond the model, memory beyond every worker, unknown model or file).",
+    "training.max_seq_length",
+)
+IDEMPOTENCY_REUSED = error_doc(
+    409,
+    "idempotency_key_reused",
+    "Idempotency-Key was already used with a different job body",
+    "The Idempotency-Key was used for a different body.",
+    "Idempotency-Key",
+)
 
 
-@router.post("/jobs", status_code=201, response_model=JobObject)
+def _with_queue_positions(session: SessionDep, jobs: list[Job]) -> list[JobObject]:
+    queued = [job.id for job in jobs if job.status == QUEUED.value]
+    places = job_service.queue_positions(session, queued)
+    return [
+        JobObject.model_validate(job).model_copy(update={"queue_position": places.get(job.id)})
+        for job in jobs
+    ]
+
+
+def _job_object(session: SessionDep, job: Job) -> JobObject:
+    return _with_queue_positions(session, [job])[0]
+
+
+@router.post(
+    "/jobs",
+    status_code=201,
+    response_model=JobObject,
+    responses={
+        200: {"description": "An `Idempotency-Key` retry: the job created the first time."},
+        **IDEMPOTENCY_REUSED,
+        **REFUSED,
+    },
+)
 def create_job(
     spec: JobSpec,
     response: Response,
     owner: CurrentOwner,
     session: SessionDep,
-    idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
+    idempotency_key: IdempotencyKey = None,
 ) -> JobObject:
-    """Queue a fine-tuning job; an ``Idempotency-Key`` retry returns the first job (200)."""
+    """Queue a fine-tuning job; an ``Idempotency-Key`` retry returns the first job (200).
+
+    What cannot run is refused here rather than failing on a worker later: target modules the
+    model lacks, a sequence length beyond its positions, memory beyond the largest worker (GPU
+    memory, or RAM for CPU workers), a hub id the hub does not know (checked when the hub is
+    reachable from the API).
+    """
     job, created = job_service.create_job(session, owner.owner, spec, idempotency_key)
     if not created:
         response.status_code = 200
-    return JobObject.from_row(job)
+    return _job_object(session, job)
 
 
 @router.get("/jobs", response_model=JobList)
@@ -67,40 +114,107 @@ def list_jobs(
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     after: Annotated[str | None, Query(max_length=64)] = None,
 ) -> JobList:
-    """The caller's jobs, newest first; pass the last id of a page as ``after``."""
+    """The caller's jobs, newest first; pass the last id of a page as ``after``.
+
+    Deleted jobs (tombstones) are left out.
+    """
     rows, has_more = job_service.list_jobs(session, owner.owner, status, limit, after)
-    return JobList(data=[JobObject.from_row(j) for j in rows], has_more=has_more)
+    return JobList(data=_with_queue_positions(session, rows), has_more=has_more)
 
 
 @router.get("/jobs/{job_id}", response_model=JobObject)
 def get_job(job_id: str, owner: CurrentOwner, session: SessionDep) -> JobObject:
-    """One job."""
-    return JobObject.from_row(job_service.get_job(session, owner.owner, job_id))
+    """One job, with its place in the queue while it waits."""
+    return _job_object(session, job_service.get_job(session, owner.owner, job_id))
 
 
 @router.get("/jobs/{job_id}/progress", response_model=Progress)
 def get_progress(job_id: str, owner: CurrentOwner, session: SessionDep) -> Progress:
     """The latest progress snapshot (fields null until the worker reports)."""
-    return Progress.from_job(job_service.get_job(session, owner.owner, job_id))
+    job = job_service.get_job(session, owner.owner, job_id)
+    return Progress.of(job.status, job.progress)
 
 
-def _poll(job_id: str, after_id: int) -> tuple[list[Event], str | None]:
+@router.post(
+    "/jobs/{job_id}/clone",
+    status_code=201,
+    response_model=JobObject,
+    responses={**IDEMPOTENCY_REUSED, **REFUSED},
+)
+def clone_job(
+    job_id: str,
+    owner: CurrentOwner,
+    session: SessionDep,
+    overrides: Annotated[
+        dict[str, Any],
+        Body(
+            description="Fields of the job body to change; nested objects merge key by key "
+            '(`{"training": {"learning_rate": 0.0001}}` keeps the other training settings).',
+            examples=[CLONE_EXAMPLE],
+        ),
+    ] = {},  # noqa: B006 - FastAPI copies defaults per request
+    idempotency_key: IdempotencyKey = None,
+) -> JobObject:
+    """A new job with this job's body, changed by ``overrides``; checked like a new submission."""
+    job, _ = job_service.clone_job(session, owner.owner, job_id, overrides, idempotency_key)
+    return _job_object(session, job)
+
+
+@router.delete(
+    "/jobs/{job_id}",
+    response_model=JobObject,
+    responses=error_doc(
+        409,
+        "job_active",
+        "job ftjob-0123456789abcdef01234567 is running; cancel it first "
+        "(POST /jobs/ftjob-0123456789abcdef01234567/cancel), then delete it",
+        "The job is queued or running.",
+    ),
+)
+def delete_job(
+    job_id: str, owner: CurrentOwner, session: SessionDep, storage: StorageDep
+) -> JobObject:
+    """Delete a final job's adapter, checkpoints and logs from storage.
+
+    The job row stays as a tombstone (``deleted_at`` set, no adapter): ``GET /jobs/{id}`` still
+    answers, ``GET /jobs`` no longer lists it. Deleting again is harmless.
+    """
+    return _job_object(session, job_service.delete_job(session, storage, owner.owner, job_id))
+
+
+def _poll(job_id: str, after_id: int) -> tuple[list[Event], str | None, Progress | None]:
     # Status first, then events: a final status seen here guarantees its closing event (written
     # in the same commit) is in the events read just after.
     with session_factory()() as session:
-        status = session.scalar(select(Job.status).where(Job.id == job_id))
+        row = session.execute(select(Job.status, Job.progress).where(Job.id == job_id)).first()
         rows = job_service.events_after(session, job_id, after_id, SSE_BATCH)
-        return [Event.from_row(r) for r in rows], status
+        events = [Event.model_validate(r) for r in rows]
+        if row is None:
+            return events, None, None
+        progress = Progress.of(row.status, row.progress) if row.progress else None
+        return events, row.status, progress
 
 
 async def _sse(request: Request, job_id: str, after_id: int) -> AsyncIterator[str]:
+    """Events as ``id: N`` + ``data: {event}``; progress as ``event: progress`` frames.
+
+    A progress frame goes out whenever the worker's snapshot changed (at most every poll), with
+    no ``id:``, so ``Last-Event-ID`` stays the cursor of the event history.
+    """
     last_sent = time.monotonic()
+    last_progress: str | None = None
     while True:
-        events, status = await run_in_threadpool(_poll, job_id, after_id)
+        events, status, progress = await run_in_threadpool(_poll, job_id, after_id)
         for event in events:
             after_id = event.id
             yield f"id: {event.id}\ndata: {event.model_dump_json()}\n\n"
             last_sent = time.monotonic()
+        if progress is not None:
+            frame = progress.model_dump_json()
+            if frame != last_progress:
+                last_progress = frame
+                yield f"event: progress\ndata: {frame}\n\n"
+                last_sent = time.monotonic()
         if status is None or (status in FINAL and len(events) < SSE_BATCH):
             return
         if len(events) == SSE_BATCH:
@@ -131,7 +245,10 @@ def list_events(
     """Events oldest first; ``Accept: text/event-stream`` streams them live until the job ends.
 
     The stream sends each event as ``id: N`` + ``data: {json}`` and resumes after the
-    ``Last-Event-ID`` header (or ``after``) when a client reconnects.
+    ``Last-Event-ID`` header (or ``after``) when a client reconnects. Progress (step, losses,
+    tokens/s, ETA) arrives in the same stream as ``event: progress`` frames whose data is the
+    ``GET /jobs/{id}/progress`` object; ``EventSource`` users listen with
+    ``addEventListener("progress", ...)``.
     """
     if accept and "text/event-stream" in accept:
         job_service.get_job(session, owner.owner, job_id)  # 404 before the stream starts
@@ -143,27 +260,37 @@ def list_events(
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
     rows = job_service.list_events(session, owner.owner, job_id, after, limit + 1)
-    return EventList(data=[Event.from_row(r) for r in rows[:limit]], has_more=len(rows) > limit)
+    events = [Event.model_validate(r) for r in rows[:limit]]
+    return EventList(data=events, has_more=len(rows) > limit)
 
 
 @router.get("/jobs/{job_id}/metrics", response_model=MetricList)
 def list_metrics(job_id: str, owner: CurrentOwner, session: SessionDep) -> MetricList:
     """The per-step training curve."""
     rows = job_service.list_metrics(session, owner.owner, job_id)
-    return MetricList(data=[MetricPoint.from_row(r) for r in rows])
+    return MetricList(data=[MetricPoint.model_validate(r) for r in rows])
 
 
 @router.get("/jobs/{job_id}/checkpoints", response_model=CheckpointList)
 def list_checkpoints(job_id: str, owner: CurrentOwner, session: SessionDep) -> CheckpointList:
     """Checkpoints saved so far (a retried job resumes from the last)."""
     rows = job_service.list_checkpoints(session, owner.owner, job_id)
-    return CheckpointList(data=[CheckpointObject.from_row(r) for r in rows])
+    return CheckpointList(data=[CheckpointObject.model_validate(r) for r in rows])
 
 
-@router.post("/jobs/{job_id}/cancel", response_model=JobObject)
+@router.post(
+    "/jobs/{job_id}/cancel",
+    response_model=JobObject,
+    responses=error_doc(
+        409,
+        "job_final",
+        "job ftjob-0123456789abcdef01234567 already succeeded",
+        "The job already succeeded or failed.",
+    ),
+)
 def cancel_job(job_id: str, owner: CurrentOwner, session: SessionDep) -> JobObject:
     """Cancel: queued jobs end at once, running ones stop at their next check (seconds)."""
-    return JobObject.from_row(job_service.cancel_job(session, owner.owner, job_id))
+    return _job_object(session, job_service.cancel_job(session, owner.owner, job_id))
 
 
 @router.get(
@@ -171,7 +298,13 @@ def cancel_job(job_id: str, owner: CurrentOwner, session: SessionDep) -> JobObje
     response_class=StreamingResponse,
     responses={
         200: {"content": {"application/gzip": {}}, "description": "The adapter .tar.gz"},
-        409: {"description": "The job has not succeeded (yet)."},
+        **error_doc(
+            409,
+            "adapter_not_ready",
+            "job ftjob-0123456789abcdef01234567 is running; its adapter exists once it has "
+            "succeeded",
+            "The job has not succeeded (yet), or its adapter was deleted.",
+        ),
     },
 )
 def download_adapter(

@@ -21,11 +21,13 @@ from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.deps import CurrentOwner, SessionDep, StorageDep
-from api.errors import STATUS
-from api.routes import files as native_files
-from shared.errors import InvalidInput, LorafleetError, NotFound
+from api.errors import status_of, validation_problem
+from api.uploads import MULTIPART_BODY, upload_dataset
+from shared.errors import LorafleetError, NotFound
+from shared.model_names import parse_model_name
 from shared.openai_shapes import (
     CheckpointOut,
+    Deleted,
     FileOut,
     FineTuningJob,
     FineTuningJobCreate,
@@ -33,7 +35,6 @@ from shared.openai_shapes import (
     Page,
     checkpoint_to_openai,
     event_to_openai,
-    file_to_openai,
     job_to_openai,
     metric_to_openai,
     spec_from_openai,
@@ -68,15 +69,6 @@ def openai_error(
     return JSONResponse(body, status_code=status, headers=merged)
 
 
-def _status(exc: LorafleetError) -> int:
-    if isinstance(exc, InvalidInput):
-        return 400  # OpenAI's invalid_request_error; the SDK raises BadRequestError
-    for cls in type(exc).__mro__:
-        if cls in STATUS:
-            return STATUS[cls]  # type: ignore[index]
-    return 400
-
-
 class OpenAIRoute(APIRoute):
     """An APIRoute whose errors come out in OpenAI's shape (scoped to the routes using it)."""
 
@@ -87,15 +79,12 @@ class OpenAIRoute(APIRoute):
             try:
                 return await handler(request)
             except LorafleetError as exc:
-                status = _status(exc)
+                # Invalid input is OpenAI's 400 invalid_request_error (the SDK's BadRequestError).
+                status = status_of(exc, invalid_input=400)
                 headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
                 return openai_error(status, exc.message, exc.code, exc.param, headers)
             except RequestValidationError as exc:
-                errors = exc.errors()
-                first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
-                loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path")]
-                param = ".".join(loc) or None
-                message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
+                param, message, _ = validation_problem(exc)
                 return openai_error(400, message, "invalid_request", param)
             except StarletteHTTPException as exc:
                 return openai_error(exc.status_code, str(exc.detail), None, None)
@@ -114,10 +103,9 @@ After = Annotated[str | None, Query(max_length=64)]
 
 
 # ---------------------------------------------------------------------------------------- files
-@router.post("/files", response_model=FileOut)
+@router.post("/files", response_model=FileOut, openapi_extra={"requestBody": MULTIPART_BODY})
 async def create_file(
     request: Request,
-    response: Response,
     owner: CurrentOwner,
     session: SessionDep,
     storage: StorageDep,
@@ -125,37 +113,38 @@ async def create_file(
 ) -> FileOut:
     """Upload a JSONL dataset (multipart ``file`` + ``purpose``); validated line by line.
 
-    The native upload route does the streaming and validation; OpenAI answers 200, not 201.
+    Same upload path as the native ``POST /files``; OpenAI answers 200, not 201.
     """
-    native = await native_files.upload_file(
-        request, response, owner, session, storage, idempotency_key
-    )
-    response.status_code = 200
-    return file_to_openai(file_service.get_file(session, owner.owner, native.id))
+    row, _ = await upload_dataset(request, owner.owner, session, storage, idempotency_key)
+    return FileOut.model_validate(row)
 
 
 @router.get("/files", response_model=Page[FileOut])
 def list_files(
     owner: CurrentOwner,
     session: SessionDep,
-    purpose: str | None = None,
+    purpose: Annotated[str | None, Query(max_length=64)] = None,
     limit: Annotated[int, Query(ge=1, le=10000)] = 10000,
     after: After = None,
 ) -> Page[FileOut]:
     """The caller's files, newest first (``after`` = last file id of the previous page)."""
-    rows = file_service.list_files(session, owner.owner, purpose, limit=10000)
-    if after:
-        ids = [r.id for r in rows]
-        if after not in ids:
-            raise InvalidInput(f"after {after!r} names no file of yours", param="after")
-        rows = rows[ids.index(after) + 1 :]
-    return Page[FileOut](data=[file_to_openai(r) for r in rows[:limit]], has_more=len(rows) > limit)
+    rows, has_more = file_service.list_files(session, owner.owner, purpose, limit, after)
+    return Page[FileOut](data=[FileOut.model_validate(r) for r in rows], has_more=has_more)
 
 
 @router.get("/files/{file_id}", response_model=FileOut)
 def retrieve_file(file_id: str, owner: CurrentOwner, session: SessionDep) -> FileOut:
     """One of the caller's files."""
-    return file_to_openai(file_service.get_file(session, owner.owner, file_id))
+    return FileOut.model_validate(file_service.get_file(session, owner.owner, file_id))
+
+
+@router.delete("/files/{file_id}", response_model=Deleted)
+def delete_file(
+    file_id: str, owner: CurrentOwner, session: SessionDep, storage: StorageDep
+) -> Deleted:
+    """Delete a file (the SDK's ``files.delete``); 409 while a queued or running job uses it."""
+    row = file_service.delete_file(session, storage, owner.owner, file_id)
+    return Deleted(id=row.id, object="file")
 
 
 @router.get("/files/{file_id}/content", response_class=StreamingResponse)
@@ -242,6 +231,28 @@ def list_checkpoints(
     ``/jobs/{id}/checkpoints/{step}/adapter``."""
     job, rows, has_more = checkpoint_page(session, owner.owner, job_id, after, limit)
     return Page[CheckpointOut](data=[checkpoint_to_openai(r, job) for r in rows], has_more=has_more)
+
+
+# ---------------------------------------------------------------------------------------- models
+@router.delete("/models/{model:path}", response_model=Deleted)
+def delete_model(
+    model: str, owner: CurrentOwner, session: SessionDep, storage: StorageDep
+) -> Deleted:
+    """Delete a fine-tuned model (the SDK's ``models.delete``): its job's adapter, checkpoints
+    and logs leave storage, the job stays as a tombstone (native ``DELETE /jobs/{id}``).
+
+    Base models cannot be deleted through the API (they are the operator's folders).
+    """
+    ref = parse_model_name(model)
+    if ref is None or ref.step is not None:
+        raise NotFound(
+            f"no fine-tuned model {model!r}: give a job's fine_tuned_model "
+            "(ft:<base>:<owner>:<suffix>:<job id>)",
+            param="model",
+            code="model_not_found",
+        )
+    job_service.delete_job(session, storage, owner.owner, ref.job_id)
+    return Deleted(id=model, object="model")
 
 
 @router.api_route(

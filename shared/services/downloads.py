@@ -23,6 +23,11 @@ from shared.storage import Storage
 def ready_adapter(session: Session, owner: str, job_id: str) -> Job:
     """The owner's job if its adapter exists; NotFound for another owner, Conflict until then."""
     job = get_job(session, owner, job_id)
+    if job.deleted_at is not None:
+        raise Conflict(
+            f"job {job_id} was deleted ({job.deleted_at:%Y-%m-%d %H:%M} UTC); its adapter is gone",
+            code="job_deleted",
+        )
     if job.status != SUCCEEDED.value or not job.adapter_key:
         raise Conflict(
             f"job {job_id} is {job.status}; its adapter exists once it has succeeded",

@@ -1,8 +1,9 @@
-"""Dataset files: validated while they are read, stored whole, then recorded.
+"""Dataset files: validated while they are read, stored whole, then recorded; listed, deleted.
 
 Order matters: validate (nothing stored for a bad file) → put to storage under a fresh id →
 insert the row. A crash between the last two leaves an orphan object, never a row pointing at
-nothing.
+nothing. An owner uploading the same bytes again (same sha256 and purpose, e.g. a retried
+``lorafleet submit``) gets the file already stored instead of a second copy.
 """
 
 from __future__ import annotations
@@ -11,14 +12,15 @@ import hashlib
 import tempfile
 from typing import IO
 
-from sqlalchemy import select
+from sqlalchemy import and_, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from shared.datasets import DatasetError, Limits, summarize
 from shared.errors import Conflict, InvalidInput, NotFound, TooLarge
 from shared.ids import new_file_id
-from shared.models import File
+from shared.models import File, Job
+from shared.states import ACTIVE
 from shared.storage import Storage
 
 PURPOSES = ("fine-tune", "validation")
@@ -120,6 +122,10 @@ def create_file(
             existing = _by_idempotency_key(session, owner, idempotency_key)
             if existing is not None:
                 return _replay(existing, request_hash), False
+        else:
+            same = _same_content(session, owner, summary.sha256, purpose)
+            if same is not None:
+                return same, False
 
         file_id = new_file_id()
         key = storage_key(file_id)
@@ -153,6 +159,16 @@ def create_file(
     return row, True
 
 
+def _same_content(session: Session, owner: str, sha256: str, purpose: str) -> File | None:
+    query = (
+        select(File)
+        .where(File.owner == owner, File.sha256 == sha256, File.purpose == purpose)
+        .order_by(File.created_at, File.id)
+        .limit(1)
+    )
+    return session.scalar(query.execution_options(populate_existing=True))
+
+
 def get_file(session: Session, owner: str, file_id: str) -> File:
     """The owner's file; another owner's id is NotFound exactly like a missing one."""
     row = session.get(File, file_id)
@@ -162,11 +178,59 @@ def get_file(session: Session, owner: str, file_id: str) -> File:
 
 
 def list_files(
-    session: Session, owner: str, purpose: str | None = None, limit: int = 100
-) -> list[File]:
-    """The owner's files, newest first."""
+    session: Session,
+    owner: str,
+    purpose: str | None = None,
+    limit: int = 100,
+    after: str | None = None,
+) -> tuple[list[File], bool]:
+    """A page of the owner's files, newest first; ``after`` is the last id of the previous page.
+
+    Returns (files, has_more). The cursor is (created_at, id) in SQL, so a page costs the same
+    whatever the owner holds.
+    """
     query = select(File).where(File.owner == owner)
     if purpose:
         query = query.where(File.purpose == purpose)
-    query = query.order_by(File.created_at.desc(), File.id.desc()).limit(limit)
-    return list(session.scalars(query.execution_options(populate_existing=True)))
+    if after:
+        cursor = session.get(File, after)
+        if cursor is None or cursor.owner != owner:
+            raise InvalidInput(f"after {after!r} names no file of yours", param="after")
+        query = query.where(
+            or_(
+                File.created_at < cursor.created_at,
+                and_(File.created_at == cursor.created_at, File.id < cursor.id),
+            )
+        )
+    query = query.order_by(File.created_at.desc(), File.id.desc()).limit(limit + 1)
+    rows = list(session.scalars(query.execution_options(populate_existing=True)))
+    return rows[:limit], len(rows) > limit
+
+
+def delete_file(session: Session, storage: Storage, owner: str, file_id: str) -> File:
+    """Delete the owner's file (row and bytes); Conflict while a queued or running job uses it.
+
+    Final jobs that used the file keep its id (and their manifest keeps its sha256); cloning such
+    a job later needs a new upload.
+    """
+    row = get_file(session, owner, file_id)
+    users = session.scalars(
+        select(Job.id)
+        .where(
+            Job.owner == owner,
+            Job.status.in_([s.value for s in ACTIVE]),
+            or_(Job.training_file == file_id, Job.validation_file == file_id),
+        )
+        .limit(3)
+    ).all()
+    if users:
+        raise Conflict(
+            f"file {file_id} is used by {', '.join(users)} (queued or running); cancel the job "
+            "or wait until it ends, then delete the file",
+            param="file_id",
+            code="file_in_use",
+        )
+    session.delete(row)
+    session.commit()
+    storage.delete(row.storage_key)  # after the commit: a crash leaves bytes, never a dead row
+    return row

@@ -25,6 +25,7 @@ from shared.config import Settings
 from shared.datasets import DatasetError, iter_examples
 from shared.errors import InvalidInput
 from shared.estimate import estimate
+from shared.hub import check_hub_model
 from shared.modelinfo import (
     ModelInfo,
     default_target_modules,
@@ -41,6 +42,7 @@ from shared.storage import Storage
 
 # A worker silent this many leases is offline (the reaper marks it: mark_stale_workers_offline).
 STALE_LEASES = 3
+_GIB = 1024**3
 TOKEN_SAMPLE_BYTES = 4 * 1024 * 1024  # datasets larger than this are counted on a prefix
 CHAT_TOKENS_PER_MESSAGE = 4  # role markers and separators the chat template adds per message
 _REGISTRY_LOCK_ID = 0x10FA_0DE5  # pg advisory lock held while a worker registers its devices
@@ -70,7 +72,9 @@ def fleet_capacities(session: Session, settings: Settings) -> list[Capacity] | N
     if not workers:
         return None
     live = [w for w, status in workers if status != WorkerStatus.OFFLINE] or [w for w, _ in workers]
-    return [Capacity(w.gpus, w.gpu_type, w.gpu_memory_bytes) for w in live]
+    return [
+        Capacity(w.gpus, w.gpu_type, w.gpu_memory_bytes, w.host_memory_bytes, w.procs) for w in live
+    ]
 
 
 # ---------------------------------------------------------------- the worker registry
@@ -96,6 +100,7 @@ def register_worker(
     version: str | None = None,
     queues: list[str] | None = None,
     gpu_uuids: list[str] | None = None,
+    host_memory_bytes: int | None = None,
     settings: Settings | None = None,
 ) -> Worker:
     """Insert or refresh a worker's record when it starts; refuse a GPU another worker owns.
@@ -137,6 +142,7 @@ def register_worker(
     row.gpus = gpus
     row.gpu_type = gpu_type
     row.gpu_memory_bytes = gpu_memory_bytes
+    row.host_memory_bytes = host_memory_bytes
     row.procs = procs
     row.version = version
     row.queues = queues
@@ -249,19 +255,93 @@ def check_target_modules(spec: JobSpec, info: ModelInfo) -> None:
 def _world_size(gpus_required: int, worker: Capacity, settings: Settings) -> int:
     if gpus_required:
         return gpus_required
-    return worker.gpus or settings.worker_procs
+    return worker.gpus or worker.procs or settings.worker_procs
+
+
+def _memory_limit(worker: Capacity) -> int | None:
+    """What one job may use on ``worker``: one GPU's memory, or the host's RAM on a CPU worker."""
+    return worker.gpu_memory_bytes if worker.gpus else worker.host_memory_bytes
+
+
+def judge(
+    spec: JobSpec,
+    info: ModelInfo,
+    worker: Capacity | None,
+    settings: Settings,
+    **dataset: int | None,
+) -> dict[str, Any]:
+    """``estimate`` of ``spec`` on ``worker`` (None: no worker known), with ``fits``/``reason``.
+
+    On a GPU worker the per-device total must fit one GPU. On a CPU worker every training
+    process holds its own copy of everything, so the per-process total times the processes must
+    fit the host's RAM (``fits`` None when the worker did not report it).
+    """
+    gpus_required, _ = requirements(spec)
+    world = (
+        _world_size(gpus_required, worker, settings) if worker is not None else gpus_required or 1
+    )
+    on_gpu = worker is not None and worker.gpus > 0
+    answer = estimate(
+        spec,
+        info,
+        world,
+        worker.gpu_memory_bytes if on_gpu and worker is not None else None,
+        dataset_rows=dataset.get("dataset_rows"),
+        dataset_tokens=dataset.get("dataset_tokens"),
+    )
+    ram = worker.host_memory_bytes if worker is not None and not on_gpu else None
+    if worker is None or (not on_gpu and ram is None):
+        per = answer["memory_bytes"]["total"] / _GIB
+        who = "no worker has registered yet" if worker is None else "the worker reported no RAM"
+        answer["reason"] = f"{who}; the job needs about {per:.2f} GiB per training process"
+    if ram is not None:
+        need = answer["memory_bytes"]["total"] * world
+        answer["fits"] = need <= ram
+        per, total, have = (answer["memory_bytes"]["total"] / _GIB, need / _GIB, ram / _GIB)
+        if answer["fits"]:
+            answer["reason"] = (
+                f"needs about {total:.2f} GiB of {have:.2f} GiB RAM ({world} x {per:.2f})"
+            )
+        else:
+            answer["reason"] = (
+                f"needs about {total:.2f} GiB of RAM ({world} training process(es) x "
+                f"{per:.2f} GiB) but the largest CPU worker has {have:.2f} GiB; lower "
+                "training.batch_size or training.max_seq_length, or set "
+                "training.gradient_checkpointing"
+                + (", or run fewer processes per job (LORAFLEET_WORKER_PROCS)" if world > 1 else "")
+            )
+    return answer
+
+
+def check_sequence_length(spec: JobSpec, info: ModelInfo) -> None:
+    """Refuse ``training.max_seq_length`` beyond the model's positions (it could only fail)."""
+    limit = info.max_position_embeddings
+    if isinstance(limit, int) and spec.training.max_seq_length > limit:
+        raise InvalidInput(
+            f"training.max_seq_length {spec.training.max_seq_length} exceeds the {limit} "
+            f"positions of model {spec.base_model!r} (max_position_embeddings); set "
+            f"training.max_seq_length to {limit} or less",
+            param="training.max_seq_length",
+            code="sequence_too_long",
+        )
 
 
 def check_job_fits(
     session: Session, spec: JobSpec, settings: Settings, info: ModelInfo | None
 ) -> None:
-    """Refuse a job that no worker of the fleet could ever run: routing first, then memory.
+    """Refuse a job that could never run: model shape, routing, then memory.
 
-    Memory counts only against GPU workers: a CPU worker has no hard limit worth refusing on.
-    ``info`` is the caller's ``model_info`` (None: a hub model without a local copy).
+    ``info`` is the caller's ``model_info``; None means a hub id without a local copy, which is
+    looked up on the hub instead (``check_hub_model``: refused when the hub says it does not
+    exist, accepted when the hub cannot be reached, the worker then checks first). Memory is
+    judged against the largest worker the job may run on: GPU memory, or RAM for CPU workers
+    (workers that reported neither are not judged).
     """
-    if info is not None:
+    if info is None:
+        check_hub_model(spec.base_model, settings)
+    else:
         check_target_modules(spec, info)
+        check_sequence_length(spec, info)
     fleet = fleet_capacities(session, settings)
     if fleet is None:
         return
@@ -272,17 +352,17 @@ def check_job_fits(
     if info is None:
         return
     candidates = [w for w in fleet if fits(gpus_required, gpu_type, w)]
-    if any(w.gpu_memory_bytes is None for w in candidates):
+    if any(_memory_limit(w) is None for w in candidates):
         return
     reasons = []
-    for worker in sorted(candidates, key=lambda w: -(w.gpu_memory_bytes or 0)):
-        world = _world_size(gpus_required, worker, settings)
-        answer = estimate(spec, info, world, worker.gpu_memory_bytes)
+    for worker in sorted(candidates, key=lambda w: -(_memory_limit(w) or 0)):
+        answer = judge(spec, info, worker, settings)
         if answer["fits"]:
             return
         reasons.append(answer["reason"])
+    where = "worker's GPU" if all(w.gpus for w in candidates) else "worker"
     raise InvalidInput(
-        f"the job fits on no worker's GPU: {reasons[0]}", param="training", code="no_worker_fits"
+        f"the job fits on no {where}: {reasons[0]}", param="training", code="no_worker_fits"
     )
 
 
@@ -332,8 +412,9 @@ def estimate_job(
 ) -> dict[str, Any]:
     """``POST /estimate``: parameters, per-device memory, steps and ``fits`` on this fleet.
 
-    ``fits`` is judged against the registered GPU worker with the most memory that the job's
-    routing allows (null when only CPU workers, or none, are registered).
+    ``fits`` is judged against the largest worker the job's routing allows: GPU workers first
+    (one GPU's memory), else the CPU worker with the most RAM (all its training processes
+    together); null when no worker reported its memory, or none is registered.
     """
     info = model_info(spec, settings)
     if info is None:
@@ -357,22 +438,16 @@ def estimate_job(
     gpus_required, gpu_type = requirements(spec)
     fleet = fleet_capacities(session, settings) or []
     routable = [w for w in fleet if fits(gpus_required, gpu_type, w)]
-    gpu_workers = [w for w in routable if w.gpu_memory_bytes is not None]
-    target = max(gpu_workers, key=lambda w: w.gpu_memory_bytes or 0, default=None)
-    if target is not None:
-        world = _world_size(gpus_required, target, settings)
-        memory = target.gpu_memory_bytes
-    else:
-        world = gpus_required or max((w.gpus or settings.worker_procs for w in routable), default=1)
-        memory = None
-    answer = estimate(spec, info, world, memory, dataset_rows=rows, dataset_tokens=tokens)
+    target = max(routable, key=lambda w: (w.gpus > 0, _memory_limit(w) or 0), default=None)
+    answer = judge(spec, info, target, settings, dataset_rows=rows, dataset_tokens=tokens)
     answer["model"] = info.to_dict()
     answer["dataset"] = {"rows": rows, "tokens": tokens, "tokens_counted": counted}
     answer["fleet"] = {
         "workers": len(fleet),
         "routable_workers": len(routable),
         "gpu_type": target.gpu_type if target else None,
-        "gpu_memory_bytes": memory,
+        "gpu_memory_bytes": target.gpu_memory_bytes if target and target.gpus else None,
+        "host_memory_bytes": target.host_memory_bytes if target and not target.gpus else None,
     }
     refused = no_fit_reason(gpus_required, gpu_type, fleet) if fleet else None
     if refused is not None:
@@ -385,6 +460,8 @@ __all__ = [
     "STALE_LEASES",
     "check_job_fits",
     "DeviceTaken",
+    "check_sequence_length",
+    "judge",
     "check_target_modules",
     "estimate_job",
     "fleet_capacities",

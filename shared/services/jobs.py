@@ -1,4 +1,4 @@
-"""Jobs as the API sees them: create (idempotent), read, list, cancel.
+"""Jobs as the API sees them: create (idempotent), read, list, cancel, delete, clone, queue place.
 
 The job id is published to the broker only after the row is committed, so a worker never looks
 up a job that is not there yet. If publishing fails the job stays queued in the database and the
@@ -10,10 +10,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select, update
+from pydantic import ValidationError
+from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -26,7 +28,9 @@ from shared.routing import requirements
 from shared.services.fleet import check_job_fits, model_info, with_default_targets
 from shared.services.transitions import rowcount, transition
 from shared.spec import JobSpec
-from shared.states import ACTIVE, CANCELLED, QUEUED, RUNNING
+from shared.states import ACTIVE, CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED
+from shared.storage import Storage
+from shared.webhook_guard import check_webhook_url
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +56,12 @@ def _check_file(session: Session, owner: str, file_id: str | None, param: str) -
     row = session.get(File, file_id)
     if row is None or row.owner != owner:
         raise InvalidInput(f"{param} {file_id!r} names no file of yours", param=param)
+
+
+def _check_webhook(url: str | None, settings: Settings) -> None:
+    problem = check_webhook_url(url, settings.webhook_allow)
+    if problem is not None:
+        raise InvalidInput(problem, param="webhook_url", code="webhook_not_allowed")
 
 
 def _by_idempotency_key(session: Session, owner: str, key: str) -> Job | None:
@@ -92,6 +102,7 @@ def create_job(
     _check_file(session, owner, spec.validation_file, "validation_file")
     # The one resolver (shared.modelinfo.resolve_base_model): folder names, mirrors
     # (models_dir/org/name), allowed hub ids and patterns such as "my-org/*"; paths refused.
+    _check_webhook(spec.webhook_url, settings)
     info = model_info(spec, settings)
     spec = with_default_targets(spec, info)
     # target_modules, routing and memory against the registered fleet: refuse now what could
@@ -167,7 +178,7 @@ def list_jobs(
 
     Returns (jobs, has_more). Ordering is (created_at, id) descending so ties are stable.
     """
-    query = select(Job).where(Job.owner == owner)
+    query = select(Job).where(Job.owner == owner, Job.deleted_at.is_(None))
     if status:
         query = query.where(Job.status == status)
     if after:
@@ -281,3 +292,129 @@ def count_by_status(session: Session) -> dict[str, int]:
 def oldest_queued_at(session: Session) -> datetime | None:
     """When the longest-waiting queued job was created (queue latency for /metrics)."""
     return session.scalar(select(func.min(Job.created_at)).where(Job.status == QUEUED.value))
+
+
+# ------------------------------------------------------------------------ managing final jobs
+def delete_job(session: Session, storage: Storage, owner: str, job_id: str) -> Job:
+    """Delete a final job's artifacts (adapter, checkpoints, logs) and keep its row as a tombstone.
+
+    Why a tombstone rather than removing the row: ids are never reused, a webhook or an audit
+    line that names the job still resolves (``GET /jobs/{id}`` answers with ``deleted_at``), and
+    the small history (events, metrics) stays for the owner. What costs space, everything under
+    ``jobs/<id>/`` in storage, is removed. Deleting again returns the tombstone; a queued or
+    running job is a Conflict (cancel it first).
+    """
+    job = get_job(session, owner, job_id)
+    if job.status not in (SUCCEEDED.value, FAILED.value, CANCELLED.value):
+        raise Conflict(
+            f"job {job_id} is {job.status}; cancel it first (POST /jobs/{job_id}/cancel), "
+            "then delete it",
+            code="job_active",
+        )
+    if job.deleted_at is None:
+        now = utcnow()
+        job.deleted_at = now
+        job.updated_at = now
+        job.adapter_key = None
+        job.adapter_sha256 = None
+        job.adapter_bytes = None
+        session.execute(delete(Checkpoint).where(Checkpoint.job_id == job_id))
+        session.add(JobEvent(job_id=job_id, level="info", message="job deleted", created_at=now))
+        session.commit()
+    # After the commit, and again on a repeated delete: a crash midway leaves objects that the
+    # next delete removes, never a live row pointing at deleted objects.
+    for key in storage.list(job_storage_prefix(job_id)):
+        storage.delete(key)
+    return job
+
+
+def job_storage_prefix(job_id: str) -> str:
+    """Where every object of a job lives in storage (adapter, checkpoints, logs)."""
+    return f"jobs/{job_id}/"
+
+
+def merge_overrides(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``overrides`` applied: nested objects merge key by key, anything else
+    (lists, scalars, null) replaces. ``{"training": {"learning_rate": 1e-4}}`` changes one
+    setting and keeps the others."""
+    merged = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge_overrides(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def clone_job(
+    session: Session,
+    owner: str,
+    job_id: str,
+    overrides: dict[str, Any],
+    idempotency_key: str | None = None,
+) -> tuple[Job, bool]:
+    """A new job from an existing job's body with ``overrides`` merged in (``merge_overrides``).
+
+    The result goes through ``create_job`` like any submission, so every check applies (the
+    training file must still exist, the model must still fit). Works on any job of the owner,
+    final or not, deleted or not.
+    """
+    source = get_job(session, owner, job_id)
+    body = merge_overrides(dict(source.spec or {}), overrides)
+    try:
+        spec = JobSpec.model_validate(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = ".".join(str(p) for p in first.get("loc", ())) or "body"
+        raise InvalidInput(f"{param}: {first.get('msg')}", param=param) from None
+    return create_job(session, owner, spec, idempotency_key)
+
+
+def _ranked_queue() -> Any:
+    """Queued jobs with their place in the dispatch order, as a subquery (``id``, ``position``).
+
+    The order is the one ``runs.claim_next`` uses: priority (high first), then owners with
+    fewer running jobs first, then age. It is fleet-wide: a job routed to GPUs that are busy
+    may wait longer than its place says. One window function, whatever the queue's length.
+    """
+    running = (
+        select(Job.owner.label("owner"), func.count().label("n"))
+        .where(Job.status == RUNNING.value)
+        .group_by(Job.owner)
+        .subquery()
+    )
+    load = func.coalesce(running.c.n, 0)
+    return (
+        select(
+            Job.id.label("id"),
+            func.row_number()
+            .over(order_by=(Job.priority.desc(), load.asc(), Job.created_at.asc(), Job.id))
+            .label("position"),
+        )
+        .outerjoin(running, running.c.owner == Job.owner)
+        .where(Job.status == QUEUED.value, Job.cancel_requested.is_(False))
+        .subquery()
+    )
+
+
+def queue_positions(session: Session, job_ids: Sequence[str]) -> dict[str, int]:
+    """Place in the dispatch order of each of ``job_ids`` that is queued (1 = taken next)."""
+    if not job_ids:
+        return {}
+    ranked = _ranked_queue()
+    rows = session.execute(
+        select(ranked.c.id, ranked.c.position).where(ranked.c.id.in_(list(job_ids)))
+    )
+    return {job: int(position) for job, position in rows}
+
+
+def queue_overview(session: Session, limit: int = 100) -> list[tuple[int, Job]]:
+    """The first ``limit`` queued jobs of every owner in dispatch order: (position, job)."""
+    ranked = _ranked_queue()
+    rows = session.execute(
+        select(ranked.c.position, Job)
+        .join(Job, Job.id == ranked.c.id)
+        .order_by(ranked.c.position)
+        .limit(limit)
+    )
+    return [(int(position), job) for position, job in rows]

@@ -5,6 +5,10 @@ HMAC-SHA256 of the raw body>`` keyed with ``LORAFLEET_WEBHOOK_SECRET`` (compare 
 ``hmac.compare_digest``), switch on ``X-Lorafleet-Event: job.<status>``, and may deduplicate on
 ``X-Lorafleet-Delivery``, which stays the same across the retries of one delivery.
 
+Where a webhook may go is decided at send time by ``shared.webhook_guard``: public addresses
+only, unless ``LORAFLEET_WEBHOOK_ALLOW`` lists the host or network; redirects are never followed.
+A refused destination is not retried, and the job gets an event saying why.
+
 Delivery is at-least-once within a bounded effort: connection errors, timeouts, 408, 429 and 5xx
 are retried with backoff; any other 4xx means the receiver refuses the request as sent, and
 retrying it would not help. Delivery runs in a daemon thread so a slow receiver never holds up the
@@ -28,9 +32,10 @@ import httpx
 
 from shared.config import Settings, get_settings
 from shared.db import session_scope
-from shared.models import Job
+from shared.models import Job, JobEvent
 from shared.schemas import JobObject
 from shared.states import is_final
+from shared.webhook_guard import Allow, WebhookBlocked, parse_allow, resolve_destination
 
 log = logging.getLogger("lorafleet.webhooks")
 
@@ -63,11 +68,19 @@ def deliver(
     backoff: Sequence[float] = DEFAULT_BACKOFF,
     timeout: float = 10.0,
     sleep: Callable[[float], None] = time.sleep,
+    allow: Allow | str | None = None,
+    on_blocked: Callable[[str], None] | None = None,
 ) -> bool:
     """POST ``job_payload`` to ``url``, signed; True once the receiver answers 2xx.
 
-    ``backoff[i]`` is the wait after failed attempt ``i`` (the last value repeats).
+    ``backoff[i]`` is the wait after failed attempt ``i`` (the last value repeats). ``allow`` is
+    the destination allow-list (default ``LORAFLEET_WEBHOOK_ALLOW``); every attempt resolves and
+    checks the host again and connects to the checked address. A refused destination ends the
+    delivery at once, reported to ``on_blocked``.
     """
+    if allow is None:
+        allow = get_settings().webhook_allow
+    allowed = parse_allow(allow) if isinstance(allow, str) else allow
     body = json.dumps(job_payload, separators=(",", ":"), sort_keys=True).encode()
     headers = {
         "Content-Type": "application/json",
@@ -79,7 +92,19 @@ def deliver(
     with httpx.Client(timeout=timeout, follow_redirects=False) as client:
         for attempt in range(1, attempts + 1):
             try:
-                response = client.post(url, content=body, headers=headers)
+                target = resolve_destination(url, allowed)
+            except WebhookBlocked as exc:
+                log.warning("webhook not sent: %s", exc)
+                if on_blocked is not None:
+                    on_blocked(str(exc))
+                return False
+            try:
+                response = client.post(
+                    target.pinned_url,
+                    content=body,
+                    headers={**headers, "Host": target.host_header},
+                    extensions={"sni_hostname": target.hostname},
+                )
             except httpx.HTTPError as exc:
                 reason = f"{type(exc).__name__}: {exc}"
             else:
@@ -118,7 +143,19 @@ def send_in_background(
 
 def job_payload(job: Job) -> dict[str, Any]:
     """The body a webhook carries: the native job object, as ``GET /jobs/{id}`` returns it."""
-    return JobObject.from_row(job).model_dump(mode="json")
+    return JobObject.model_validate(job).model_dump(mode="json")
+
+
+def _record_blocked(job_id: str) -> Callable[[str], None]:
+    def record(reason: str) -> None:
+        try:
+            with session_scope() as session:
+                message = f"webhook not sent: {reason}"
+                session.add(JobEvent(job_id=job_id, level="warning", message=message))
+        except Exception:
+            log.exception("could not record the refused webhook of job %s", job_id)
+
+    return record
 
 
 def notify_final(
@@ -129,6 +166,8 @@ def notify_final(
     Called by the worker right after it recorded the final state. Never raises.
     """
     settings = settings or get_settings()
+    kwargs.setdefault("allow", settings.webhook_allow)
+    kwargs.setdefault("on_blocked", _record_blocked(job_id))
     try:
         with session_scope() as session:
             job = session.get(Job, job_id, populate_existing=True)

@@ -46,6 +46,7 @@ def test_workers_admin_only_and_stale_flagged(client: Any) -> None:
         "gpus": 2,
         "gpu_type": "NVIDIA A100",
         "gpu_memory_bytes": 80 * 1024**3,
+        "host_memory_bytes": None,
         "procs": 2,
         "status": "idle",
         "current_job": None,

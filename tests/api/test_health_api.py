@@ -7,6 +7,8 @@ from typing import Any
 import pytest
 
 from shared.config import reset_settings
+from shared.db import session_factory
+from shared.services.keys import create_key
 
 
 def test_healthz_readyz(client: Any) -> None:
@@ -25,10 +27,21 @@ def test_readyz_with_redis(client: Any, monkeypatch: pytest.MonkeyPatch) -> None
 def test_readyz_broker_down_is_503(client: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LORAFLEET_BROKER_URL", "redis://127.0.0.1:1/0")  # nothing listens
     reset_settings()
-    response = client.get("/readyz")
+    response = client.get("/readyz", headers={"Authorization": ""})
     assert response.status_code == 503
-    assert response.json()["checks"]["database"] == "ok"
-    assert response.json()["checks"]["broker"] != "ok"
+    assert response.json() == {
+        "status": "unavailable",
+        "checks": {"database": "ok", "broker": "unavailable"},
+    }, "an anonymous probe learns what is down, never the error text (hosts, ports, paths)"
+    assert "127.0.0.1" not in response.text and "Error" not in response.text
+    # The key of a non-admin owner gets no more than anonymous callers.
+    assert "details" not in client.get("/readyz").json()
+
+    with session_factory()() as session:
+        admin, _ = create_key(session, "ops", admin=True)
+    detailed = client.get("/readyz", headers={"Authorization": f"Bearer {admin}"}).json()
+    assert detailed["checks"]["broker"] == "unavailable"
+    assert ":1" in detailed["details"]["broker"] or "Error" in detailed["details"]["broker"]
 
 
 def test_metrics(client: Any, monkeypatch: pytest.MonkeyPatch) -> None:

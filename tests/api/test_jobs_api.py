@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import threading
-import time
+from collections.abc import Iterator
 from typing import Any
+
+import httpx
 
 from shared.db import session_factory
 from shared.services import runs
 from shared.storage import Storage
+from tests.api.live import free_port, wait_for
 from tests.conftest import TEXT_ROWS, jsonl
 
 
 def _file(client: Any) -> str:
     response = client.post("/files", files={"file": ("t.jsonl", jsonl(TEXT_ROWS))})
-    assert response.status_code == 201, response.text
+    assert response.status_code in (200, 201), response.text  # 200: the same bytes again
     return str(response.json()["id"])
 
 
@@ -158,44 +162,108 @@ def test_adapter_download(client: Any, storage: Storage) -> None:
     cached = client.get(f"/jobs/{job['id']}/adapter", headers={"If-None-Match": f'"{digest}"'})
     assert cached.status_code == 304
     finished = client.get(f"/jobs/{job['id']}").json()
-    assert finished["fine_tuned_model"] == f"tiny:ft-{job['id']}"
+    assert finished["fine_tuned_model"] == f"ft:tiny:alice::{job['id']}"
     assert finished["trained_tokens"] == 42 and finished["adapter_sha256"] == digest
 
 
 def _sse_events(client: Any, job_id: str) -> list[dict[str, Any]]:
-    events = []
+    """The event frames of a whole stream (progress frames left out)."""
     with client.stream(
         "GET", f"/jobs/{job_id}/events", headers={"Accept": "text/event-stream"}
     ) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
-        for line in response.iter_lines():
-            if line.startswith("data: "):
-                events.append(json.loads(line[len("data: ") :]))
-    return events
+        return [data for kind, data in _frames(response.iter_lines()) if kind == "message"]
+
+
+@contextlib.contextmanager
+def _real_server(client: Any) -> Iterator[str]:
+    """The same app served by a real uvicorn on loopback (TestClient buffers whole responses,
+    so only a real server shows what a client receives while a stream is still open)."""
+    import uvicorn
+
+    server = uvicorn.Server(
+        uvicorn.Config(client.app, host="127.0.0.1", port=free_port(), log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: server.started, timeout=20, what="uvicorn")
+        yield f"http://127.0.0.1:{server.config.port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def _frames(lines: Iterator[str]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(event type, data) of each SSE frame as it arrives."""
+    kind = "message"
+    for line in lines:
+        if line.startswith("event: "):
+            kind = line[len("event: ") :]
+        elif line.startswith("data: "):
+            yield kind, json.loads(line[len("data: ") :])
+            kind = "message"
 
 
 def test_sse_streams_until_final(client: Any) -> None:
+    """Live delivery: each write below happens only after the stream showed the one before, so
+    the stream must carry what is written while it is open, then end when the job ends."""
     job = _job(client)
     with session_factory()() as session:
-        runs.claim_job(session, job["id"], "w1", 30)
-
-    def work() -> None:
-        time.sleep(0.8)
+        claimed = runs.claim_job(session, job["id"], "w1", 30)
+        assert claimed is not None
+        lease = runs.Lease(job["id"], "w1", claimed.lease_epoch)
+    seen: list[tuple[str, Any]] = []
+    with (
+        _real_server(client) as url,
+        httpx.stream(
+            "GET",
+            f"{url}/jobs/{job['id']}/events",
+            headers={
+                "Authorization": client.headers["Authorization"],
+                "Accept": "text/event-stream",
+            },
+            timeout=30,
+        ) as response,
+    ):
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        frames = _frames(response.iter_lines())
+        assert next(frames) == ("message", ANY_EVENT("job created"))
+        with session_factory()() as session:  # written while the stream is open
+            runs.add_event(session, lease, "info", "step 1", {"step": 1})
+        assert next(frames) == ("message", ANY_EVENT("step 1"))
         with session_factory()() as session:
-            runs.add_event(session, runs.Lease(job["id"], "w1", 1), "info", "step 1", {"step": 1})
-            time.sleep(0.6)
-            runs.finish_job(session, runs.Lease(job["id"], "w1", 1), "failed", "oops", "it broke")
-
-    thread = threading.Thread(target=work)
-    thread.start()
-    started = time.monotonic()
-    events = _sse_events(client, job["id"])
-    thread.join()
-    assert [e["message"] for e in events] == ["job created", "step 1", "job failed: it broke"]
-    assert time.monotonic() - started < 10
+            runs.record_progress(
+                session,
+                lease,
+                {"step": 1, "total_steps": 3, "train_loss": 2.5, "tokens_per_second": 123.0},
+            )
+        kind, progress = next(frames)
+        assert kind == "progress"
+        assert progress["status"] == "running" and progress["step"] == 1
+        assert progress["train_loss"] == 2.5 and progress["tokens_per_second"] == 123.0
+        with session_factory()() as session:
+            runs.finish_job(session, lease, "failed", "oops", "it broke")
+        seen = list(frames)  # the stream ends by itself once the job is final
+    assert ("message", ANY_EVENT("job failed: it broke")) in seen
+    assert seen[-1][0] == "progress" or seen[-1] == ("message", ANY_EVENT("job failed: it broke"))
     failed = client.get(f"/jobs/{job['id']}").json()
     assert failed["error"] == {"code": "oops", "message": "it broke"}
+
+
+class ANY_EVENT:  # noqa: N801 - reads as a matcher in asserts
+    """Equal to any event object with this message."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, dict) and other.get("message") == self.message
+
+    def __repr__(self) -> str:
+        return f"<event {self.message!r}>"
 
 
 def test_sse_on_a_final_job_ends_at_once(client: Any) -> None:

@@ -64,7 +64,9 @@ def receiver() -> Iterator[tuple[str, type[_Receiver]]]:
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     base = tmp_path_factory.mktemp("live-openai")
-    with live_stack(base, LORAFLEET_WEBHOOK_SECRET=SECRET) as stack:
+    with live_stack(
+        base, LORAFLEET_WEBHOOK_SECRET=SECRET, LORAFLEET_WEBHOOK_ALLOW="127.0.0.1"
+    ) as stack:
         yield stack
 
 
@@ -114,7 +116,7 @@ def test_file_round_trip(sdk: OpenAI, training_file: str) -> None:
 
 def test_job_trains_to_succeeded(finished_job: Any, training_file: str) -> None:
     job = finished_job
-    assert job.fine_tuned_model == f"tiny:ft-{job.id}"
+    assert job.fine_tuned_model == f"ft:tiny:t:sdk:{job.id}"
     assert job.model == "tiny" and job.organization_id == "t"
     assert job.training_file == training_file and job.result_files == []
     assert job.hyperparameters.n_epochs == 1
@@ -258,3 +260,24 @@ def test_progress_visible_while_running(sdk: OpenAI, live: Live, training_file: 
             timeout=120,
             what="cancel",
         )
+
+
+def test_files_delete_and_models_delete(sdk: OpenAI, live: Live, finished_job: Any) -> None:
+    """The SDK's ``files.delete`` and ``models.delete`` (last: it deletes the finished adapter)."""
+    spare = sdk.files.create(
+        file=("spare.jsonl", _jsonl(chat_rows(3, seed=7))), purpose="fine-tune"
+    )
+    deleted = sdk.files.delete(spare.id)
+    assert deleted.id == spare.id and deleted.deleted is True and deleted.object == "file"
+    with pytest.raises(openai.NotFoundError):
+        sdk.files.retrieve(spare.id)
+
+    name = finished_job.fine_tuned_model
+    gone = sdk.models.delete(name)
+    assert gone.id == name and gone.deleted is True
+    after = sdk.fine_tuning.jobs.retrieve(finished_job.id)
+    assert after.status == "succeeded" and after.fine_tuned_model is None
+    with live.client() as http:
+        assert http.get(f"/jobs/{finished_job.id}/adapter").status_code == 409
+    with pytest.raises(openai.NotFoundError):
+        sdk.models.delete("tiny")  # base models are the operator's, not deletable

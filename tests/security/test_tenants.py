@@ -22,7 +22,7 @@ from tests.conftest import CHAT_ROWS, jsonl
 from tests.security.conftest import Tenants, bearer
 
 PUBLIC = {"/healthz", "/readyz"}
-ADMIN_PREFIXES = ("/metrics", "/workers", "/fleet")
+ADMIN_PREFIXES = ("/metrics", "/workers", "/fleet", "/keys", "/queue")
 MISSING_JOB = "ftjob-" + "0" * 24
 MISSING_FILE = "file-" + "0" * 24
 # What an attacker would hope to read back: alice's names, her event text and manifest.

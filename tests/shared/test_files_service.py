@@ -42,7 +42,7 @@ def test_bad_line_names_it_and_stores_nothing(session: Session, storage: Storage
     with pytest.raises(InvalidInput, match="line 3"):
         create_file(session, storage, "alice", "d.jsonl", io.BytesIO(data))
     assert storage.list("files/") == []
-    assert list_files(session, "alice") == []
+    assert list_files(session, "alice") == ([], False)
 
 
 def test_too_large(session: Session, storage: Storage) -> None:
@@ -85,8 +85,8 @@ def test_owner_isolation(session: Session, storage: Storage) -> None:
     assert str(other.value).replace(row.id, "X") == str(missing.value).replace(
         "file-000000000000000000000000", "X"
     )
-    assert [f.id for f in list_files(session, "alice")] == [row.id]
-    assert list_files(session, "bob") == []
+    assert [f.id for f in list_files(session, "alice")[0]] == [row.id]
+    assert list_files(session, "bob") == ([], False)
 
 
 def test_bad_purpose(session: Session, storage: Storage) -> None:

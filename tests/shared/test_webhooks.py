@@ -16,6 +16,7 @@ from shared.services import runs, webhooks
 from tests.api.live import free_port
 
 SECRET = "s3cret"
+LOOPBACK = "127.0.0.1"  # the receivers below listen on loopback, which needs the allow-list
 PAYLOAD = {"id": "ftjob-abc", "status": "succeeded", "trained_tokens": 123}
 
 
@@ -66,7 +67,9 @@ def test_retries_5xx_then_succeeds_with_valid_signature(
 ) -> None:
     hook = receiver([500, 500, 204])
     waits: list[float] = []
-    ok = webhooks.deliver(PAYLOAD, hook.url, SECRET, backoff=(0.01, 0.02), sleep=waits.append)
+    ok = webhooks.deliver(
+        PAYLOAD, hook.url, SECRET, backoff=(0.01, 0.02), sleep=waits.append, allow=LOOPBACK
+    )
     assert ok
     assert len(hook.requests) == 3
     assert waits == [0.01, 0.02]
@@ -82,20 +85,22 @@ def test_retries_5xx_then_succeeds_with_valid_signature(
 
 def test_client_error_is_not_retried(receiver: Callable[[list[int]], Receiver]) -> None:
     hook = receiver([400])
-    assert not webhooks.deliver(PAYLOAD, hook.url, SECRET, backoff=(0.0,))
+    assert not webhooks.deliver(PAYLOAD, hook.url, SECRET, backoff=(0.0,), allow=LOOPBACK)
     assert len(hook.requests) == 1
 
 
 def test_429_is_retried(receiver: Callable[[list[int]], Receiver]) -> None:
     hook = receiver([429, 200])
-    assert webhooks.deliver(PAYLOAD, hook.url, SECRET, backoff=(0.0,))
+    assert webhooks.deliver(PAYLOAD, hook.url, SECRET, backoff=(0.0,), allow=LOOPBACK)
     assert len(hook.requests) == 2
 
 
 def test_connection_errors_retry_with_backoff_then_give_up() -> None:
     url = f"http://127.0.0.1:{free_port()}/nobody-listens"
     waits: list[float] = []
-    assert not webhooks.deliver(PAYLOAD, url, SECRET, attempts=4, sleep=waits.append)
+    assert not webhooks.deliver(
+        PAYLOAD, url, SECRET, attempts=4, sleep=waits.append, allow=LOOPBACK
+    )
     assert waits == [0.5, 1.0, 2.0]  # the default schedule; no wait after the last attempt
 
 
@@ -103,7 +108,7 @@ def test_send_in_background_returns_a_daemon_thread(
     receiver: Callable[[list[int]], Receiver],
 ) -> None:
     hook = receiver([500, 200])
-    thread = webhooks.send_in_background(PAYLOAD, hook.url, SECRET, backoff=(0.01,))
+    thread = webhooks.send_in_background(PAYLOAD, hook.url, SECRET, backoff=(0.01,), allow=LOOPBACK)
     assert thread.daemon
     thread.join(timeout=10)
     assert not thread.is_alive() and len(hook.requests) == 2
@@ -114,9 +119,13 @@ def test_notify_final_posts_the_job_object(
     session: Session,
     make_job: Callable[..., Any],
     receiver: Callable[[list[int]], Receiver],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.setattr(settings, "webhook_allow", LOOPBACK)  # create_job checks literal hosts
     hook = receiver([200])
-    secret_settings = settings.model_copy(update={"webhook_secret": SECRET})
+    secret_settings = settings.model_copy(
+        update={"webhook_secret": SECRET, "webhook_allow": LOOPBACK}
+    )
     job = make_job(webhook_url=hook.url)
     plain = make_job()
     assert webhooks.notify_final(job.id, secret_settings) is None, "not final yet: no webhook"
@@ -134,3 +143,29 @@ def test_notify_final_posts_the_job_object(
     payload = json.loads(body)
     assert payload["id"] == job.id and payload["status"] == "failed"
     assert payload["error"] == {"code": "boom", "message": "it broke"}
+
+
+def test_refused_destination_leaves_an_event_and_sends_nothing(
+    settings: Settings,
+    session: Session,
+    make_job: Callable[..., Any],
+    receiver: Callable[[list[int]], Receiver],
+) -> None:
+    from sqlalchemy import update
+
+    from shared.models import Job
+    from shared.services.jobs import list_events
+
+    hook = receiver([200])
+    job = make_job()
+    # Set after submit, as a host name would be that only resolves to loopback at send time.
+    session.execute(update(Job).where(Job.id == job.id).values(webhook_url=hook.url))
+    session.commit()
+    assert runs.claim_job(session, job.id, "w1", 30) is not None
+    assert runs.finish_job(session, runs.Lease(job.id, "w1", 1), "failed", "boom", "it broke")
+    thread = webhooks.notify_final(job.id, settings, backoff=(0.0,))
+    assert thread is not None
+    thread.join(timeout=10)
+    assert hook.requests == [], "no allow-list: the loopback receiver gets nothing"
+    messages = [e.message for e in list_events(session, "alice", job.id)]
+    assert any(m.startswith("webhook not sent:") and "loopback" in m for m in messages), messages

@@ -1,14 +1,15 @@
-"""The web page in headless Chromium against a live server and worker training a real job.
+"""The web page in headless Chromium against a live server and a real worker: a job created
+through the page's form trains on the tiny model, finishes, and its adapter downloads; the fleet
+view for admins; the key form.
 
-Needs Debian's ``chromium`` + ``chromium-driver`` and PyPI's ``selenium``; skipped with the reason
-when any is missing. Leaves a screenshot of the job page in ``docs/screenshot.png``.
+Leaves a screenshot of the job page in ``docs/screenshot.png`` and of the form in
+``docs/new-job.png``.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import shutil
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,22 +18,17 @@ from typing import Any
 import pytest
 
 from tests.api.live import ROOT, Live, chat_rows, live_stack, wait_for
+from tests.web.conftest import same_origin_only, visible
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("live-stack-" + __name__)]
 
-webdriver = pytest.importorskip("selenium.webdriver", reason="pip install selenium")
+pytest.importorskip("selenium.webdriver", reason="pip install selenium")
 from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
-from selenium.webdriver.chrome.options import Options  # noqa: E402
-from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support.ui import Select  # noqa: E402
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMEDRIVER = shutil.which("chromedriver")
 SCREENSHOT = ROOT / "docs" / "screenshot.png"
-
-
-def _jsonl(rows: list[dict[str, Any]]) -> bytes:
-    return b"".join(json.dumps(r).encode() + b"\n" for r in rows)
+FORM_SCREENSHOT = ROOT / "docs" / "new-job.png"
 
 
 @pytest.fixture(scope="module")
@@ -41,108 +37,145 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
         yield stack
 
 
-@pytest.fixture
-def browser(tmp_path: Path) -> Iterator[Any]:
-    if not CHROMIUM or not CHROMEDRIVER:
-        pytest.skip("headless Chromium missing: apt-get install chromium chromium-driver")
-    options = Options()
-    options.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
-        options.add_argument(arg)
-    options.add_argument("--window-size=1280,1100")
-    downloads = tmp_path / "downloads"
-    downloads.mkdir()
-    options.add_experimental_option(
-        "prefs",
-        {"download.default_directory": str(downloads), "download.prompt_for_download": False},
-    )
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    driver.downloads = downloads  # type: ignore[attr-defined]
-    try:
-        yield driver
-    finally:
-        driver.quit()
+def _jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
 
 
-def _submit_job(live: Live) -> str:
-    with live.client() as http:
-        train = http.post("/files", files={"file": ("train.jsonl", _jsonl(chat_rows(48)))})
-        valid = http.post("/files", files={"file": ("valid.jsonl", _jsonl(chat_rows(8, seed=1)))})
-        assert train.status_code == 201 and valid.status_code == 201, train.text + valid.text
-        body = {
-            "base_model": "tiny",
-            "training_file": train.json()["id"],
-            "validation_file": valid.json()["id"],
-            "training": {
-                "max_steps": 30,
-                "batch_size": 2,
-                "max_seq_length": 64,
-                "packing": False,
-                "eval_every_steps": 5,
-                "checkpoint_every_steps": 10,
-            },
-        }
-        response = http.post("/jobs", json=body)
-        assert response.status_code == 201, response.text
-        return str(response.json()["id"])
-
-
-def test_jobs_table_job_page_chart_and_download(live: Live, browser: Any) -> None:
-    job_id = _submit_job(live)
+def _log_in(browser: Any, live: Live, key: str | None = None) -> None:
     browser.get(live.url + "/")
-    key_input = wait_for(lambda: _visible(browser, "api-key"), timeout=20, what="the key form")
-    key_input.send_keys(live.key)
+    key_input = wait_for(lambda: visible(browser, "api-key"), timeout=20, what="the key form")
+    key_input.send_keys(key or live.key)
     browser.find_element(By.ID, "save-key").click()
+    wait_for(lambda: visible(browser, "jobs-view"), timeout=20, what="the jobs page")
 
-    row_css = f'tr[data-job-id="{job_id}"]'
-    wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, row_css), 20, what="the job row")
 
-    seen: set[str] = set()
+def _set(browser: Any, field: str, value: str) -> None:
+    box = browser.find_element(By.ID, field)
+    box.clear()
+    box.send_keys(value)
+
+
+def _worker_registered(live: Live) -> None:
+    admin = live.dep.create_key("waiter", admin=True)
+    with live.dep.client(admin) as http:
+        wait_for(
+            lambda: http.get("/workers").json()["data"], timeout=120, what="the worker to register"
+        )
+
+
+def test_create_job_in_the_page_watch_it_finish_download(
+    live: Live, browser: Any, tmp_path: Path
+) -> None:
+    _worker_registered(live)  # the estimate judges the job against the registered fleet
+    train = _jsonl(tmp_path / "train.jsonl", chat_rows(48))
+    valid = _jsonl(tmp_path / "valid.jsonl", chat_rows(8, seed=1))
+    _log_in(browser, live)
+    browser.find_element(By.ID, "new-job-button").click()
+    wait_for(lambda: visible(browser, "new-view"), timeout=10, what="the new-job form")
+
+    # Defaults and help text come from the API's own schema.
+    rank = wait_for(lambda: browser.find_elements(By.ID, "lora.r"), 20, what="the LoRA fields")[0]
+    assert rank.get_attribute("value") == "8"
+    help_text = rank.find_element(By.XPATH, "following-sibling::p").text
+    assert "Rank" in help_text and "default 8" in help_text
+
+    browser.find_element(By.ID, "train-upload").send_keys(str(train))
+    wait_for(
+        lambda: Select(
+            browser.find_element(By.ID, "train-pick")
+        ).first_selected_option.get_attribute("value"),
+        timeout=30,
+        what="the uploaded training file to be picked",
+    )
+    browser.find_element(By.ID, "valid-upload").send_keys(str(valid))
+    wait_for(
+        lambda: Select(
+            browser.find_element(By.ID, "valid-pick")
+        ).first_selected_option.get_attribute("value"),
+        timeout=30,
+        what="the uploaded validation file to be picked",
+    )
+    Select(browser.find_element(By.ID, "base-model")).select_by_value("tiny")
+    assert "chat template" in browser.find_element(By.ID, "model-info").text
+    for field, value in {
+        "training.max_steps": "30",
+        "training.batch_size": "2",
+        "training.max_seq_length": "64",
+        "training.eval_every_steps": "5",
+        "training.checkpoint_every_steps": "10",
+        "suffix": "web",
+    }.items():
+        _set(browser, field, value)
+    packing = browser.find_element(By.ID, "training.packing")
+    if packing.is_selected():
+        packing.click()
+
+    # The estimate is shown before submitting, for the settings as typed.
+    estimate = browser.find_element(By.ID, "estimate")
+    wait_for(lambda: "30 steps" in estimate.text, timeout=20, what="the estimate")
+    assert "per training process" in estimate.text and estimate.get_attribute("data-fits") == "true"
+    _set(browser, "training.max_seq_length", "100000")
+    wait_for(lambda: "max_position_embeddings" in estimate.text, timeout=20, what="the warning")
+    _set(browser, "training.max_seq_length", "64")
+    wait_for(lambda: "30 steps" in estimate.text, timeout=20, what="the estimate again")
+    FORM_SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+    browser.save_screenshot(str(FORM_SCREENSHOT))
+
+    browser.find_element(By.ID, "submit-job").click()
+    match = wait_for(
+        lambda: re.match(r".*#/jobs/(ftjob-[0-9a-f]+)$", browser.current_url),
+        timeout=20,
+        what="the job page after submitting",
+    )
+    job_id = match.group(1)
+    wait_for(lambda: visible(browser, "job-view"), timeout=10, what="the job page")
+    details = browser.find_element(By.ID, "job-details")
+    wait_for(lambda: "r 8 · alpha 16" in details.text, timeout=10, what="the hyperparameters")
+    assert "30 (max_steps)" in details.text and "64" in details.text
+
+    # Progress arrives live (SSE progress frames and polling both update the line).
+    steps: set[str] = set()
 
     def progress_moved() -> bool:
-        # The table is re-rendered every 2 s: an element found may go stale before it is read.
         try:
-            cells = browser.find_elements(By.CSS_SELECTOR, f"{row_css} .progress-text")
-            text = cells[0].text if cells else ""
+            step = browser.find_element(By.ID, "job-progress").get_attribute("data-step")
         except StaleElementReferenceException:
             return False
-        if re.fullmatch(r"\d+/\d+", text) and not text.startswith("0/"):
-            seen.add(text)
-        return len(seen) >= 2
+        if step and step != "0":
+            steps.add(step)
+        return len(steps) >= 2
 
     try:
         wait_for(progress_moved, timeout=240, interval=0.3, what="progress to move")
-    except TimeoutError:
-        pytest.fail(f"progress seen: {seen}\n{live.log_tails()}")
+    except AssertionError:
+        pytest.fail(f"progress seen: {steps}\n{live.log_tails()}")
+    line = browser.find_element(By.ID, "job-progress").text
+    assert "step" in line and "loss" in line
 
-    # Navigate the way the row's link does (clicking it could hit a just-replaced row).
-    href = wait_for(lambda: _attr(browser, f"{row_css} a", "href"), timeout=10, what="link")
-    assert href.endswith(f"#/jobs/{job_id}")
-    browser.execute_script("location.hash = arguments[0]", f"#/jobs/{job_id}")
-    wait_for(lambda: _visible(browser, "job-view"), timeout=10, what="the job page")
-    shown = browser.find_element(By.ID, "job-id")
-    wait_for(lambda: shown.text == job_id, timeout=10, what="the job page's first refresh")
-
-    # The page stops polling and marks itself settled after rendering a final state, so what
-    # is read below is no longer being re-drawn.
     view = browser.find_element(By.ID, "job-view")
     settled = wait_for(
         lambda: view.get_attribute("data-settled"), timeout=300, what="the job to finish"
     )
     assert settled == "succeeded", live.log_tails()
     assert browser.find_element(By.ID, "job-status").text == "succeeded"
+    assert f"ft:tiny:t:web:{job_id}" in details.text
 
     chart = browser.find_element(By.ID, "loss-chart")
-    train = chart.find_element(By.CSS_SELECTOR, "path.series-train")
+    assert chart.location["y"] < 700, "the chart is above the fold"
+    train_line = chart.find_element(By.CSS_SELECTOR, "path.series-train")
     evals = chart.find_element(By.CSS_SELECTOR, "path.series-eval")
-    points = int(train.get_attribute("data-points"))
+    points = int(train_line.get_attribute("data-points"))
     assert points >= 10, "one point per logged step of a 30-step job"
-    assert train.get_attribute("d").count("L") == points - 1
+    assert train_line.get_attribute("d").count("L") == points - 1
     assert int(evals.get_attribute("data-points")) >= 2
     assert len(chart.find_elements(By.CSS_SELECTOR, "circle.point-eval")) >= 2
     events = browser.find_elements(By.CSS_SELECTOR, "#events li")
     assert any("job succeeded" in e.text for e in events)
+    ids = [int(e.get_attribute("data-event-id")) for e in events]
+    assert ids == sorted(set(ids)), "live and polled events are shown once each, in order"
     assert browser.find_elements(By.CSS_SELECTOR, "#checkpoints li[data-step]")
+    assert browser.find_element(By.ID, "job-failure").is_displayed() is False
 
     SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
     browser.save_screenshot(str(SCREENSHOT))
@@ -153,28 +186,83 @@ def test_jobs_table_job_page_chart_and_download(live: Live, browser: Any) -> Non
     target = browser.downloads / f"{job_id}-adapter.tar.gz"
     wait_for(target.exists, timeout=30, what="the adapter download")
     with tarfile.open(target) as tar:
-        assert "adapter/adapter_model.safetensors" in tar.getnames()
+        names = tar.getnames()
+    assert "adapter/adapter_model.safetensors" in names and "adapter/README.md" in names
+    assert same_origin_only(browser, live.url) == []
+
+
+def test_failed_job_shows_cause_logs_and_clone(live: Live, browser: Any) -> None:
+    # fp16 needs a GPU: the CPU worker's engine refuses the job at once (a user error).
+    with live.client() as http:
+        file_id = http.post(
+            "/files", files={"file": ("f.jsonl", json.dumps(chat_rows(4)[0]) + "\n")}
+        ).json()["id"]
+        body = {
+            "base_model": "tiny",
+            "training_file": file_id,
+            "max_attempts": 1,
+            "training": {"precision": "fp16", "max_steps": 2},
+        }
+        job = http.post("/jobs", json=body).json()
+    _log_in(browser, live)
+    browser.execute_script("location.hash = arguments[0]", f"#/jobs/{job['id']}")
+    wait_for(lambda: visible(browser, "job-view"), timeout=10, what="the job page")
+    view = browser.find_element(By.ID, "job-view")
+    settled = wait_for(lambda: view.get_attribute("data-settled"), timeout=180, what="the end")
+    assert settled == "failed", live.log_tails()
+    failure = browser.find_element(By.ID, "job-failure")
+    assert failure.is_displayed()
+    assert "fp16" in browser.find_element(By.ID, "job-error").text, "the cause is shown"
+    browser.find_element(By.ID, "show-logs").click()
+    logs = browser.find_element(By.ID, "job-logs")
+    wait_for(lambda: logs.text and logs.text != "loading…", timeout=20, what="the logs")
+    # Either the attempt's log, or (a server without the logs route) a plain notice.
+    assert "Could not load" not in logs.text, logs.text
+
+    # A clone opens the form prefilled with the job's settings.
+    browser.find_element(By.ID, "clone-job").click()
+    wait_for(lambda: visible(browser, "new-view"), timeout=10, what="the prefilled form")
+    wait_for(
+        lambda: (
+            Select(browser.find_element(By.ID, "train-pick")).first_selected_option.get_attribute(
+                "value"
+            )
+            == file_id
+        ),
+        timeout=20,
+        what="the training file prefilled",
+    )
+    assert browser.find_element(By.ID, "training.max_steps").get_attribute("value") == "2"
+
+
+def test_fleet_view_for_admins(live: Live, browser: Any) -> None:
+    admin = live.dep.create_key("ops", admin=True)
+    _log_in(browser, live, admin)
+    browser.find_element(By.ID, "nav-fleet").click()
+    rows = wait_for(
+        lambda: browser.find_elements(By.CSS_SELECTOR, "#workers tbody tr[data-worker-id]"),
+        timeout=30,
+        what="the workers table",
+    )
+    text = rows[0].text
+    assert "CPU" in text and "GiB" in text, text
+
+
+def test_fleet_view_says_it_needs_an_admin_key(live: Live, browser: Any) -> None:
+    _log_in(browser, live)
+    browser.execute_script("location.hash = '#/fleet'")
+    error = wait_for(
+        lambda: browser.find_element(By.ID, "fleet-error").text, timeout=20, what="the notice"
+    )
+    assert "admin key" in error
 
 
 def test_wrong_key_shows_the_key_form_again(live: Live, browser: Any) -> None:
     browser.get(live.url + "/")
-    wait_for(lambda: _visible(browser, "api-key"), timeout=20, what="the key form")
+    wait_for(lambda: visible(browser, "api-key"), timeout=20, what="the key form")
     browser.find_element(By.ID, "api-key").send_keys("lf-not-a-key")
     browser.find_element(By.ID, "save-key").click()
     error = wait_for(
         lambda: browser.find_element(By.ID, "key-error").text, timeout=10, what="the refusal"
     )
     assert "refused" in error
-
-
-def _visible(browser: Any, element_id: str) -> Any:
-    found = browser.find_elements(By.ID, element_id)
-    return found[0] if found and found[0].is_displayed() else None
-
-
-def _attr(browser: Any, css: str, name: str) -> str | None:
-    try:
-        found = browser.find_elements(By.CSS_SELECTOR, css)
-        return found[0].get_attribute(name) if found else None
-    except StaleElementReferenceException:
-        return None

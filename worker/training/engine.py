@@ -74,6 +74,7 @@ from worker.training.model import (
     load_tokenizer,
     with_default_targets,
 )
+from worker.training.model_card import finish_adapter
 
 
 @dataclass
@@ -533,6 +534,7 @@ class LoraTrainer:
                     "created_at": datetime.now(UTC).isoformat(),
                 },
             )
+            manifest = finish_adapter(out, manifest)  # model card, public base name
             self.emit(Done(manifest=manifest))
         if self.dist.enabled:
             dist.barrier()
