@@ -114,7 +114,7 @@ def test_warnings_and_errors(square: ModelInfo) -> None:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from worker.training.tiny import make_tiny
+    from worker.tiny_models import make_tiny
 
     # Wider than the default so activations, not constant terms, dominate what is measured.
     return make_tiny(

@@ -284,7 +284,7 @@ def test_qwen2_architecture_with_tied_head_and_no_bos(tmp_path: Path, chat_file:
     """A Qwen2-style model (tied embeddings, bias on q/k/v, tokenizer without BOS) trains too."""
     from transformers import AutoTokenizer
 
-    from worker.training.tiny import make_tiny
+    from worker.tiny_models import make_tiny
 
     source = make_tiny(tmp_path / "llama")
     tokenizer = AutoTokenizer.from_pretrained(str(source))
