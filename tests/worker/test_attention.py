@@ -18,7 +18,9 @@ from shared.spec import LoraSettings
 from tests.worker.conftest import write_tiny_qwen2
 from worker.training import attention
 from worker.training.attention import build_layout, plan_buckets, segments_of
-from worker.training.model import CausalLMLoss, apply_lora, load_base_model
+from worker.training.model import CausalLMLoss, apply_lora, load_base_model, with_default_targets
+
+QV = ["q_proj", "v_proj"]
 
 
 # --------------------------------------------------------------------------- pure layout logic
@@ -141,7 +143,9 @@ def test_segment_attention_matches_transformers_mask(
 
 def test_fused_loss_gradient_equals_full_logits_autograd(tiny_model: Path) -> None:
     """The eager head gradient is autograd's, across several chunks."""
-    peft_model = apply_lora(load_base_model(str(tiny_model)), LoraSettings(r=4, dropout=0.0))
+    peft_model = apply_lora(
+        load_base_model(str(tiny_model)), LoraSettings(r=4, dropout=0.0, target_modules=QV)
+    )
     for name, param in peft_model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.3)
@@ -189,7 +193,8 @@ def test_self_check_passes_on_supported_models(
 ) -> None:
     base = load_base_model(str(request.getfixturevalue(fixture)))
     assert attention.use_packed_attention(base, 64)
-    loss_fn = CausalLMLoss(apply_lora(base, LoraSettings(r=4)))
+    lora = with_default_targets(base, LoraSettings(r=4))
+    loss_fn = CausalLMLoss(apply_lora(base, lora))
     assert loss_fn.segment_attention_error() is None
 
 
@@ -210,7 +215,8 @@ def test_engine_falls_back_when_segment_attention_disagrees(
             module, query, key, value, attention_mask, **kwargs
         )
 
-    monkeypatch.setitem(AttentionInterface._global_mapping, attention.IMPLEMENTATION, leaky)
+    for name in (attention.IMPLEMENTATION, attention.SEGMENTS_ONLY):
+        monkeypatch.setitem(AttentionInterface._global_mapping, name, leaky)
     events: list[dict] = []
     spec = JobSpec.model_validate(
         {

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from shared.datasets import load_examples
-from shared.spec import JobSpec
+from shared.spec import JobSpec, LoraSettings
 from tests.worker.conftest import write_jsonl, write_tiny_qwen2
 from worker.training import data
 from worker.training.engine import LoraTrainer, TrainPaths
@@ -63,33 +63,45 @@ def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
+def tiny_lora(model: Path, chat_file: Path) -> LoraSettings:
+    return make_spec(model, chat_file).lora.model_copy(
+        update={"target_modules": ["q_proj", "v_proj"]}
+    )
+
+
 def test_packed_loss_equals_examples_run_one_by_one(tiny_model: Path, chat_file: Path) -> None:
     tok = load_tokenizer(str(tiny_model))
-    tokenized, _ = data.tokenize_all(tok, load_examples(str(chat_file))[:6], 128)
+    tokenized, _ = data.tokenize_examples(tok, load_examples(str(chat_file))[:6], 128)
     torch.manual_seed(0)
-    model = apply_lora(load_base_model(str(tiny_model)), make_spec(tiny_model, chat_file).lora)
+    model = apply_lora(load_base_model(str(tiny_model)), tiny_lora(tiny_model, chat_file))
     # make the adapter non-trivial so attention differences would show
     for name, param in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.5)
     loss_fn = CausalLMLoss(model).eval()
-    (row,) = data.pack(tokenized, sum(len(t.input_ids) for t in tokenized) + 3, tok.pad_token_id)
+    packed = data.pack(tokenized, int(tokenized.lengths.sum()) + 3)
+    assert len(packed) == 1
+    row = packed[0]
+    as_batch = {
+        "input_ids": torch.tensor(row.input_ids[None], dtype=torch.long),
+        "targets": torch.tensor(row.targets[None], dtype=torch.long),
+    }
+    alone = data.unpacked_rows(tokenized)
     with torch.no_grad():
         packed_sum, packed_count = loss_fn(
-            torch.tensor([row.input_ids]),
-            torch.tensor([row.targets]),
-            position_ids=torch.tensor([row.position_ids]),
+            **as_batch, position_ids=torch.tensor(row.position_ids[None], dtype=torch.long)
         )
         alone_sum, alone_count = 0.0, 0
-        for example in tokenized:
-            s, c = loss_fn(torch.tensor([example.input_ids]), torch.tensor([example.targets]))
+        for i in range(len(alone)):
+            s, c = loss_fn(
+                torch.tensor(alone[i].input_ids[None], dtype=torch.long),
+                torch.tensor(alone[i].targets[None], dtype=torch.long),
+            )
             alone_sum += float(s)
             alone_count += int(c)
         # plain causal attention across the packed documents would give another loss
         leaky_sum, _ = loss_fn(
-            torch.tensor([row.input_ids]),
-            torch.tensor([row.targets]),
-            attention_mask=torch.ones(1, len(row.input_ids), dtype=torch.long),
+            **as_batch, attention_mask=torch.ones(1, row.real_tokens, dtype=torch.long)
         )
     assert int(packed_count) == alone_count
     packed_mean = float(packed_sum) / alone_count
@@ -99,15 +111,16 @@ def test_packed_loss_equals_examples_run_one_by_one(tiny_model: Path, chat_file:
 
 def test_chunked_loss_matches_model_forward(tiny_model: Path, chat_file: Path) -> None:
     tok = load_tokenizer(str(tiny_model))
-    (example,), _ = data.tokenize_all(tok, load_examples(str(chat_file))[:1], 128)
-    model = apply_lora(load_base_model(str(tiny_model)), make_spec(tiny_model, chat_file).lora)
+    tokenized, _ = data.tokenize_examples(tok, load_examples(str(chat_file))[:1], 128)
+    example = data.unpacked_rows(tokenized)[0]
+    model = apply_lora(load_base_model(str(tiny_model)), tiny_lora(tiny_model, chat_file))
     loss_fn = CausalLMLoss(model, chunk_tokens=3).eval()
-    ids = torch.tensor([example.input_ids])
+    ids = torch.tensor(example.input_ids[None], dtype=torch.long)
     with torch.no_grad():
-        s, c = loss_fn(ids, torch.tensor([example.targets]))
+        s, c = loss_fn(ids, torch.tensor(example.targets[None], dtype=torch.long))
         logits = model(input_ids=ids, use_cache=False).logits[0, :-1]
-    targets = torch.tensor(example.targets[:-1])
-    keep = targets != data.IGNORE
+    targets = torch.tensor(example.targets[:-1], dtype=torch.long)
+    keep = targets != data.IGNORE_INDEX
     reference = torch.nn.functional.cross_entropy(logits[keep], targets[keep], reduction="sum")
     assert int(c) == int(keep.sum())
     assert abs(float(s) - float(reference)) < 1e-3
@@ -135,14 +148,14 @@ def test_adapter_loads_with_peft_and_lowers_loss(
     loaded = PeftModel.from_pretrained(base, str(out)).eval()
     trained = trainer.peft_model.eval()
     row = trainer.rows[0]
-    ids = torch.tensor([row.input_ids[: row.real_tokens]])
+    ids = torch.tensor(row.input_ids[None], dtype=torch.long)
     with torch.no_grad():
         assert torch.allclose(
             loaded(input_ids=ids).logits, trained(input_ids=ids).logits, atol=1e-5
         )
         fresh = AutoModelForCausalLM.from_pretrained(str(tiny_model)).eval()
-        targets = torch.tensor([row.targets[: row.real_tokens]])
-        base_loss = CausalLMLoss(apply_lora(fresh, spec.lora)).eval()(ids, targets)
+        targets = torch.tensor(row.targets[None], dtype=torch.long)
+        base_loss = CausalLMLoss(apply_lora(fresh, trainer.lora)).eval()(ids, targets)
         tuned_loss = CausalLMLoss(loaded)(ids, targets)
     assert float(tuned_loss[0]) < float(base_loss[0]) * 0.97
 
