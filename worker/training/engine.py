@@ -112,18 +112,27 @@ class TrainingError(RuntimeError):
     """A problem with the job's inputs or settings (not a crash of the engine)."""
 
 
+def _bf16_on(device: torch.device) -> bool:
+    # Native support only (compute capability >= 8.0): torch can emulate bf16 on a V100 or T4,
+    # slowly. shared.estimate makes the same call from the GPU's name.
+    return device.type != "cuda" or torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 def _resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
     """Autocast dtype, or None for plain fp32."""
     if precision == "fp32":
         return None
     if precision == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return None
+        return torch.bfloat16 if device.type == "cuda" and _bf16_on(device) else None
     if precision == "fp16":
         if device.type != "cuda":
             raise TrainingError("training.precision fp16 needs a GPU; use bf16 or fp32 on CPU")
         return torch.float16
+    if not _bf16_on(device):
+        raise TrainingError(
+            f"training.precision bf16: {torch.cuda.get_device_name(device)} has no bf16 "
+            "support; use fp16, fp32 or auto"
+        )
     return torch.bfloat16
 
 

@@ -122,10 +122,15 @@ def launch(
     progress_file: Path | None = None,
     checkpoint_dir: Path | None = None,
     resume_from: Path | None = None,
+    cache_dir: Path | None = None,
     keep_checkpoints: int = 3,
     extra_env: dict[str, str] | None = None,
 ) -> RankGroup:
-    """Start ``nproc`` ranks of ``worker.training.engine``; returns at once."""
+    """Start ``nproc`` ranks of ``worker.training.engine``; returns at once.
+
+    ``cache_dir``: where the ranks share the prepared data (the engine's ``--cache-dir``); give
+    every attempt of a job the same folder so a resume skips the preparation.
+    """
     work_dir.mkdir(parents=True, exist_ok=True)
     args: list[str] = [
         sys.executable,
@@ -143,6 +148,7 @@ def launch(
         ("--progress-file", progress_file),
         ("--checkpoint-dir", checkpoint_dir),
         ("--resume-from", resume_from),
+        ("--cache-dir", cache_dir),
     )
     for flag, value in optional:
         if value is not None:
