@@ -18,7 +18,7 @@ from shared.datasets import load_examples
 from shared.spec import JobSpec, LoraSettings
 from tests.worker.conftest import write_jsonl, write_tiny_qwen2
 from worker.training import data
-from worker.training.engine import LoraTrainer, TrainPaths
+from worker.training.engine import LoraTrainer, TrainingError, TrainPaths
 from worker.training.launch import launch
 from worker.training.manifest import verify_manifest
 from worker.training.model import CausalLMLoss, apply_lora, load_base_model, load_tokenizer
@@ -44,9 +44,17 @@ def make_spec(model: Path, train: Path, **training: object) -> JobSpec:
     return JobSpec.model_validate(body)
 
 
-def run_inprocess(spec: JobSpec, out: Path, resume: Path | None = None) -> tuple[dict, LoraTrainer]:
+def run_inprocess(
+    spec: JobSpec,
+    out: Path,
+    resume: Path | None = None,
+    cache: Path | None = None,
+    events: list[dict] | None = None,
+) -> tuple[dict, LoraTrainer]:
     trainer = LoraTrainer(
-        spec, TrainPaths(model=spec.base_model, output_dir=out, resume_from=resume), progress=None
+        spec,
+        TrainPaths(model=spec.base_model, output_dir=out, resume_from=resume, cache_dir=cache),
+        progress=events.append if events is not None else None,
     )
     trainer.setup()
     manifest = trainer.train()
@@ -199,7 +207,8 @@ def test_epochs_run_whole_when_no_max_steps(tiny_model: Path, tmp_path: Path) ->
 
 
 def test_resume_is_step_exact(tiny_model: Path, chat_file: Path, tmp_path: Path) -> None:
-    """Interrupted at step 3 and resumed == uninterrupted, dropout included."""
+    """Interrupted at step 3 and resumed == uninterrupted, dropout and token count included; the
+    resumed attempt reuses the prepared data."""
     spec = make_spec(
         tiny_model,
         chat_file,
@@ -208,13 +217,33 @@ def test_resume_is_step_exact(tiny_model: Path, chat_file: Path, tmp_path: Path)
         gradient_accumulation_steps=2,
         lora={"r": 4, "alpha": 8, "dropout": 0.1},
     )
-    run_inprocess(spec, tmp_path / "full")
+    cache = tmp_path / "cache"
+    full, trainer = run_inprocess(spec, tmp_path / "full", cache=cache)
     checkpoint = tmp_path / "full" / "checkpoints" / "step_3"
     assert (checkpoint / "trainer_state.pt").exists()
-    _, resumed = run_inprocess(spec, tmp_path / "resumed", resume=checkpoint)
+    state = json.loads((checkpoint / "state.json").read_text())
+    expected = trainer.plan.tokens_before(6, trainer.rows.real_tokens)
+    assert full["trained_tokens"] == expected
+    assert state["trained_tokens"] == trainer.plan.tokens_before(3, trainer.rows.real_tokens)
+    assert "rng" not in torch.load(checkpoint / "trainer_state.pt", weights_only=False)
+    events: list[dict] = []
+    resumed_manifest, resumed = run_inprocess(
+        spec, tmp_path / "resumed", resume=checkpoint, cache=cache, events=events
+    )
     assert resumed.start_step == 3
+    assert resumed_manifest["trained_tokens"] == expected
+    assert any(
+        e.get("data", {}) and e["data"].get("reused") for e in events if e["type"] == "event"
+    )
     diff = max_diff(adapter_weights(tmp_path / "full"), adapter_weights(tmp_path / "resumed"))
     assert diff < 1e-6
+    # A checkpoint of another seed, or a batch that cannot keep its global batch, is refused.
+    other_seed = spec.model_copy(update={"training": spec.training.model_copy(update={"seed": 1})})
+    with pytest.raises(TrainingError, match="training.seed"):
+        run_inprocess(other_seed, tmp_path / "x", resume=checkpoint, cache=cache)
+    odd = spec.model_copy(update={"training": spec.training.model_copy(update={"batch_size": 3})})
+    with pytest.raises(TrainingError, match="global batch is 4"):
+        run_inprocess(odd, tmp_path / "y", resume=checkpoint, cache=cache)
 
 
 def test_two_processes_equal_one(tiny_model: Path, chat_file: Path, tmp_path: Path) -> None:
