@@ -20,6 +20,7 @@ Decisions recorded here:
 from __future__ import annotations
 
 import bisect
+import functools
 import math
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -333,9 +334,9 @@ class RowSet:
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
-    @property
+    @functools.cached_property
     def real_tokens(self) -> np.ndarray:
-        """Non-pad tokens of every row (int64 [rows])."""
+        """Non-pad tokens of every row (int64 [rows]); computed once."""
         return np.diff(self.offsets)
 
     def __getitem__(self, index: int) -> Row:
