@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import bisect
 import functools
+import itertools
 import math
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +31,14 @@ from typing import Any
 import numpy as np
 
 from shared.datasets import Example
+
+render_jinja_template: Any
+try:  # renders once and reports {% generation %} spans; absent in older transformers
+    from transformers.utils.chat_template_utils import render_jinja_template
+except ImportError:  # pragma: no cover
+    render_jinja_template = None
+
+_GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
 IGNORE_INDEX = -100  # the target of a position that carries no loss (torch's cross_entropy default)
 
@@ -121,13 +131,38 @@ def _content_spans(
     return spans
 
 
+def _generation_spans(
+    tokenizer: Any, messages: list[dict[str, str]], trained: list[bool]
+) -> tuple[str, list[tuple[int, int]]] | None:
+    """One render for templates that mark the assistant's output with ``{% generation %}`` (the
+    marks transformers' ``return_assistant_tokens_mask`` reads): the text and the marked spans of
+    the trained turns. None when the template has no marks or they do not pair up with the
+    assistant messages; the caller then renders prefixes."""
+    template = tokenizer.get_chat_template()
+    if render_jinja_template is None or not _GENERATION_TAG.search(template):
+        return None
+    rendered, indices = render_jinja_template(
+        conversations=[messages],
+        chat_template=template,
+        return_assistant_tokens_mask=True,
+        **tokenizer.special_tokens_map,
+    )
+    answers = [i for i, message in enumerate(messages) if message["role"] == "assistant"]
+    if len(indices[0]) != len(answers):
+        return None
+    spans = [tuple(span) for span, i in zip(indices[0], answers, strict=True) if trained[i]]
+    return rendered[0], spans  # type: ignore[return-value]
+
+
 def render_chat(tokenizer: Any, example: Example) -> tuple[str, list[tuple[int, int]]]:
     """A chat example through the tokenizer's chat template: the text, and the character spans
     of the assistant turns to train on (each with its end-of-turn marker)."""
     messages = [{"role": m.role, "content": m.content} for m in example.messages]
     trained = [m.train for m in example.messages]
     try:
-        rendered = _template_spans(tokenizer, messages, trained)
+        rendered = _generation_spans(tokenizer, messages, trained) or _template_spans(
+            tokenizer, messages, trained
+        )
     except Exception:  # templates may refuse prefixes (e.g. demand a final user turn)
         rendered = None
     if rendered is not None:
@@ -165,11 +200,18 @@ def _bos_prefix(tokenizer: Any) -> list[int]:
     return [int(bos)]
 
 
-def _encode_many(tokenizer: Any, texts: list[str], offsets: bool = False) -> Any:
-    """One batch call of the tokenizer (Rust, parallel where allowed) for many texts."""
+def _encode_many(tokenizer: Any, texts: list[str]) -> tuple[list[list[int]], list[Any]]:
+    """Token ids and character offsets of many texts in one batch call of the tokenizer (Rust,
+    parallel where allowed); straight from the Rust backend when there is one, which is what
+    transformers' own call runs, minus building a dict per text."""
     if not texts:
-        return {"input_ids": [], "offset_mapping": []}
-    return tokenizer(texts, add_special_tokens=False, return_offsets_mapping=offsets)
+        return [], []
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        encodings = backend.encode_batch(texts, add_special_tokens=False)
+        return [e.ids for e in encodings], [e.offsets for e in encodings]
+    out = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    return out["input_ids"], out["offset_mapping"]
 
 
 def _span_mask(offsets: np.ndarray, spans: Sequence[tuple[int, int]]) -> np.ndarray:
@@ -222,16 +264,17 @@ def _tokenize_chunk(
             start = len(pieces)
             pieces.extend(segments)
             piece_ranges.append((start, len(pieces)))
-    full = _encode_many(tokenizer, texts, offsets=True)
-    piece_ids = _encode_many(tokenizer, [text for text, _ in pieces])["input_ids"]
+    full_ids, full_offsets = _encode_many(tokenizer, texts)
+    piece_ids, _ = _encode_many(tokenizer, [text for text, _ in pieces])
     bos = _bos_prefix(tokenizer)
     eos = tokenizer.eos_token_id
     by_example = dict(zip(templated, range(len(templated)), strict=True))
     for i in range(len(examples)):
         at = by_example.get(i)
         if at is not None:
-            ids = np.asarray(full["input_ids"][at], dtype=np.int32)
-            offsets = np.asarray(full["offset_mapping"][at], dtype=np.int64).reshape(-1, 2)
+            ids = np.fromiter(full_ids[at], dtype=np.int32, count=len(full_ids[at]))
+            flat = itertools.chain.from_iterable(full_offsets[at])
+            offsets = np.fromiter(flat, dtype=np.int64, count=2 * len(ids)).reshape(-1, 2)
             mask = _span_mask(offsets, spans[at])
         else:
             # Pieces are tokenised separately; trained ones end with EOS (the model learns to stop).
@@ -274,15 +317,20 @@ def tokenize_examples(
     target_parts: list[np.ndarray] = []
     lengths: list[int] = []
     for chunk in _chunks(examples, TOKENIZE_CHUNK):
+        chunk_ids: list[np.ndarray] = []
+        chunk_targets: list[np.ndarray] = []
         for ids, targets, truncated in _tokenize_chunk(tokenizer, chunk, max_seq_length):
             stats.examples += 1
             stats.truncated += int(truncated)
             if not (targets != IGNORE_INDEX).any():
                 stats.dropped_no_labels += 1
                 continue
-            ids_parts.append(ids)
-            target_parts.append(targets)
+            chunk_ids.append(ids)
+            chunk_targets.append(targets)
             lengths.append(len(ids))
+        if chunk_ids:  # one array per chunk: no Python object per example is kept
+            ids_parts.append(np.concatenate(chunk_ids))
+            target_parts.append(np.concatenate(chunk_targets))
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
     empty = np.zeros(0, dtype=np.int32)
