@@ -182,9 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     for count in args.rows:
         ours, peer = results.get(f"ours-{count}"), results.get(f"peer-{count}")
         if ours and peer:
-            print(
-                f"{count:,} rows: time per row peer / ours = {peer['seconds'] / ours['seconds']:.2f}"
-            )
+            ratio = peer["seconds"] / ours["seconds"]
+            print(f"{count:,} rows: time per row peer / ours = {ratio:.2f}")
     common.save_results("data_prep", {"machine": common.machine(), "results": results})
     return 0
 
