@@ -36,6 +36,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface, PreTrainedModel
@@ -92,17 +93,17 @@ class SegmentLayout:
 
 def segments_of(position_ids: Sequence[Sequence[int]]) -> list[tuple[int, int]]:
     """(flat start, length) of each segment: a new one begins at the row start or at position 0."""
-    starts, lengths = _segments(torch.as_tensor(position_ids, dtype=torch.long))
+    starts, lengths = _segments(np.asarray(position_ids, dtype=np.int64))
     return list(zip(starts.tolist(), lengths.tolist(), strict=True))
 
 
-def _segments(positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _segments(positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     rows, width = positions.shape
     begins = positions == 0
     if width:
         begins[:, 0] = True
-    starts = begins.reshape(-1).nonzero().squeeze(1)
-    ends = torch.cat((starts[1:], torch.tensor([rows * width])))
+    starts = np.flatnonzero(begins)
+    ends = np.append(starts[1:], rows * width)
     return starts, ends - starts
 
 
@@ -122,36 +123,45 @@ def plan_buckets(lengths: Sequence[int]) -> list[list[int]]:
 
 
 def build_layout(
-    position_ids: torch.Tensor | Sequence[Sequence[int]], device: torch.device
+    position_ids: torch.Tensor | np.ndarray | Sequence[Sequence[int]], device: torch.device
 ) -> SegmentLayout:
-    """The layout of a right-padded batch whose positions restart at 0 for every document."""
-    if not isinstance(position_ids, torch.Tensor):
-        if len({len(p) for p in position_ids}) > 1:
+    """The layout of a right-padded batch whose positions restart at 0 for every document.
+
+    Host work in numpy (no torch op, so nothing a profiler could mistake for device work); the
+    index tensors are then moved to ``device``.
+    """
+    if isinstance(position_ids, torch.Tensor):
+        positions = position_ids.to("cpu", torch.long).numpy()
+    else:
+        if not isinstance(position_ids, np.ndarray) and len({len(p) for p in position_ids}) > 1:
             raise ValueError("every row of a batch must have the same width")
-        position_ids = torch.tensor(position_ids, dtype=torch.long)
-    positions = position_ids.to("cpu", torch.long)
+        positions = np.asarray(position_ids, dtype=np.int64)
     rows, width = positions.shape
     starts, lengths = _segments(positions)
-    scatter = torch.empty(rows * width, dtype=torch.long)
+    scatter = np.empty(rows * width, dtype=np.int64)
     buckets: list[Bucket] = []
     offset = 0
     for members in plan_buckets(lengths.tolist()):
-        chosen = torch.tensor(members)
+        chosen = np.asarray(members)
         first, n = starts[chosen, None], lengths[chosen, None]
-        length = int(n[0])
-        steps = torch.arange(length)
+        length = int(n[0, 0])
+        steps = np.arange(length)
         real = steps < n  # [count, length]
         # Slots past a segment's end read its first token: causally invisible to real queries.
-        index = torch.where(real, first + steps, first)
-        slots = offset + torch.arange(len(members) * length).view(len(members), length)
+        index = np.where(real, first + steps, first)
+        slots = offset + np.arange(len(members) * length).reshape(len(members), length)
         scatter[index[real]] = slots[real]
         offset += len(members) * length
         buckets.append(
-            Bucket(index=index.reshape(-1).to(device), count=len(members), length=length)
+            Bucket(
+                index=torch.from_numpy(index.reshape(-1)).to(device),
+                count=len(members),
+                length=length,
+            )
         )
     return SegmentLayout(
         buckets=tuple(buckets),
-        scatter=scatter.to(device),
+        scatter=torch.from_numpy(scatter).to(device),
         rows=rows,
         width=width,
     )
