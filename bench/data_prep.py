@@ -73,6 +73,7 @@ def run_peer(cfg: dict[str, Any]) -> dict[str, Any]:
     import datasets
     from transformers import DataCollatorWithFlattening
 
+    from worker.training.data import IGNORE_INDEX
     from worker.training.model import load_tokenizer
 
     datasets.disable_progress_bars()
@@ -93,7 +94,7 @@ def run_peer(cfg: dict[str, Any]) -> dict[str, Any]:
             max_length=SEQ,
         )
         labels = [
-            [t if m else -100 for t, m in zip(ids, mask, strict=True)]
+            [t if m else IGNORE_INDEX for t, m in zip(ids, mask, strict=True)]
             for ids, mask in zip(out["input_ids"], out["assistant_masks"], strict=True)
         ]
         return {"input_ids": out["input_ids"], "labels": labels}

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from shared.spec import LoraSettings
 from tests.worker.conftest import write_tiny_qwen2
-from worker.training import attention
+from worker.training import attention, data
 from worker.training.attention import build_layout, plan_buckets, segments_of
 from worker.training.model import CausalLMLoss, apply_lora, load_base_model, with_default_targets
 
@@ -89,8 +89,8 @@ def packed_batch(vocab: int, width: int = 48) -> tuple[torch.Tensor, torch.Tenso
     ids = torch.randint(3, vocab, (len(docs), width), generator=gen)
     targets = torch.randint(3, vocab, (len(docs), width), generator=gen)
     for r, d in enumerate(docs):
-        targets[r, sum(d) :] = -100  # padding
-        targets[r, 0] = -100  # a prompt token
+        targets[r, sum(d) :] = data.IGNORE_INDEX  # padding
+        targets[r, 0] = data.IGNORE_INDEX  # a prompt token
     return ids, targets, positions
 
 
@@ -157,7 +157,7 @@ def test_fused_loss_gradient_equals_full_logits_autograd(tiny_model: Path) -> No
     fused = {n: p.grad.clone() for n, p in peft_model.named_parameters() if p.grad is not None}
     peft_model.zero_grad()
     logits = peft_model(input_ids=ids, use_cache=False).logits[0]
-    keep = targets[0] != -100
+    keep = targets[0] != data.IGNORE_INDEX
     reference = torch.nn.functional.cross_entropy(
         logits[keep].float(), targets[0][keep], reduction="sum"
     )

@@ -93,3 +93,15 @@ def test_invalid_file_caches_nothing(tiny_model: Path, tmp_path: Path) -> None:
             cache_dir=tmp_path / "cache",
         )
     assert not [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]
+
+
+def test_an_empty_row_set_round_trips(tmp_path: Path) -> None:
+    """Zero rows (every example without a target) is a valid cache entry: empty files cannot be
+    memory-mapped, so they are read plainly; the engine then refuses the job by name."""
+    empty = np.zeros(0, dtype=np.int32)
+    rows = data.RowSet(empty, empty, empty, np.zeros(1, dtype=np.int64))
+    datacache._write(
+        tmp_path / "k", rows, {"stats": {"examples": 2, "truncated": 0, "dropped_no_labels": 2}}
+    )
+    loaded, stats = datacache._load(tmp_path / "k")
+    assert len(loaded) == 0 and stats.dropped_no_labels == 2

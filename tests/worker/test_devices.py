@@ -19,6 +19,7 @@ import torch
 
 from shared.spec import LoraSettings
 from worker.training import attention
+from worker.training.data import IGNORE_INDEX
 from worker.training.lora_dropout import DropoutLoraA, fuse_lora_dropout, keep_mask
 from worker.training.model import CausalLMLoss, apply_lora, load_base_model
 
@@ -108,8 +109,8 @@ def _loss_and_grads(
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(3, 200, (2, width), generator=gen).to(device)
     targets = torch.randint(3, 200, (2, width), generator=gen)
-    targets[0, 42:] = -100
-    targets[1, 36:] = -100
+    targets[0, 42:] = IGNORE_INDEX
+    targets[1, 36:] = IGNORE_INDEX
     kwargs: dict = {"position_ids": torch.tensor(positions, device=device)}
     if segments:
         kwargs["layout"] = attention.build_layout(positions, torch.device(device))

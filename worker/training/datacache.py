@@ -95,9 +95,17 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def _map(path: Path) -> np.ndarray:
+    """Memory-mapped (the ranks of a host share the pages); an empty array cannot be mapped."""
+    try:
+        return np.load(path, mmap_mode="r")
+    except ValueError:
+        return np.load(path)
+
+
 def _load(folder: Path) -> tuple[datamod.RowSet, datamod.TokenizeStats]:
     meta = json.loads((folder / _META).read_text())
-    arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in _ARRAYS}
+    arrays = {name: _map(folder / f"{name}.npy") for name in _ARRAYS}
     return datamod.RowSet(**arrays), datamod.TokenizeStats(**meta["stats"])
 
 
