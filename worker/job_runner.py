@@ -69,6 +69,12 @@ def attempt_dir(data_dir: Path, lease: Lease) -> Path:
     return data_dir.resolve() / "work" / lease.job_id / f"{worker}-{lease.epoch}"
 
 
+def job_cache_dir(data_dir: Path, job_id: str) -> Path:
+    """``cache/<job>``: data prepared once per job (tokenised, packed), reused by every attempt
+    on this host and shared by its ranks; removed when an attempt here ends the job."""
+    return data_dir.resolve() / "cache" / job_id
+
+
 def folder_digest(folder: Path) -> str:
     """sha256 over (name, content) of every file of a checkpoint folder, in name order."""
     digest = hashlib.sha256()
@@ -434,9 +440,13 @@ class JobRunner:
     def run(self) -> str:
         self.work.mkdir(parents=True, exist_ok=True)
         self.keeper.start()
+        outcome = "lost"
         try:
-            return self._run()
+            outcome = self._run()
+            return outcome
         finally:
+            if outcome in ("succeeded", "failed", "cancelled"):  # this attempt ended the job
+                shutil.rmtree(job_cache_dir(self.settings.data_dir, self.job_id), True)
             self.keeper.stop()
             shutil.rmtree(self.work, ignore_errors=True)  # our attempt's folder, nothing else
             try:
@@ -483,7 +493,7 @@ class JobRunner:
             resume_from=resume[0] if resume else None,
             checkpoint_dir=self.work / "checkpoints",
             policy=self.policy,
-            data_cache_dir=None,  # the engine's --cache-dir (per job, not per attempt) at merge
+            data_cache_dir=job_cache_dir(self.settings.data_dir, self.job_id),
         )
         self.guard = MemoryGuard(memory_limit(self.settings))
         result = run.run(on_record=self._handle, control=self._control, watchdog=self.guard)

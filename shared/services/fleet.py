@@ -288,6 +288,7 @@ def judge(
         worker.gpu_memory_bytes if on_gpu and worker is not None else None,
         dataset_rows=dataset.get("dataset_rows"),
         dataset_tokens=dataset.get("dataset_tokens"),
+        gpu_type=worker.gpu_type if on_gpu and worker is not None else None,
     )
     ram = worker.host_memory_bytes if worker is not None and not on_gpu else None
     if worker is None or (not on_gpu and ram is None):

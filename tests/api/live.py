@@ -54,7 +54,7 @@ class Live:
 @contextlib.contextmanager
 def live_stack(base: Path, with_worker: bool = True, **env_overrides: str) -> Iterator[Live]:
     """Tiny model + API server + (optionally) one worker + an API key for owner ``t``."""
-    from worker.training.tiny import make_tiny
+    from worker.tiny_models import make_tiny
 
     model = make_tiny(base / "model-src" / "tiny")
     with deployment(base, {"tiny": model}, **env_overrides) as dep:
@@ -67,6 +67,6 @@ def live_stack(base: Path, with_worker: bool = True, **env_overrides: str) -> It
 
 def chat_rows(n: int = 24, seed: int = 0) -> list[dict[str, Any]]:
     """A small chat dataset the tiny model trains on in a few steps."""
-    from worker.training.tiny import sample_chat_rows
+    from worker.tiny_models import sample_chat_rows
 
     return sample_chat_rows(n, seed=seed)

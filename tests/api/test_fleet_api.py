@@ -144,7 +144,7 @@ def test_metrics_parse(client: Any) -> None:
 
 def test_default_target_modules_follow_the_model(client: Any, settings: Any) -> None:
     """A job that names no target_modules gets the model's attention projections."""
-    from worker.training.tiny import make_tiny_gpt2
+    from worker.tiny_models import make_tiny_gpt2
 
     make_tiny_gpt2(settings.models_dir / "gpt2")
     file_id = client.post(

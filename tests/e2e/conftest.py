@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from worker.training.tiny import make_tiny
+from worker.tiny_models import make_tiny
 
 
 @pytest.fixture(scope="session")

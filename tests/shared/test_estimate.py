@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from shared.estimate import CUDA_CONTEXT_BYTES, estimate
+from shared.estimate import CUDA_CONTEXT_BYTES, estimate, gpu_supports_bf16
 from shared.modelinfo import ModelInfo, read_model_info
 from shared.spec import JobSpec
 from tests.shared.test_modelinfo import write_model
@@ -71,6 +71,7 @@ def test_precision_ddp_and_fit(square: ModelInfo) -> None:
     memory = gpu["memory_bytes"]
     assert gpu["precision"] == "bf16"
     assert memory["weights"] == cpu["weights"] // 2
+    assert memory["lora_weights"] == cpu["lora_weights"] * 3 // 2  # + autocast's copies
     assert memory["activations"] == cpu["activations"] // 2
     assert memory["gradients"] == 2 * cpu["gradients"]  # DDP buckets
     assert memory["overhead"] >= CUDA_CONTEXT_BYTES
@@ -79,6 +80,36 @@ def test_precision_ddp_and_fit(square: ModelInfo) -> None:
     assert small["fits"] is False and "largest part" in small["reason"]
     fp32 = estimate(spec(precision="fp32"), square, 1, 80 * GIB)["memory_bytes"]
     assert fp32["weights"] == cpu["weights"]
+
+
+@pytest.mark.parametrize(
+    ("gpu_type", "bf16"),
+    [
+        ("NVIDIA H100 80GB HBM3", True),
+        ("NVIDIA A100-SXM4-40GB", True),
+        ("NVIDIA L4", True),
+        ("NVIDIA GeForce RTX 3090", True),
+        ("NVIDIA RTX A6000", True),
+        ("Tesla V100-SXM2-16GB", False),
+        ("Tesla T4", False),
+        ("Tesla P100-PCIE-16GB", False),
+        ("NVIDIA GeForce RTX 2080 Ti", False),
+        ("Quadro RTX 8000", False),
+        ("NVIDIA TITAN V", False),
+        (None, True),
+    ],
+)
+def test_precision_follows_the_gpu_type(
+    square: ModelInfo, gpu_type: str | None, bf16: bool
+) -> None:
+    assert gpu_supports_bf16(gpu_type) is bf16
+    auto = estimate(spec(), square, 1, 16 * GIB, gpu_type=gpu_type)
+    assert auto["precision"] == ("bf16" if bf16 else "fp32")
+    cpu = estimate(spec(), square, 1, None)["memory_bytes"]
+    # weights are not undercounted on a GPU that trains in fp32
+    assert auto["memory_bytes"]["weights"] == cpu["weights"] // (2 if bf16 else 1)
+    forced = estimate(spec(precision="bf16"), square, 1, 16 * GIB, gpu_type=gpu_type)
+    assert any("no bf16 support" in w for w in forced["warnings"]) is not bf16
 
 
 def test_logits_are_chunked(square: ModelInfo) -> None:
@@ -114,7 +145,7 @@ def test_warnings_and_errors(square: ModelInfo) -> None:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from worker.training.tiny import make_tiny
+    from worker.tiny_models import make_tiny
 
     # Wider than the default so activations, not constant terms, dominate what is measured.
     return make_tiny(
@@ -182,3 +213,45 @@ def test_tiny_model_counts_and_activations(
         None,
     )
     assert checkpointed["memory_bytes"]["activations"] < estimated / 2
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], "all-linear"])
+def test_bf16_autocast_keeps_one_input_per_layer(tiny: Path, targets: list[str] | str) -> None:
+    """As on a GPU (bf16 base, fp32 adapters, bf16 autocast): the adapters of a layer share its
+    input instead of each keeping a cast copy (issue 15.8), and the estimate still covers it."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from worker.training.lora_dropout import fuse_lora_dropout
+
+    info = read_model_info(tiny)
+    ids = torch.randint(0, 500, (2, 256))
+
+    def saved(fused: bool) -> int:
+        base = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.bfloat16)
+        model = get_peft_model(base, LoraConfig(r=8, lora_dropout=0.05, target_modules=targets))
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.data = (
+                    param.data.float()
+                )  # peft keeps adapters in fp32 (autocast_adapter_dtype)
+        if fused:
+            fuse_lora_dropout(model)
+        model.train()
+        torch.manual_seed(0)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return _saved_activation_bytes(model, ids)
+
+    shared_input, per_module = saved(True), saved(False)
+    print(f"saved bytes: fused {shared_input:,}, peft's own {per_module:,}")
+    assert shared_input < per_module
+    job = spec(
+        {"target_modules": targets, "dropout": 0.05},
+        batch_size=2,
+        max_seq_length=256,
+        packing=False,
+        precision="bf16",
+    )
+    estimated = estimate(job, info, 1, 16 * GIB)["memory_bytes"]["activations"]
+    assert shared_input <= estimated <= 1.6 * shared_input, (estimated, shared_input)

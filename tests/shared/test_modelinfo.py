@@ -239,7 +239,7 @@ def test_resolve_base_model(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from worker.training.tiny import make_tiny, make_tiny_gpt2
+    from worker.tiny_models import make_tiny, make_tiny_gpt2
 
     root = tmp_path_factory.mktemp("models")
     return {"llama": make_tiny(root / "llama"), "gpt2": make_tiny_gpt2(root / "gpt2")}

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from worker.training.tiny import make_tiny, make_tiny_gpt2, sample_chat_rows
+from worker.tiny_models import make_tiny, make_tiny_gpt2, sample_chat_rows
 
 
 @pytest.fixture(scope="session")

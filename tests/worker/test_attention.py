@@ -16,9 +16,11 @@ from hypothesis import strategies as st
 
 from shared.spec import LoraSettings
 from tests.worker.conftest import write_tiny_qwen2
-from worker.training import attention
+from worker.training import attention, data
 from worker.training.attention import build_layout, plan_buckets, segments_of
-from worker.training.model import CausalLMLoss, apply_lora, load_base_model
+from worker.training.model import CausalLMLoss, apply_lora, load_base_model, with_default_targets
+
+QV = ["q_proj", "v_proj"]
 
 
 # --------------------------------------------------------------------------- pure layout logic
@@ -87,8 +89,8 @@ def packed_batch(vocab: int, width: int = 48) -> tuple[torch.Tensor, torch.Tenso
     ids = torch.randint(3, vocab, (len(docs), width), generator=gen)
     targets = torch.randint(3, vocab, (len(docs), width), generator=gen)
     for r, d in enumerate(docs):
-        targets[r, sum(d) :] = -100  # padding
-        targets[r, 0] = -100  # a prompt token
+        targets[r, sum(d) :] = data.IGNORE_INDEX  # padding
+        targets[r, 0] = data.IGNORE_INDEX  # a prompt token
     return ids, targets, positions
 
 
@@ -141,7 +143,9 @@ def test_segment_attention_matches_transformers_mask(
 
 def test_fused_loss_gradient_equals_full_logits_autograd(tiny_model: Path) -> None:
     """The eager head gradient is autograd's, across several chunks."""
-    peft_model = apply_lora(load_base_model(str(tiny_model)), LoraSettings(r=4, dropout=0.0))
+    peft_model = apply_lora(
+        load_base_model(str(tiny_model)), LoraSettings(r=4, dropout=0.0, target_modules=QV)
+    )
     for name, param in peft_model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.3)
@@ -153,7 +157,7 @@ def test_fused_loss_gradient_equals_full_logits_autograd(tiny_model: Path) -> No
     fused = {n: p.grad.clone() for n, p in peft_model.named_parameters() if p.grad is not None}
     peft_model.zero_grad()
     logits = peft_model(input_ids=ids, use_cache=False).logits[0]
-    keep = targets[0] != -100
+    keep = targets[0] != data.IGNORE_INDEX
     reference = torch.nn.functional.cross_entropy(
         logits[keep].float(), targets[0][keep], reduction="sum"
     )
@@ -189,7 +193,8 @@ def test_self_check_passes_on_supported_models(
 ) -> None:
     base = load_base_model(str(request.getfixturevalue(fixture)))
     assert attention.use_packed_attention(base, 64)
-    loss_fn = CausalLMLoss(apply_lora(base, LoraSettings(r=4)))
+    lora = with_default_targets(base, LoraSettings(r=4))
+    loss_fn = CausalLMLoss(apply_lora(base, lora))
     assert loss_fn.segment_attention_error() is None
 
 
@@ -211,7 +216,8 @@ def test_engine_falls_back_when_segment_attention_disagrees(
             module, query, key, value, attention_mask, **kwargs
         )
 
-    monkeypatch.setitem(AttentionInterface._global_mapping, attention.IMPLEMENTATION, leaky)
+    for name in (attention.IMPLEMENTATION, attention.SEGMENTS_ONLY):
+        monkeypatch.setitem(AttentionInterface._global_mapping, name, leaky)
     sink = ListSink()
     spec = JobSpec.model_validate(
         {

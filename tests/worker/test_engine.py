@@ -15,10 +15,11 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from shared.datasets import load_examples
-from shared.spec import JobSpec
+from shared.spec import JobSpec, LoraSettings
 from tests.worker.conftest import write_jsonl, write_tiny_qwen2
 from worker.training import data
-from worker.training.engine import LoraTrainer, TrainPaths
+from worker.training.engine import LoraTrainer, TrainingError, TrainPaths
+from worker.training.events import Event, ListSink
 from worker.training.launch import launch
 from worker.training.manifest import verify_manifest
 from worker.training.model import CausalLMLoss, apply_lora, load_base_model, load_tokenizer
@@ -44,9 +45,17 @@ def make_spec(model: Path, train: Path, **training: object) -> JobSpec:
     return JobSpec.model_validate(body)
 
 
-def run_inprocess(spec: JobSpec, out: Path, resume: Path | None = None) -> tuple[dict, LoraTrainer]:
+def run_inprocess(
+    spec: JobSpec,
+    out: Path,
+    resume: Path | None = None,
+    cache: Path | None = None,
+    sink: ListSink | None = None,
+) -> tuple[dict, LoraTrainer]:
     trainer = LoraTrainer(
-        spec, TrainPaths(model=spec.base_model, output_dir=out, resume_from=resume)
+        spec,
+        TrainPaths(model=spec.base_model, output_dir=out, resume_from=resume, cache_dir=cache),
+        sink=sink,
     )
     trainer.setup()
     manifest = trainer.train()
@@ -63,33 +72,45 @@ def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
+def tiny_lora(model: Path, chat_file: Path) -> LoraSettings:
+    return make_spec(model, chat_file).lora.model_copy(
+        update={"target_modules": ["q_proj", "v_proj"]}
+    )
+
+
 def test_packed_loss_equals_examples_run_one_by_one(tiny_model: Path, chat_file: Path) -> None:
     tok = load_tokenizer(str(tiny_model))
-    tokenized, _ = data.tokenize_all(tok, load_examples(str(chat_file))[:6], 128)
+    tokenized, _ = data.tokenize_examples(tok, load_examples(str(chat_file))[:6], 128)
     torch.manual_seed(0)
-    model = apply_lora(load_base_model(str(tiny_model)), make_spec(tiny_model, chat_file).lora)
+    model = apply_lora(load_base_model(str(tiny_model)), tiny_lora(tiny_model, chat_file))
     # make the adapter non-trivial so attention differences would show
     for name, param in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.5)
     loss_fn = CausalLMLoss(model).eval()
-    (row,) = data.pack(tokenized, sum(len(t.input_ids) for t in tokenized) + 3, tok.pad_token_id)
+    packed = data.pack(tokenized, int(tokenized.lengths.sum()) + 3)
+    assert len(packed) == 1
+    row = packed[0]
+    as_batch = {
+        "input_ids": torch.tensor(row.input_ids[None], dtype=torch.long),
+        "targets": torch.tensor(row.targets[None], dtype=torch.long),
+    }
+    alone = data.unpacked_rows(tokenized)
     with torch.no_grad():
         packed_sum, packed_count = loss_fn(
-            torch.tensor([row.input_ids]),
-            torch.tensor([row.targets]),
-            position_ids=torch.tensor([row.position_ids]),
+            **as_batch, position_ids=torch.tensor(row.position_ids[None], dtype=torch.long)
         )
         alone_sum, alone_count = 0.0, 0
-        for example in tokenized:
-            s, c = loss_fn(torch.tensor([example.input_ids]), torch.tensor([example.targets]))
+        for i in range(len(alone)):
+            s, c = loss_fn(
+                torch.tensor(alone[i].input_ids[None], dtype=torch.long),
+                torch.tensor(alone[i].targets[None], dtype=torch.long),
+            )
             alone_sum += float(s)
             alone_count += int(c)
         # plain causal attention across the packed documents would give another loss
         leaky_sum, _ = loss_fn(
-            torch.tensor([row.input_ids]),
-            torch.tensor([row.targets]),
-            attention_mask=torch.ones(1, len(row.input_ids), dtype=torch.long),
+            **as_batch, attention_mask=torch.ones(1, row.real_tokens, dtype=torch.long)
         )
     assert int(packed_count) == alone_count
     packed_mean = float(packed_sum) / alone_count
@@ -99,15 +120,16 @@ def test_packed_loss_equals_examples_run_one_by_one(tiny_model: Path, chat_file:
 
 def test_chunked_loss_matches_model_forward(tiny_model: Path, chat_file: Path) -> None:
     tok = load_tokenizer(str(tiny_model))
-    (example,), _ = data.tokenize_all(tok, load_examples(str(chat_file))[:1], 128)
-    model = apply_lora(load_base_model(str(tiny_model)), make_spec(tiny_model, chat_file).lora)
+    tokenized, _ = data.tokenize_examples(tok, load_examples(str(chat_file))[:1], 128)
+    example = data.unpacked_rows(tokenized)[0]
+    model = apply_lora(load_base_model(str(tiny_model)), tiny_lora(tiny_model, chat_file))
     loss_fn = CausalLMLoss(model, chunk_tokens=3).eval()
-    ids = torch.tensor([example.input_ids])
+    ids = torch.tensor(example.input_ids[None], dtype=torch.long)
     with torch.no_grad():
-        s, c = loss_fn(ids, torch.tensor([example.targets]))
+        s, c = loss_fn(ids, torch.tensor(example.targets[None], dtype=torch.long))
         logits = model(input_ids=ids, use_cache=False).logits[0, :-1]
-    targets = torch.tensor(example.targets[:-1])
-    keep = targets != data.IGNORE
+    targets = torch.tensor(example.targets[:-1], dtype=torch.long)
+    keep = targets != data.IGNORE_INDEX
     reference = torch.nn.functional.cross_entropy(logits[keep], targets[keep], reduction="sum")
     assert int(c) == int(keep.sum())
     assert abs(float(s) - float(reference)) < 1e-3
@@ -135,14 +157,14 @@ def test_adapter_loads_with_peft_and_lowers_loss(
     loaded = PeftModel.from_pretrained(base, str(out)).eval()
     trained = trainer.peft_model.eval()
     row = trainer.rows[0]
-    ids = torch.tensor([row.input_ids[: row.real_tokens]])
+    ids = torch.tensor(row.input_ids[None], dtype=torch.long)
     with torch.no_grad():
         assert torch.allclose(
             loaded(input_ids=ids).logits, trained(input_ids=ids).logits, atol=1e-5
         )
         fresh = AutoModelForCausalLM.from_pretrained(str(tiny_model)).eval()
-        targets = torch.tensor([row.targets[: row.real_tokens]])
-        base_loss = CausalLMLoss(apply_lora(fresh, spec.lora)).eval()(ids, targets)
+        targets = torch.tensor(row.targets[None], dtype=torch.long)
+        base_loss = CausalLMLoss(apply_lora(fresh, trainer.lora)).eval()(ids, targets)
         tuned_loss = CausalLMLoss(loaded)(ids, targets)
     assert float(tuned_loss[0]) < float(base_loss[0]) * 0.97
 
@@ -186,7 +208,8 @@ def test_epochs_run_whole_when_no_max_steps(tiny_model: Path, tmp_path: Path) ->
 
 
 def test_resume_is_step_exact(tiny_model: Path, chat_file: Path, tmp_path: Path) -> None:
-    """Interrupted at step 3 and resumed == uninterrupted, dropout included."""
+    """Interrupted at step 3 and resumed == uninterrupted, dropout and token count included; the
+    resumed attempt reuses the prepared data."""
     spec = make_spec(
         tiny_model,
         chat_file,
@@ -195,13 +218,31 @@ def test_resume_is_step_exact(tiny_model: Path, chat_file: Path, tmp_path: Path)
         gradient_accumulation_steps=2,
         lora={"r": 4, "alpha": 8, "dropout": 0.1},
     )
-    run_inprocess(spec, tmp_path / "full")
+    cache = tmp_path / "cache"
+    full, trainer = run_inprocess(spec, tmp_path / "full", cache=cache)
     checkpoint = tmp_path / "full" / "checkpoints" / "step_3"
     assert (checkpoint / "trainer_state.pt").exists()
-    _, resumed = run_inprocess(spec, tmp_path / "resumed", resume=checkpoint)
+    state = json.loads((checkpoint / "state.json").read_text())
+    expected = trainer.plan.tokens_before(6, trainer.rows.real_tokens)
+    assert full["trained_tokens"] == expected
+    assert state["trained_tokens"] == trainer.plan.tokens_before(3, trainer.rows.real_tokens)
+    assert "rng" not in torch.load(checkpoint / "trainer_state.pt", weights_only=False)
+    sink = ListSink()
+    resumed_manifest, resumed = run_inprocess(
+        spec, tmp_path / "resumed", resume=checkpoint, cache=cache, sink=sink
+    )
     assert resumed.start_step == 3
+    assert resumed_manifest["trained_tokens"] == expected
+    assert any(e.data and e.data.get("reused") for e in sink.of(Event))
     diff = max_diff(adapter_weights(tmp_path / "full"), adapter_weights(tmp_path / "resumed"))
     assert diff < 1e-6
+    # A checkpoint of another seed, or a batch that cannot keep its global batch, is refused.
+    other_seed = spec.model_copy(update={"training": spec.training.model_copy(update={"seed": 1})})
+    with pytest.raises(TrainingError, match="training.seed"):
+        run_inprocess(other_seed, tmp_path / "x", resume=checkpoint, cache=cache)
+    odd = spec.model_copy(update={"training": spec.training.model_copy(update={"batch_size": 3})})
+    with pytest.raises(TrainingError, match="global batch is 4"):
+        run_inprocess(odd, tmp_path / "y", resume=checkpoint, cache=cache)
 
 
 def test_two_processes_equal_one(tiny_model: Path, chat_file: Path, tmp_path: Path) -> None:
@@ -284,7 +325,7 @@ def test_qwen2_architecture_with_tied_head_and_no_bos(tmp_path: Path, chat_file:
     """A Qwen2-style model (tied embeddings, bias on q/k/v, tokenizer without BOS) trains too."""
     from transformers import AutoTokenizer
 
-    from worker.training.tiny import make_tiny
+    from worker.tiny_models import make_tiny
 
     source = make_tiny(tmp_path / "llama")
     tokenizer = AutoTokenizer.from_pretrained(str(source))

@@ -17,7 +17,7 @@ from shared.estimate import estimate
 from shared.modelinfo import read_model_info
 from shared.spec import JobSpec
 from tests.worker.conftest import write_jsonl
-from worker.training.tiny import make_tiny, sample_chat_rows
+from worker.tiny_models import make_tiny, sample_chat_rows
 
 MEASURE = r"""
 import json, sys

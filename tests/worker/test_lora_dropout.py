@@ -14,6 +14,8 @@ from shared.spec import LoraSettings
 from worker.training.lora_dropout import DropoutLoraA, fuse_lora_dropout, keep_mask
 from worker.training.model import apply_lora, load_base_model
 
+QV = ["q_proj", "v_proj"]
+
 
 @given(st.floats(0.0, 0.9), st.integers(1, 5000))
 @settings(max_examples=60, deadline=None)
@@ -63,7 +65,9 @@ def test_fused_forward_and_gradients_equal_dropout_then_linear() -> None:
 
 def test_fusing_keeps_keys_eval_outputs_and_skips_p_zero(tiny_model: Path) -> None:
     torch.manual_seed(0)
-    model = apply_lora(load_base_model(str(tiny_model)), LoraSettings(r=4, dropout=0.1))
+    model = apply_lora(
+        load_base_model(str(tiny_model)), LoraSettings(r=4, dropout=0.1, target_modules=QV)
+    )
     for name, param in model.named_parameters():
         if "lora_B" in name:
             nn.init.normal_(param, std=0.3)
@@ -82,5 +86,9 @@ def test_fusing_keeps_keys_eval_outputs_and_skips_p_zero(tiny_model: Path) -> No
     torch.manual_seed(2)
     assert not torch.allclose(model(input_ids=ids).logits, first)  # training mode drops
 
-    plain = apply_lora(load_base_model(str(tiny_model)), LoraSettings(r=4, dropout=0.0))
-    assert fuse_lora_dropout(plain) == 0
+    plain = apply_lora(
+        load_base_model(str(tiny_model)), LoraSettings(r=4, dropout=0.0, target_modules=QV)
+    )
+    # without dropout only the input cast moves into lora_A (see the bf16 test below)
+    assert fuse_lora_dropout(plain) == 2 * plain.config.num_hidden_layers
+    assert all(m.dropout_p == 0.0 for m in plain.modules() if isinstance(m, DropoutLoraA))

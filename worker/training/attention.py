@@ -16,14 +16,27 @@ memory-efficient kernels take ``is_causal``).
 Registered as the transformers attention implementation ``lorafleet_packed``. Without a layout in
 the call (generation, tests calling the model directly) it is transformers' own SDPA path, mask
 included, so the model stays a normal model.
+
+No mask at all while a layout is in use: transformers builds the attention mask once per forward
+in ``create_causal_mask``, for every implementation registered in ``ALL_MASK_ATTENTION_FUNCTIONS``,
+before any attention function runs; for packed rows that is the block-diagonal ``batch x seq^2``
+boolean mask (256 MiB at 4 x 8192, 16 GiB at 1 x 131072) plus a host-device sync to detect the
+packing, all for a mask segment attention never reads. An implementation *absent* from that
+registry gets no mask and no packing detection (transformers' own rule for backends that mask
+themselves). So the same forward is also registered as ``lorafleet_segments``, with no mask
+function, and ``segments_only(config)`` switches the model to it for the duration of a forward
+that carries a layout. Gradient checkpointing recomputes a layer later, outside that context, but
+with the arguments of the first pass (no mask, the layout): the result is the same.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface, PreTrainedModel
@@ -31,6 +44,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward, use
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 IMPLEMENTATION = "lorafleet_packed"
+SEGMENTS_ONLY = "lorafleet_segments"  # the same forward, without a mask function (see above)
 LAYOUT_KWARG = "lorafleet_layout"
 
 # A segment joins the current bucket while it is at least this share of the bucket's length. On
@@ -57,25 +71,39 @@ class SegmentLayout:
     rows: int
     width: int
 
-    @property
-    def padded_pairs(self) -> int:
-        """Causal (query, key) pairs the bucket calls compute, padding included."""
-        return sum(b.count * b.length * (b.length + 1) // 2 for b in self.buckets)
+    def to(self, device: torch.device, non_blocking: bool = False) -> SegmentLayout:
+        """The layout with its index tensors on ``device`` (built on the host, off the main
+        thread, then copied: pinned memory makes the copy asynchronous)."""
+        return replace(
+            self,
+            buckets=tuple(
+                replace(b, index=b.index.to(device, non_blocking=non_blocking))
+                for b in self.buckets
+            ),
+            scatter=self.scatter.to(device, non_blocking=non_blocking),
+        )
+
+    def pin_memory(self) -> SegmentLayout:
+        return replace(
+            self,
+            buckets=tuple(replace(b, index=b.index.pin_memory()) for b in self.buckets),
+            scatter=self.scatter.pin_memory(),
+        )
 
 
 def segments_of(position_ids: Sequence[Sequence[int]]) -> list[tuple[int, int]]:
     """(flat start, length) of each segment: a new one begins at the row start or at position 0."""
-    starts, lengths = _segments(torch.as_tensor(position_ids, dtype=torch.long))
+    starts, lengths = _segments(np.asarray(position_ids, dtype=np.int64))
     return list(zip(starts.tolist(), lengths.tolist(), strict=True))
 
 
-def _segments(positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _segments(positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     rows, width = positions.shape
     begins = positions == 0
     if width:
         begins[:, 0] = True
-    starts = begins.reshape(-1).nonzero().squeeze(1)
-    ends = torch.cat((starts[1:], torch.tensor([rows * width])))
+    starts = np.flatnonzero(begins)
+    ends = np.append(starts[1:], rows * width)
     return starts, ends - starts
 
 
@@ -95,36 +123,45 @@ def plan_buckets(lengths: Sequence[int]) -> list[list[int]]:
 
 
 def build_layout(
-    position_ids: torch.Tensor | Sequence[Sequence[int]], device: torch.device
+    position_ids: torch.Tensor | np.ndarray | Sequence[Sequence[int]], device: torch.device
 ) -> SegmentLayout:
-    """The layout of a right-padded batch whose positions restart at 0 for every document."""
-    if not isinstance(position_ids, torch.Tensor):
-        if len({len(p) for p in position_ids}) > 1:
+    """The layout of a right-padded batch whose positions restart at 0 for every document.
+
+    Host work in numpy (no torch op, so nothing a profiler could mistake for device work); the
+    index tensors are then moved to ``device``.
+    """
+    if isinstance(position_ids, torch.Tensor):
+        positions = position_ids.to("cpu", torch.long).numpy()
+    else:
+        if not isinstance(position_ids, np.ndarray) and len({len(p) for p in position_ids}) > 1:
             raise ValueError("every row of a batch must have the same width")
-        position_ids = torch.tensor(position_ids, dtype=torch.long)
-    positions = position_ids.to("cpu", torch.long)
+        positions = np.asarray(position_ids, dtype=np.int64)
     rows, width = positions.shape
     starts, lengths = _segments(positions)
-    scatter = torch.empty(rows * width, dtype=torch.long)
+    scatter = np.empty(rows * width, dtype=np.int64)
     buckets: list[Bucket] = []
     offset = 0
     for members in plan_buckets(lengths.tolist()):
-        chosen = torch.tensor(members)
+        chosen = np.asarray(members)
         first, n = starts[chosen, None], lengths[chosen, None]
-        length = int(n[0])
-        steps = torch.arange(length)
+        length = int(n[0, 0])
+        steps = np.arange(length)
         real = steps < n  # [count, length]
         # Slots past a segment's end read its first token: causally invisible to real queries.
-        index = torch.where(real, first + steps, first)
-        slots = offset + torch.arange(len(members) * length).view(len(members), length)
+        index = np.where(real, first + steps, first)
+        slots = offset + np.arange(len(members) * length).reshape(len(members), length)
         scatter[index[real]] = slots[real]
         offset += len(members) * length
         buckets.append(
-            Bucket(index=index.reshape(-1).to(device), count=len(members), length=length)
+            Bucket(
+                index=torch.from_numpy(index.reshape(-1)).to(device),
+                count=len(members),
+                length=length,
+            )
         )
     return SegmentLayout(
         buckets=tuple(buckets),
-        scatter=scatter.to(device),
+        scatter=torch.from_numpy(scatter).to(device),
         rows=rows,
         width=width,
     )
@@ -143,6 +180,8 @@ def packed_attention_forward(
     """transformers attention interface: [b, heads, s, d] in, [b, s, heads, d] out."""
     layout: SegmentLayout | None = kwargs.pop(LAYOUT_KWARG, None)
     if layout is None:
+        if getattr(getattr(module, "config", None), "_attn_implementation", None) == SEGMENTS_ONLY:
+            raise ValueError("segment attention without a layout: no mask was built for this call")
         return sdpa_attention_forward(  # type: ignore[no-any-return]
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
@@ -176,6 +215,21 @@ def packed_attention_forward(
 
 AttentionInterface.register(IMPLEMENTATION, packed_attention_forward)
 ALL_MASK_ATTENTION_FUNCTIONS.register(IMPLEMENTATION, sdpa_mask)
+AttentionInterface.register(SEGMENTS_ONLY, packed_attention_forward)  # and no mask function
+
+
+@contextlib.contextmanager
+def segments_only(config: Any) -> Iterator[None]:
+    """While inside, a model on segment attention gets no attention mask built (see above)."""
+    previous = config._attn_implementation
+    if previous != IMPLEMENTATION:
+        yield
+        return
+    config._attn_implementation = SEGMENTS_ONLY
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous
 
 
 def use_packed_attention(model: PreTrainedModel, max_seq_length: int) -> bool:

@@ -1,35 +1,51 @@
-"""From validated examples to training rows: tokenise, mask, truncate, pack, and plan batches.
+"""From validated examples to training rows: render, tokenise, mask, truncate, pack, plan batches.
 
 Decisions recorded here:
 - Targets are shifted per example *before* packing, so no example ever predicts the first token of
-  the next one; the model gets position_ids that restart at 0 for every example, which transformers
-  turns into a block-diagonal causal mask (needs ``use_cache=False``; tested for isolation).
-- Chat rows use the tokenizer's chat template when it has one. The answer spans are found by
-  rendering growing prefixes of the conversation and tokenising the full text once with offsets,
-  so the tokens are exactly those the template gives at inference time.
-- Without a template we use a documented plain format (``DEFAULT_CHAT_FORMAT``).
+  the next one; positions restart at 0 for every example, and the model attends within each
+  example only (segment attention, or transformers' block-diagonal mask as the fallback).
+- Chat rows use the tokenizer's chat template when it has one (``render_chat``). The answer spans
+  are found by rendering growing prefixes of the conversation and tokenising the full text once
+  with offsets, so the tokens are exactly those the template gives at inference time.
+- Without a template, chat rows use the one documented plain format of ``plain_chat_segments``.
+- Everything is numpy, flat and O(tokens): a million-row dataset is a few arrays (no Python object
+  per token), packing is best-fit-decreasing over a sorted list of free capacities (O(n log C)),
+  and the arrays are what the data cache (``datacache``) memory-maps for every rank.
 - The batch plan is a pure function of (rows, seed, epoch, step): every rank can compute every
   rank's slice and the global token count of a step without communication, and a resumed run
-  sees exactly the batches the uninterrupted run would have seen.
+  sees exactly the batches the uninterrupted run would have seen. One permutation per epoch is
+  kept, so a step costs O(global batch) whatever the dataset size.
 """
 
 from __future__ import annotations
 
+import bisect
+import functools
+import itertools
 import math
-import random
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from shared.datasets import Example
 
-IGNORE = -100
+render_jinja_template: Any
+try:  # renders once and reports {% generation %} spans; absent in older transformers
+    from transformers.utils.chat_template_utils import render_jinja_template
+except ImportError:  # pragma: no cover
+    render_jinja_template = None
 
-DEFAULT_CHAT_FORMAT = (
-    "Without a chat template each message renders as '<Role>: <content>' followed by a blank "
-    "line ('System', 'User', 'Assistant', 'Tool'); an assistant answer ends with the EOS token. "
-    "Loss falls on the assistant content and its EOS only."
-)
+_GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
+
+IGNORE_INDEX = -100  # the target of a position that carries no loss (torch's cross_entropy default)
+
+# Examples rendered and tokenised per batch call: large enough for the tokenizer's batch encoding
+# to pay off, small enough that one chunk's Python lists stay a few MB.
+TOKENIZE_CHUNK = 2048
+
 _ROLE_LABEL = {
     "system": "System",
     "developer": "System",
@@ -40,71 +56,20 @@ _ROLE_LABEL = {
 
 
 @dataclass
-class TokenizedExample:
-    input_ids: list[int]
-    targets: list[int]  # already shifted: targets[t] is the label for predicting after input t
-
-    @property
-    def label_tokens(self) -> int:
-        return sum(1 for t in self.targets if t != IGNORE)
-
-
-@dataclass
-class Row:
-    """One sequence fed to the model: one example, or several packed ones."""
-
-    input_ids: list[int]
-    targets: list[int]
-    position_ids: list[int]
-    real_tokens: int  # non-pad tokens
-
-    @property
-    def label_tokens(self) -> int:
-        return sum(1 for t in self.targets if t != IGNORE)
-
-
-@dataclass
 class TokenizeStats:
     examples: int = 0
     truncated: int = 0
     dropped_no_labels: int = 0
-    tokens: int = 0
-    label_tokens: int = 0
-    notes: list[str] = field(default_factory=list)
 
 
-def _bos_prefix(tokenizer: Any) -> list[int]:
-    """BOS for models that expect it (Llama); skipped when BOS == EOS (GPT-2) or absent (Qwen2)."""
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    if bos is None or bos == eos:
-        return []
-    return [int(bos)]
+# --------------------------------------------------------------------------- rendering
+def plain_chat_segments(example: Example) -> list[tuple[str, bool]]:
+    """The plain chat format for tokenizers without a chat template (the only default format).
 
-
-def _encode(tokenizer: Any, text: str) -> list[int]:
-    if not text:
-        return []
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def _segments_to_ids(
-    tokenizer: Any, segments: Sequence[tuple[str, bool]], *, eos_after_trained: bool
-) -> tuple[list[int], list[bool]]:
-    """Tokenise pieces separately; trained pieces are followed by EOS (the model learns to stop)."""
-    ids = _bos_prefix(tokenizer)
-    mask = [False] * len(ids)
-    eos = tokenizer.eos_token_id
-    for text, trained in segments:
-        piece = _encode(tokenizer, text)
-        ids += piece
-        mask += [trained] * len(piece)
-        if trained and eos_after_trained and eos is not None:
-            ids.append(int(eos))
-            mask.append(True)
-    return ids, mask
-
-
-def _default_chat_segments(example: Example) -> list[tuple[str, bool]]:
+    Each message renders as ``<Role>: <content>``, messages separated by a blank line (roles
+    ``System``, ``User``, ``Assistant``, ``Tool``); an assistant answer is followed by the EOS
+    token. Loss falls on the assistant content and its EOS only. Returns (text, trained) pieces.
+    """
     segments: list[tuple[str, bool]] = []
     for i, message in enumerate(example.messages):
         label = _ROLE_LABEL.get(message.role, message.role.title())
@@ -135,7 +100,12 @@ def _template_spans(
             if i
             else ""
         )
-        upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        # The last message's prefix is the whole conversation: no second render.
+        upto = (
+            full
+            if i + 1 == len(messages)
+            else tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        )
         if not (full.startswith(upto) and upto.startswith(prompt)):
             return None
         end = len(upto)
@@ -161,120 +131,382 @@ def _content_spans(
     return spans
 
 
-def _chat_template_ids(tokenizer: Any, example: Example) -> tuple[list[int], list[bool]]:
+def _generation_spans(
+    tokenizer: Any, messages: list[dict[str, str]], trained: list[bool]
+) -> tuple[str, list[tuple[int, int]]] | None:
+    """One render for templates that mark the assistant's output with ``{% generation %}`` (the
+    marks transformers' ``return_assistant_tokens_mask`` reads): the text and the marked spans of
+    the trained turns. None when the template has no marks or they do not pair up with the
+    assistant messages; the caller then renders prefixes."""
+    template = tokenizer.get_chat_template()
+    if render_jinja_template is None or not _GENERATION_TAG.search(template):
+        return None
+    rendered, indices = render_jinja_template(
+        conversations=[messages],
+        chat_template=template,
+        return_assistant_tokens_mask=True,
+        **tokenizer.special_tokens_map,
+    )
+    answers = [i for i, message in enumerate(messages) if message["role"] == "assistant"]
+    if len(indices[0]) != len(answers):
+        return None
+    spans = [tuple(span) for span, i in zip(indices[0], answers, strict=True) if trained[i]]
+    return rendered[0], spans  # type: ignore[return-value]
+
+
+def render_chat(tokenizer: Any, example: Example) -> tuple[str, list[tuple[int, int]]]:
+    """A chat example through the tokenizer's chat template: the text, and the character spans
+    of the assistant turns to train on (each with its end-of-turn marker)."""
     messages = [{"role": m.role, "content": m.content} for m in example.messages]
     trained = [m.train for m in example.messages]
     try:
-        rendered = _template_spans(tokenizer, messages, trained)
+        rendered = _generation_spans(tokenizer, messages, trained) or _template_spans(
+            tokenizer, messages, trained
+        )
     except Exception:  # templates may refuse prefixes (e.g. demand a final user turn)
         rendered = None
-    if rendered is None:
-        full = tokenizer.apply_chat_template(messages, tokenize=False)
-        spans = _content_spans(full, messages, trained)
-    else:
-        full, spans = rendered
-    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-    ids = list(enc["input_ids"])
-    mask = []
-    for start, end in enc["offset_mapping"]:
-        inside = any(s <= start < e or (start == end and s < start <= e) for s, e in spans)
-        mask.append(inside and end > start)
-    return ids, mask
+    if rendered is not None:
+        return rendered
+    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    return full, _content_spans(full, messages, trained)
 
 
-def tokenize_example(
-    tokenizer: Any, example: Example, max_seq_length: int
-) -> tuple[TokenizedExample, bool]:
-    """Token ids and shifted targets of one example; the bool says whether it was truncated."""
-    if example.format == "chat" and getattr(tokenizer, "chat_template", None):
-        ids, mask = _chat_template_ids(tokenizer, example)
-    elif example.format == "chat":
-        ids, mask = _segments_to_ids(
-            tokenizer, _default_chat_segments(example), eos_after_trained=True
-        )
-    else:
-        ids, mask = _segments_to_ids(tokenizer, example.segments, eos_after_trained=True)
+def uses_chat_template(tokenizer: Any, example: Example) -> bool:
+    return example.format == "chat" and bool(getattr(tokenizer, "chat_template", None))
+
+
+# --------------------------------------------------------------------------- tokenising
+@dataclass
+class TokenizedSet:
+    """Examples as flat arrays: example ``i`` is ``input_ids[offsets[i]:offsets[i + 1]]``."""
+
+    input_ids: np.ndarray  # int32 [tokens]
+    targets: np.ndarray  # int32 [tokens], already shifted: the label for predicting after input t
+    offsets: np.ndarray  # int64 [examples + 1]
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+
+def _bos_prefix(tokenizer: Any) -> list[int]:
+    """BOS for models that expect it (Llama); skipped when BOS == EOS (GPT-2) or absent (Qwen2)."""
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    if bos is None or bos == eos:
+        return []
+    return [int(bos)]
+
+
+def _encode_many(tokenizer: Any, texts: list[str]) -> tuple[list[list[int]], list[Any]]:
+    """Token ids and character offsets of many texts in one batch call of the tokenizer (Rust,
+    parallel where allowed); straight from the Rust backend when there is one, which is what
+    transformers' own call runs, minus building a dict per text."""
+    if not texts:
+        return [], []
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        encodings = backend.encode_batch(texts, add_special_tokens=False)
+        return [e.ids for e in encodings], [e.offsets for e in encodings]
+    out = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    return out["input_ids"], out["offset_mapping"]
+
+
+def _span_mask(offsets: np.ndarray, spans: Sequence[tuple[int, int]]) -> np.ndarray:
+    """Tokens whose first character lies inside a trained span (zero-width tokens never do)."""
+    if not spans or not len(offsets):
+        return np.zeros(len(offsets), dtype=bool)
+    starts = np.fromiter((s for s, _ in spans), dtype=np.int64, count=len(spans))
+    ends = np.fromiter((e for _, e in spans), dtype=np.int64, count=len(spans))
+    first, last = offsets[:, 0], offsets[:, 1]
+    which = np.searchsorted(starts, first, side="right") - 1
+    inside = (which >= 0) & (first < ends[np.maximum(which, 0)])
+    return inside & (last > first)
+
+
+def _finish(
+    ids: np.ndarray, mask: np.ndarray, max_seq_length: int
+) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Truncate, then shift the trained mask into targets."""
     truncated = len(ids) > max_seq_length
-    if truncated and not any(mask[1:max_seq_length]):
+    if truncated and not mask[1:max_seq_length].any():
         # Cutting the tail would leave nothing to learn (a long prompt): keep the end instead.
         ids, mask = ids[-max_seq_length:], mask[-max_seq_length:]
     else:
         ids, mask = ids[:max_seq_length], mask[:max_seq_length]
-    targets = [ids[t + 1] if mask[t + 1] else IGNORE for t in range(len(ids) - 1)] + [IGNORE]
-    return TokenizedExample(ids, targets), truncated
+    targets = np.full(len(ids), IGNORE_INDEX, dtype=np.int32)
+    targets[:-1] = np.where(mask[1:], ids[1:], IGNORE_INDEX)
+    return ids, targets, truncated
 
 
-def tokenize_all(
+def _tokenize_chunk(
     tokenizer: Any, examples: Sequence[Example], max_seq_length: int
-) -> tuple[list[TokenizedExample], TokenizeStats]:
-    stats = TokenizeStats()
-    out = []
-    for example in examples:
-        tokenized, truncated = tokenize_example(tokenizer, example, max_seq_length)
-        stats.examples += 1
-        stats.truncated += int(truncated)
-        if tokenized.label_tokens == 0:
-            stats.dropped_no_labels += 1
-            continue
-        stats.tokens += len(tokenized.input_ids)
-        stats.label_tokens += tokenized.label_tokens
-        out.append(tokenized)
-    return out, stats
-
-
-def pack(examples: Sequence[TokenizedExample], capacity: int, pad_id: int) -> list[Row]:
-    """First-fit-decreasing bin packing without splitting examples; pads each row to capacity.
-
-    Padding is its own pseudo-document (positions restart) with ignored targets.
-    """
-    order = sorted(range(len(examples)), key=lambda i: (-len(examples[i].input_ids), i))
-    bins: list[list[int]] = []
-    free: list[int] = []
-    for index in order:
-        length = len(examples[index].input_ids)
-        for b, space in enumerate(free):
-            if space >= length:
-                bins[b].append(index)
-                free[b] -= length
-                break
+) -> Iterator[tuple[np.ndarray, np.ndarray, bool]]:
+    """(ids, targets, truncated) per example of one chunk, through two batch tokenizer calls."""
+    templated: list[int] = []
+    texts: list[str] = []
+    spans: list[list[tuple[int, int]]] = []
+    pieces: list[tuple[str, bool]] = []
+    piece_ranges: list[tuple[int, int]] = []
+    for i, example in enumerate(examples):
+        if uses_chat_template(tokenizer, example):
+            text, answer_spans = render_chat(tokenizer, example)
+            templated.append(i)
+            texts.append(text)
+            spans.append(answer_spans)
+            piece_ranges.append((0, 0))
         else:
+            segments = (
+                plain_chat_segments(example) if example.format == "chat" else example.segments
+            )
+            start = len(pieces)
+            pieces.extend(segments)
+            piece_ranges.append((start, len(pieces)))
+    full_ids, full_offsets = _encode_many(tokenizer, texts)
+    piece_ids, _ = _encode_many(tokenizer, [text for text, _ in pieces])
+    bos = _bos_prefix(tokenizer)
+    eos = tokenizer.eos_token_id
+    by_example = dict(zip(templated, range(len(templated)), strict=True))
+    for i in range(len(examples)):
+        at = by_example.get(i)
+        if at is not None:
+            ids = np.fromiter(full_ids[at], dtype=np.int32, count=len(full_ids[at]))
+            flat = itertools.chain.from_iterable(full_offsets[at])
+            offsets = np.fromiter(flat, dtype=np.int64, count=2 * len(ids)).reshape(-1, 2)
+            mask = _span_mask(offsets, spans[at])
+        else:
+            # Pieces are tokenised separately; trained ones end with EOS (the model learns to stop).
+            id_parts: list[list[int]] = [bos]
+            mask_parts: list[list[bool]] = [[False] * len(bos)]
+            start, stop = piece_ranges[i]
+            for (_, trained), encoded in zip(
+                pieces[start:stop], piece_ids[start:stop], strict=True
+            ):
+                id_parts.append(encoded)
+                mask_parts.append([trained] * len(encoded))
+                if trained and eos is not None:
+                    id_parts.append([int(eos)])
+                    mask_parts.append([True])
+            ids = np.fromiter((t for part in id_parts for t in part), dtype=np.int32)
+            mask = np.fromiter((m for part in mask_parts for m in part), dtype=bool)
+        yield _finish(ids, mask, max_seq_length)
+
+
+def _chunks(examples: Iterable[Example], size: int) -> Iterator[list[Example]]:
+    chunk: list[Example] = []
+    for example in examples:
+        chunk.append(example)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def tokenize_examples(
+    tokenizer: Any, examples: Iterable[Example], max_seq_length: int
+) -> tuple[TokenizedSet, TokenizeStats]:
+    """Token ids and shifted targets of every example that has something to learn.
+
+    Streams: ``examples`` may be an iterator over a file; memory is the flat result plus one chunk.
+    """
+    stats = TokenizeStats()
+    ids_parts: list[np.ndarray] = []
+    target_parts: list[np.ndarray] = []
+    lengths: list[int] = []
+    for chunk in _chunks(examples, TOKENIZE_CHUNK):
+        chunk_ids: list[np.ndarray] = []
+        chunk_targets: list[np.ndarray] = []
+        for ids, targets, truncated in _tokenize_chunk(tokenizer, chunk, max_seq_length):
+            stats.examples += 1
+            stats.truncated += int(truncated)
+            if not (targets != IGNORE_INDEX).any():
+                stats.dropped_no_labels += 1
+                continue
+            chunk_ids.append(ids)
+            chunk_targets.append(targets)
+            lengths.append(len(ids))
+        if chunk_ids:  # one array per chunk: no Python object per example is kept
+            ids_parts.append(np.concatenate(chunk_ids))
+            target_parts.append(np.concatenate(chunk_targets))
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    empty = np.zeros(0, dtype=np.int32)
+    return (
+        TokenizedSet(
+            input_ids=np.concatenate(ids_parts) if ids_parts else empty,
+            targets=np.concatenate(target_parts) if target_parts else empty,
+            offsets=offsets,
+        ),
+        stats,
+    )
+
+
+# --------------------------------------------------------------------------- rows
+@dataclass
+class Row:
+    """One sequence fed to the model (views into a RowSet): one example, or several packed."""
+
+    input_ids: np.ndarray
+    targets: np.ndarray
+    position_ids: np.ndarray
+
+    @property
+    def real_tokens(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def label_tokens(self) -> int:
+        return int((self.targets != IGNORE_INDEX).sum())
+
+
+@dataclass
+class RowSet:
+    """Training rows as flat arrays; row ``r`` is ``[offsets[r], offsets[r + 1])``. No padding is
+    stored: a batch is padded to its longest row when it is collated."""
+
+    input_ids: np.ndarray  # int32 [tokens]
+    targets: np.ndarray  # int32 [tokens]
+    position_ids: np.ndarray  # int32 [tokens], restarting at 0 for every example
+    offsets: np.ndarray  # int64 [rows + 1]
+    label_tokens: np.ndarray | None = None  # int64 [rows]: targets that carry a loss
+
+    def __post_init__(self) -> None:
+        if self.label_tokens is None:
+            labelled = np.zeros(len(self.targets) + 1, dtype=np.int64)
+            np.cumsum(self.targets != IGNORE_INDEX, out=labelled[1:])
+            self.label_tokens = labelled[self.offsets[1:]] - labelled[self.offsets[:-1]]
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @functools.cached_property
+    def real_tokens(self) -> np.ndarray:
+        """Non-pad tokens of every row (int64 [rows]); computed once."""
+        return np.diff(self.offsets)
+
+    def __getitem__(self, index: int) -> Row:
+        start, stop = int(self.offsets[index]), int(self.offsets[index + 1])
+        return Row(
+            self.input_ids[start:stop], self.targets[start:stop], self.position_ids[start:stop]
+        )
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {
+            "input_ids": self.input_ids,
+            "targets": self.targets,
+            "position_ids": self.position_ids,
+            "offsets": self.offsets,
+            "label_tokens": self.labels,
+        }
+
+    @property
+    def labels(self) -> np.ndarray:
+        """``label_tokens``, typed: always set after construction."""
+        assert self.label_tokens is not None
+        return self.label_tokens
+
+
+def pack_bins(lengths: np.ndarray, capacity: int) -> list[list[int]]:
+    """Best-fit-decreasing bin packing of example lengths into rows of ``capacity`` tokens.
+
+    Longest first, each example goes into the row with the *least* free space that still holds
+    it, found by bisection in the sorted list of distinct free capacities: O(n log C) for n
+    examples and capacity C, deterministic. (First-fit-decreasing, which this replaced, scanned
+    every open row per example: quadratic, 42 s for 100k examples.)
+    """
+    order = np.argsort(-np.asarray(lengths, dtype=np.int64), kind="stable").tolist()
+    sizes = np.asarray(lengths, dtype=np.int64).tolist()
+    bins: list[list[int]] = []
+    free_values: list[int] = []  # sorted distinct free capacities of open rows
+    rows_by_free: dict[int, list[int]] = {}
+    for index in order:
+        size = sizes[index]
+        at = bisect.bisect_left(free_values, size)
+        if at == len(free_values):
+            row = len(bins)
             bins.append([index])
-            free.append(capacity - length)
-    rows = []
-    for members in bins:
-        ids: list[int] = []
-        targets: list[int] = []
-        positions: list[int] = []
-        for index in members:
-            example = examples[index]
-            ids += example.input_ids
-            targets += example.targets
-            positions += list(range(len(example.input_ids)))
-        real = len(ids)
-        pad = capacity - real
-        ids += [pad_id] * pad
-        targets += [IGNORE] * pad
-        positions += list(range(pad))
-        rows.append(Row(ids, targets, positions, real))
-    return rows
+            free = capacity - size
+        else:
+            had = free_values[at]
+            waiting = rows_by_free[had]
+            row = waiting.pop()
+            if not waiting:
+                del rows_by_free[had]
+                free_values.pop(at)
+            bins[row].append(index)
+            free = had - size
+        if free > 0:
+            if free in rows_by_free:
+                rows_by_free[free].append(row)
+            else:
+                rows_by_free[free] = [row]
+                bisect.insort(free_values, free)
+    return bins
 
 
-def unpacked_rows(examples: Sequence[TokenizedExample]) -> list[Row]:
-    return [
-        Row(list(e.input_ids), list(e.targets), list(range(len(e.input_ids))), len(e.input_ids))
-        for e in examples
-    ]
+def _gather(tokenized: TokenizedSet, order: np.ndarray, row_sizes: np.ndarray) -> RowSet:
+    """Rows made of the examples ``order`` (row r holds the next ``row_sizes[r]`` of them)."""
+    lengths = tokenized.lengths[order]
+    total = int(lengths.sum())
+    starts = np.zeros(len(order) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=starts[1:])
+    # token t of the output is token (t - starts[k] + offsets[order[k]]) of example k's source
+    shift = np.repeat(tokenized.offsets[order] - starts[:-1], lengths)
+    source = np.arange(total, dtype=np.int64) + shift
+    positions = (np.arange(total, dtype=np.int64) - np.repeat(starts[:-1], lengths)).astype(
+        np.int32
+    )
+    example_bounds = np.zeros(len(row_sizes) + 1, dtype=np.int64)
+    np.cumsum(row_sizes, out=example_bounds[1:])
+    return RowSet(
+        input_ids=tokenized.input_ids[source],
+        targets=tokenized.targets[source],
+        position_ids=positions,
+        offsets=starts[example_bounds],
+    )
 
 
-@dataclass(frozen=True)
+def pack(tokenized: TokenizedSet, capacity: int) -> RowSet:
+    """Packed rows of at most ``capacity`` tokens, examples never split."""
+    bins = pack_bins(tokenized.lengths, capacity)
+    order = np.fromiter((i for members in bins for i in members), dtype=np.int64)
+    sizes = np.fromiter((len(members) for members in bins), dtype=np.int64, count=len(bins))
+    return _gather(tokenized, order, sizes)
+
+
+def unpacked_rows(tokenized: TokenizedSet) -> RowSet:
+    """One row per example, in file order."""
+    return _gather(
+        tokenized, np.arange(len(tokenized), dtype=np.int64), np.ones(len(tokenized), np.int64)
+    )
+
+
+def fill_ratio(rows: RowSet, capacity: int) -> float:
+    """Share of the token slots of full-width rows that hold real tokens."""
+    return float(rows.real_tokens.sum()) / max(1, len(rows) * capacity)
+
+
+# --------------------------------------------------------------------------- batch plan
 class BatchPlan:
-    """Which rows each (step, micro-step, rank) trains on. Pure, so resume is step-exact."""
+    """Which rows each (step, micro-step, rank) trains on. Pure, so resume is step-exact.
 
-    num_rows: int
-    batch_size: int
-    world_size: int
-    accumulation: int
-    seed: int
+    One permutation per epoch, drawn from numpy's PCG64 seeded with (seed, epoch) and kept until
+    another epoch is asked for: ``step_rows`` and ``slice_for`` are O(global batch).
+    """
+
+    def __init__(
+        self, num_rows: int, batch_size: int, world_size: int, accumulation: int, seed: int
+    ) -> None:
+        self.num_rows = num_rows
+        self.batch_size = batch_size
+        self.world_size = world_size
+        self.accumulation = accumulation
+        self.seed = seed
+        self._epoch = -1
+        self._order = np.zeros(0, dtype=np.int64)
 
     @property
     def global_batch(self) -> int:
@@ -284,25 +516,30 @@ class BatchPlan:
     def steps_per_epoch(self) -> int:
         return max(1, math.ceil(self.num_rows / self.global_batch))
 
-    def epoch_order(self, epoch: int) -> list[int]:
-        order = list(range(self.num_rows))
-        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
-        return order
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        if epoch != self._epoch:
+            rng = np.random.Generator(np.random.PCG64([self.seed, epoch]))
+            self._order = rng.permutation(self.num_rows)
+            self._epoch = epoch
+        return self._order
 
-    def step_rows(self, step: int) -> list[int]:
+    def step_rows(self, step: int) -> np.ndarray:
         """Global row indices of optimizer step ``step`` (0-based), in micro/rank slice order."""
         epoch, index = divmod(step, self.steps_per_epoch)
-        order = self.epoch_order(epoch)
         start = index * self.global_batch
-        return order[start : start + self.global_batch]
+        return self.epoch_order(epoch)[start : start + self.global_batch]
 
-    def slice_for(self, step: int, micro: int, rank: int) -> list[int]:
-        rows = self.step_rows(step)
+    def slice_for(self, step: int, micro: int, rank: int) -> np.ndarray:
         start = (micro * self.world_size + rank) * self.batch_size
-        return rows[start : start + self.batch_size]
+        return self.step_rows(step)[start : start + self.batch_size]
 
-    def epoch_of(self, step: int) -> int:
-        return step // self.steps_per_epoch
+    def tokens_before(self, step: int, real_tokens: np.ndarray) -> int:
+        """Real tokens trained by steps ``[0, step)``: whole epochs plus a prefix, O(rows)."""
+        epochs, index = divmod(step, self.steps_per_epoch)
+        done = epochs * int(real_tokens.sum())
+        if index:
+            done += int(real_tokens[self.epoch_order(epochs)[: index * self.global_batch]].sum())
+        return done
 
 
 def total_steps(plan: BatchPlan, epochs: int, max_steps: int | None) -> int:

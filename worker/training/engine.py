@@ -15,8 +15,16 @@ Gotchas recorded:
 - Gradients are summed over the step's target tokens and divided by the *global* count of the step
   (known to every rank from the batch plan), times world size because DDP averages. So the update
   is independent of how rows are split over ranks and micro-steps.
-- Dropout RNG is re-seeded from (seed, step, rank) at every step: a resumed run replays exactly.
+- Dropout RNG is re-seeded from (seed, step, rank) at every step: a resumed run replays exactly,
+  and checkpoints carry no RNG state.
 - Only rank 0 logs and saves; losses are all-reduced before they are reported.
+- One host-device sync per step (the loss all-reduce's ``tolist``): batches are collated with
+  their target indices and segment layout on the host by a prefetch thread, pinned, copied
+  asynchronously; losses accumulate on the device. Per-step host work is O(global batch), and
+  ``trained_tokens`` is a running total kept in the checkpoint state.
+- Data are tokenised and packed once per (dataset, tokenizer, settings) into ``--cache-dir``
+  (worker/training/datacache.py) by whichever rank takes the lock first; the others map it.
+- ``LORAFLEET_DIST_TIMEOUT_SECONDS`` (default 1800) bounds every collective's wait.
 - gloo sometimes aborts at interpreter exit after a clean teardown; ranks end with os._exit.
 """
 
@@ -35,10 +43,11 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from peft import set_peft_model_state_dict
@@ -46,11 +55,13 @@ from safetensors.torch import load_file
 from torch.nn.parallel import DistributedDataParallel
 from transformers import get_scheduler
 
-from shared.datasets import load_examples, sha256_file
+from shared.datasets import DatasetError, sha256_file
 from shared.spec import JobSpec
 from worker.training import data as datamod
-from worker.training.attention import build_layout, use_packed_attention
+from worker.training.attention import use_packed_attention
+from worker.training.batches import HostBatch, StepBatch, StepPrefetcher, collate
 from worker.training.checkpoints import CheckpointPolicy
+from worker.training.datacache import prepare_rows
 from worker.training.events import (
     CheckpointSaved,
     Done,
@@ -83,6 +94,7 @@ class TrainPaths:
     output_dir: Path
     checkpoint_dir: Path | None = None
     resume_from: Path | None = None
+    cache_dir: Path | None = None  # prepared data (worker/training/datacache.py)
 
 
 @dataclass(frozen=True)
@@ -112,23 +124,38 @@ class TrainingError(RuntimeError):
     """A problem with the job's inputs or settings (not a crash of the engine)."""
 
 
+def _bf16_on(device: torch.device) -> bool:
+    # Native support only (compute capability >= 8.0): torch can emulate bf16 on a V100 or T4,
+    # slowly. shared.estimate makes the same call from the GPU's name.
+    return device.type != "cuda" or torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 def _resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
     """Autocast dtype, or None for plain fp32."""
     if precision == "fp32":
         return None
     if precision == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return None
+        return torch.bfloat16 if device.type == "cuda" and _bf16_on(device) else None
     if precision == "fp16":
         if device.type != "cuda":
             raise TrainingError("training.precision fp16 needs a GPU; use bf16 or fp32 on CPU")
         return torch.float16
+    if not _bf16_on(device):
+        raise TrainingError(
+            f"training.precision bf16: {torch.cuda.get_device_name(device)} has no bf16 "
+            "support; use fp16, fp32 or auto"
+        )
     return torch.bfloat16
 
 
 class LoraTrainer:
-    """``setup`` → ``train`` → (``save_checkpoint``)* → ``save_final`` → ``cleanup``."""
+    """``setup`` → ``train`` → (``save_checkpoint``)* → ``save_final`` → ``cleanup``.
+
+    ``setup`` is a sequence of ``_setup_*`` steps, each one concern: the process group, the data,
+    the batch plan (and what a resumed checkpoint changes in it), the model, the attention
+    fallback, the parallel wrapper (DDP today; FSDP belongs in ``_setup_parallel``), the optimizer.
+    The training objective is chosen in one place, ``_build_loss``.
+    """
 
     def __init__(
         self,
@@ -145,10 +172,12 @@ class LoraTrainer:
         self._sink: Sink = sink if sink is not None and self.dist.is_main else NullSink()
         self.keep_checkpoints = keep_checkpoints
         self.start_step = 0
+        self.trained_tokens = 0  # real tokens of the steps done so far, all ranks (running total)
         self.stop_requested = False  # set by SIGUSR1: checkpoint at the end of this step and exit
         self.stop_agreed = False
         self.eval_loss: float | None = None
         self.train_loss: float | None = None
+        self.resume_state: dict[str, Any] | None = None
 
     # ---------------------------------------------------------------- reporting
     def emit(self, record: Record) -> None:
@@ -159,47 +188,123 @@ class LoraTrainer:
 
     # ---------------------------------------------------------------- setup
     def setup(self) -> None:
-        spec, t = self.spec, self.spec.training
-        if self.dist.enabled and not dist.is_initialized():
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
-            dist.init_process_group(backend=backend)
-        if torch.cuda.is_available():
+        self._setup_distributed()
+        self._setup_data()
+        self._setup_plan()
+        self._setup_model()
+        self._setup_attention()
+        self._setup_parallel()
+        self._setup_optimizer()
+        if self.resume_state is not None:
+            self._load_checkpoint(self.paths.resume_from, self.resume_state)  # type: ignore[arg-type]
+        self._announce()
+
+    def _setup_distributed(self) -> None:
+        cuda = torch.cuda.is_available()
+        if cuda:
             torch.cuda.set_device(self.dist.local_rank)
             self.device = torch.device("cuda", self.dist.local_rank)
         else:
             self.device = torch.device("cpu")
-        self.autocast_dtype = _resolve_precision(t.precision, self.device)
-        torch.manual_seed(t.seed)
+        if self.dist.enabled and not dist.is_initialized():
+            options: dict[str, Any] = {"timeout": timedelta(seconds=dist_timeout_seconds())}
+            if cuda:
+                # Binds the group to this rank's GPU: NCCL connects eagerly, and no collective
+                # ever guesses the device (or creates a context on GPU 0 for every rank).
+                options["device_id"] = self.device
+            dist.init_process_group(backend="nccl" if cuda else "gloo", **options)
+        self.autocast_dtype = _resolve_precision(self.spec.training.precision, self.device)
+        torch.manual_seed(self.spec.training.seed)
 
+    def _cache_dir(self) -> Path:
+        """``--cache-dir``, else a folder beside the checkpoints (kept across resumed attempts
+        whenever the checkpoints are)."""
+        return self.paths.cache_dir or (self._checkpoint_root().parent / "data-cache")
+
+    def _setup_data(self) -> None:
+        spec, t = self.spec, self.spec.training
         self.tokenizer = load_tokenizer(self.paths.model)
-        train_examples = load_examples(spec.training_file)
-        tokenized, stats = datamod.tokenize_all(self.tokenizer, train_examples, t.max_seq_length)
-        if not tokenized:
-            raise TrainingError("training_file: no example has a token to train on")
-        self.token_stats = stats
-        pad_id = int(self.tokenizer.pad_token_id)
-        self.pad_id = pad_id
-        if t.packing:
-            self.rows = datamod.pack(tokenized, t.max_seq_length, pad_id)
-        else:
-            self.rows = datamod.unpacked_rows(tokenized)
-        self.eval_rows: list[datamod.Row] = []
-        if spec.validation_file:
-            val, _ = datamod.tokenize_all(
-                self.tokenizer, load_examples(spec.validation_file), t.max_seq_length
+        self.pad_id = int(self.tokenizer.pad_token_id)
+        self.dataset_sha256 = sha256_file(spec.training_file)
+        try:
+            prepared = prepare_rows(
+                spec.training_file,
+                self.tokenizer,
+                max_seq_length=t.max_seq_length,
+                packing=t.packing,
+                cache_dir=self._cache_dir(),
+                dataset_sha256=self.dataset_sha256,
             )
-            self.eval_rows = datamod.unpacked_rows(val)
+        except DatasetError as exc:
+            raise TrainingError(f"training_file: {exc}") from None
+        if len(prepared.rows) == 0:
+            raise TrainingError("training_file: no example has a token to train on")
+        self.rows = prepared.rows
+        self.token_stats = prepared.stats
+        self.event(
+            f"data: {len(self.rows)} rows from {prepared.stats.examples} examples "
+            f"({'reused' if prepared.reused else 'prepared'} in {prepared.seconds:.1f} s)",
+            rows=len(self.rows),
+            cache_key=prepared.key,
+            reused=prepared.reused,
+            seconds=round(prepared.seconds, 3),
+        )
+        self.eval_rows: datamod.RowSet | None = None
+        if spec.validation_file:
+            try:
+                validation = prepare_rows(
+                    spec.validation_file,
+                    self.tokenizer,
+                    max_seq_length=t.max_seq_length,
+                    packing=False,
+                    cache_dir=self._cache_dir(),
+                    role="validation",
+                )
+            except DatasetError as exc:
+                raise TrainingError(f"validation_file: {exc}") from None
+            self.eval_rows = validation.rows if len(validation.rows) else None
 
+    def _setup_plan(self) -> None:
+        """The batch plan; on resume, the checkpoint's plan is checked and kept.
+
+        A checkpoint of another seed or dataset is refused (its data order and state belong to
+        another job). Another world size re-plans the gradient accumulation so that the global
+        batch, and so the data order and the optimisation, stay those of the checkpoint; when no
+        accumulation can keep it, the resume is refused with the numbers to change.
+        """
+        t = self.spec.training
         accumulation = t.gradient_accumulation_steps
-        resume_state: dict[str, Any] | None = None
         if self.paths.resume_from is not None:
-            resume_state = json.loads((self.paths.resume_from / "state.json").read_text())
-            saved_global = int(resume_state["global_batch"])
+            state = json.loads((self.paths.resume_from / "state.json").read_text())
+            saved_seed = state.get("seed")
+            if saved_seed is not None and int(saved_seed) != t.seed:
+                raise TrainingError(
+                    f"training.seed: the checkpoint {self.paths.resume_from} was trained with "
+                    f"seed {saved_seed}, this job has {t.seed}; resume with the same seed"
+                )
+            saved_data = state.get("dataset_sha256")
+            if saved_data is not None and saved_data != self.dataset_sha256:
+                raise TrainingError(
+                    f"training_file: the checkpoint {self.paths.resume_from} was trained on "
+                    "another dataset (sha256 differs); resume with the same file"
+                )
+            saved_global = int(state["global_batch"])
             per_pass = t.batch_size * self.dist.world_size
-            if per_pass * accumulation != saved_global and saved_global % per_pass == 0:
-                # Another machine with another device count: keep the global batch, and so the
-                # data plan and the optimisation, identical.
+            if per_pass * accumulation != saved_global:
+                if saved_global % per_pass:
+                    raise TrainingError(
+                        f"resume: the checkpoint's global batch is {saved_global} sequences "
+                        f"(world size {state.get('world_size')}); training.batch_size "
+                        f"{t.batch_size} x {self.dist.world_size} process(es) cannot keep it. "
+                        "Resume with a world size and batch size whose product divides it"
+                    )
                 accumulation = saved_global // per_pass
+                self.event(
+                    f"world size {state.get('world_size')} -> {self.dist.world_size}: gradient "
+                    f"accumulation {accumulation} keeps the global batch of {saved_global}",
+                    gradient_accumulation_steps=accumulation,
+                )
+            self.resume_state = state
         self.plan = datamod.BatchPlan(
             num_rows=len(self.rows),
             batch_size=t.batch_size,
@@ -209,40 +314,64 @@ class LoraTrainer:
         )
         self.total_steps = datamod.total_steps(self.plan, t.epochs, t.max_steps)
 
+    def _setup_model(self) -> None:
+        t = self.spec.training
+        # On a GPU the frozen base is stored in the autocast dtype (no fp32 master copy needed);
+        # on CPU it stays fp32 and autocast casts per op.
         load_dtype = (
             self.autocast_dtype
             if self.device.type == "cuda" and self.autocast_dtype
             else torch.float32
         )
-        base = load_base_model(self.paths.model, dtype=load_dtype)
-        self.packed_attention = use_packed_attention(base, t.max_seq_length)
+        self.base = load_base_model(self.paths.model, dtype=load_dtype)
+        self.packed_attention = use_packed_attention(self.base, t.max_seq_length)
         if t.gradient_checkpointing:
-            base.gradient_checkpointing_enable(
+            self.base.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False}
             )
-        self.lora = with_default_targets(base, spec.lora)
+        self.lora = with_default_targets(self.base, self.spec.lora)
         try:
-            self.peft_model = apply_lora(base, self.lora)
+            self.peft_model = apply_lora(self.base, self.lora)
         except ValueError as exc:
             raise TrainingError(f"lora.target_modules: {exc}") from None
         fuse_lora_dropout(self.peft_model)
         self.peft_model.to(self.device)
-        self.loss_module = CausalLMLoss(self.peft_model).to(self.device)
-        if self.packed_attention:
-            problem = self.loss_module.segment_attention_error()
-            if problem is not None:
-                base.set_attn_implementation("sdpa")
-                self.packed_attention = self.loss_module.packed_attention = False
-                self.event(
-                    f"segment attention disabled for this model ({problem}); "
-                    "packed rows use a block-diagonal mask instead",
-                    level="warning",
-                )
-        if self.dist.enabled:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.model: torch.nn.Module = DistributedDataParallel(self.loss_module, device_ids=ids)
-        else:
-            self.model = self.loss_module
+        self.loss_module = self._build_loss().to(self.device)
+
+    def _build_loss(self) -> CausalLMLoss:
+        """The training objective: the one place a method (supervised today; DPO next) picks its
+        loss module. It returns (summed loss, target count) for the step normalisation."""
+        return CausalLMLoss(self.peft_model)
+
+    def _setup_attention(self) -> None:
+        """Keep segment attention only where it reproduces transformers' masked attention."""
+        if not self.packed_attention:
+            return
+        problem = self.loss_module.segment_attention_error()
+        if problem is None:
+            return
+        self.base.set_attn_implementation("sdpa")
+        self.packed_attention = self.loss_module.packed_attention = False
+        self.event(
+            f"segment attention disabled for this model ({problem}); "
+            "packed rows use a block-diagonal mask instead",
+            level="warning",
+        )
+
+    def _setup_parallel(self) -> None:
+        """Wrap the loss module for data parallelism (the seam for an FSDP strategy)."""
+        if not self.dist.enabled:
+            self.model: torch.nn.Module = self.loss_module
+            return
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        # No buffers to keep in sync (the base is frozen, LoRA has none): broadcasting them
+        # every forward would only cost a collective.
+        self.model = DistributedDataParallel(
+            self.loss_module, device_ids=ids, broadcast_buffers=False
+        )
+
+    def _setup_optimizer(self) -> None:
+        t = self.spec.training
         params = [p for p in self.peft_model.parameters() if p.requires_grad]
         self.trainable_params = sum(p.numel() for p in params)
         self.total_params = sum(p.numel() for p in self.peft_model.parameters())
@@ -255,8 +384,8 @@ class LoraTrainer:
         )
         self.scaler = torch.amp.GradScaler(enabled=self.autocast_dtype == torch.float16)
 
-        if resume_state is not None:
-            self._load_checkpoint(self.paths.resume_from, resume_state)  # type: ignore[arg-type]
+    def _announce(self) -> None:
+        stats, t = self.token_stats, self.spec.training
         self.event(
             f"training {self.trainable_params:,} of {self.total_params:,} parameters on "
             f"{self.dist.world_size} {self.device.type} process(es); {len(self.rows)} rows, "
@@ -279,59 +408,54 @@ class LoraTrainer:
             )
 
     # ---------------------------------------------------------------- batches
-    def _collate(self, indices: list[int], rows: list[datamod.Row], packed: bool) -> dict[str, Any]:
-        dummy = not indices
-        chosen = [rows[i] for i in indices] if indices else [rows[0]]
-        width = max(len(r.input_ids) for r in chosen)
-        ids, targets, positions, mask = [], [], [], []
-        for row in chosen:
-            pad = width - len(row.input_ids)
-            ids.append(row.input_ids + [self.pad_id] * pad)
-            tgt = [datamod.IGNORE] * len(row.targets) if dummy else row.targets
-            targets.append(tgt + [datamod.IGNORE] * pad)
-            positions.append(row.position_ids + list(range(pad)))
-            mask.append([1] * len(row.input_ids) + [0] * pad)
-        batch: dict[str, Any] = {
-            "input_ids": torch.tensor(ids, device=self.device),
-            "targets": torch.tensor(targets, device=self.device),
-        }
-        if self.packed_attention:
-            # Right padding restarts its positions at 0, so it is a segment of its own: packed or
-            # not, every document attends to itself only (worker/training/attention.py).
-            position_ids = torch.tensor(positions)
-            batch["position_ids"] = position_ids.to(self.device)
-            batch["layout"] = build_layout(position_ids, self.device)
-        elif packed:
-            # No attention mask: transformers derives the block-diagonal mask from position_ids.
-            batch["position_ids"] = torch.tensor(positions, device=self.device)
-        else:
-            batch["attention_mask"] = torch.tensor(mask, device=self.device)
-        return batch
+    def _collate(self, indices: np.ndarray | list[int], rows: datamod.RowSet) -> HostBatch:
+        return collate(
+            rows,
+            indices,
+            self.pad_id,
+            segments=self.packed_attention,
+            packed=self.spec.training.packing and rows is self.rows,
+            pin=self.device.type == "cuda",
+        )
+
+    def _host_step(self, step: int) -> StepBatch:
+        """This rank's micro-batches of ``step`` and the step's global counts (host only)."""
+        rows = self.plan.step_rows(step)
+        return StepBatch(
+            step=step,
+            micro=[
+                self._collate(self.plan.slice_for(step, micro, self.dist.rank), self.rows)
+                for micro in range(self.plan.accumulation)
+            ],
+            label_tokens=int(self.rows.labels[rows].sum()),
+            real_tokens=int(self.rows.real_tokens[rows].sum()),
+        )
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def _all_sum(self, *values: float) -> list[float]:
-        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
+    def _all_sum(self, *values: torch.Tensor) -> list[float]:
+        """Sum device scalars over ranks; the one host-device sync of a step (``tolist``)."""
+        tensor = torch.stack([v.to(self.device, torch.float64) for v in values])
         if self.dist.enabled:
             dist.all_reduce(tensor)
-        return tensor.tolist()
+        return cast(list[float], tensor.tolist())
 
     # ---------------------------------------------------------------- training
-    def train_step(self, step: int) -> float:
+    def train_step(self, step: int, batch: StepBatch | None = None) -> float:
+        """One optimizer step; returns the global mean loss per target token."""
+        batch = batch if batch is not None else self._host_step(step)
         torch.manual_seed(
             self.spec.training.seed * 100_003 + step * self.dist.world_size + self.dist.rank
         )
         self.model.train()
-        step_rows = self.plan.step_rows(step)
-        global_tokens = max(1, sum(self.rows[i].label_tokens for i in step_rows))
-        local_sum = 0.0
-        for micro in range(self.plan.accumulation):
-            indices = self.plan.slice_for(step, micro, self.dist.rank)
-            batch = self._collate(indices, self.rows, self.spec.training.packing)
-            last = micro == self.plan.accumulation - 1
+        global_tokens = max(1, batch.label_tokens)
+        local_sum = torch.zeros((), dtype=torch.float32, device=self.device)
+        for micro, host in enumerate(batch.micro):
+            inputs = host.to(self.device)
+            last = micro == len(batch.micro) - 1
             sync = (
                 self.model.no_sync()  # type: ignore[operator]
                 if self.dist.enabled and not last
@@ -339,10 +463,10 @@ class LoraTrainer:
             )
             with sync:
                 with self._autocast():
-                    loss_sum, _ = self.model(**batch)
+                    loss_sum, _ = self.model(**inputs)
                 scaled = loss_sum * (self.dist.world_size / global_tokens)
                 self.scaler.scale(scaled).backward()
-            local_sum += float(loss_sum.detach())
+            local_sum += loss_sum.detach().float()  # stays on the device: no sync per micro-step
         if self.spec.training.max_grad_norm is not None:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(
@@ -354,77 +478,79 @@ class LoraTrainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         # The preemption flag rides on the loss all-reduce: every rank stops after the same step.
-        total, stop = self._all_sum(local_sum, float(self.stop_requested))
-        self.stop_agreed = stop > 0
+        stop = torch.full((), float(self.stop_requested), device=self.device)
+        total, agreed = self._all_sum(local_sum, stop)
+        self.stop_agreed = agreed > 0
         return total / global_tokens
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
-        if not self.eval_rows:
+        if self.eval_rows is None:
             return None
         self.model.eval()
-        mine = list(range(self.dist.rank, len(self.eval_rows), self.dist.world_size))
-        loss_sum = 0.0
-        count = 0.0
+        mine = np.arange(self.dist.rank, len(self.eval_rows), self.dist.world_size)
+        loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
+        count = 0
         bs = self.spec.training.batch_size
         for start in range(0, len(mine), bs):
-            batch = self._collate(mine[start : start + bs], self.eval_rows, packed=False)
+            host = self._collate(mine[start : start + bs], self.eval_rows)
             with self._autocast():
-                s, c = self.loss_module(**batch)
-            loss_sum += float(s)
-            count += float(c)
-        total, tokens = self._all_sum(loss_sum, count)
+                s, c = self.loss_module(**host.to(self.device))
+            loss_sum += s.float()
+            count += int(c)
+        total, tokens = self._all_sum(loss_sum, torch.tensor(float(count)))
         return total / max(tokens, 1.0)
-
-    def _tokens_of_step(self, step: int) -> int:
-        return sum(self.rows[i].real_tokens for i in self.plan.step_rows(step))
 
     def train(self) -> dict[str, Any] | None:
         """Run to the end and save the adapter; None when preempted (checkpoint saved instead)."""
         t = self.spec.training
         started = time.monotonic()
         tokens_done = 0
-        for step in range(self.start_step, self.total_steps):
-            self.train_loss = self.train_step(step)
-            done = step + 1
-            tokens_done += self._tokens_of_step(step)
-            # Eval every eval_every_steps and always after the last step (when there is data).
-            evaluated = bool(self.eval_rows) and (
-                done == self.total_steps
-                or bool(t.eval_every_steps and done % t.eval_every_steps == 0)
-            )
-            if evaluated:
-                self.eval_loss = self.evaluate()
-            elapsed = time.monotonic() - started
-            steps_this_run = done - self.start_step
-            self.emit(
-                Step(
-                    step=done,
-                    total_steps=self.total_steps,
-                    epoch=round(done / self.plan.steps_per_epoch, 4),
-                    train_loss=self.train_loss,
-                    eval_loss=self.eval_loss,
-                    evaluated=evaluated,
-                    learning_rate=self.scheduler.get_last_lr()[0],
-                    tokens_per_second=tokens_done / elapsed if elapsed > 0 else None,
-                    eta_seconds=elapsed / steps_this_run * (self.total_steps - done),
-                    trained_tokens=sum(self._tokens_of_step(s) for s in range(done))
-                    if done == self.total_steps
-                    else None,
+        prefetch = StepPrefetcher(self._host_step, range(self.start_step, self.total_steps))
+        try:
+            for step in range(self.start_step, self.total_steps):
+                batch = prefetch.next(step)
+                self.train_loss = self.train_step(step, batch)
+                done = step + 1
+                tokens_done += batch.real_tokens
+                self.trained_tokens += batch.real_tokens
+                # Eval every eval_every_steps and always after the last step (when there is data).
+                evaluated = self.eval_rows is not None and (
+                    done == self.total_steps
+                    or bool(t.eval_every_steps and done % t.eval_every_steps == 0)
                 )
-            )
-            if self.stop_agreed and done < self.total_steps:
-                self.save_checkpoint(done)
-                self.emit(Preempted(step=done))
-                return None
-            if (
-                t.checkpoint_every_steps
-                and done % t.checkpoint_every_steps == 0
-                and done < self.total_steps
-            ):
-                self.save_checkpoint(done)
-        if self.start_step >= self.total_steps and self.eval_rows:  # resumed at the very end
-            self.eval_loss = self.evaluate()
+                if evaluated:
+                    self.eval_loss = self.evaluate()
+                elapsed = time.monotonic() - started
+                steps_this_run = done - self.start_step
+                self.emit(
+                    Step(
+                        step=done,
+                        total_steps=self.total_steps,
+                        epoch=round(done / self.plan.steps_per_epoch, 4),
+                        train_loss=self.train_loss,
+                        eval_loss=self.eval_loss,
+                        evaluated=evaluated,
+                        learning_rate=self.scheduler.get_last_lr()[0],
+                        tokens_per_second=tokens_done / elapsed if elapsed > 0 else None,
+                        eta_seconds=elapsed / steps_this_run * (self.total_steps - done),
+                        trained_tokens=self.trained_tokens if done == self.total_steps else None,
+                    )
+                )
+                if self.stop_agreed and done < self.total_steps:
+                    self.save_checkpoint(done)
+                    self.emit(Preempted(step=done))
+                    return None
+                if (
+                    t.checkpoint_every_steps
+                    and done % t.checkpoint_every_steps == 0
+                    and done < self.total_steps
+                ):
+                    self.save_checkpoint(done)
+        finally:
+            prefetch.close()
+        if self.start_step >= self.total_steps and self.eval_rows is not None:
+            self.eval_loss = self.evaluate()  # resumed at the very end
         return self.save_final(time.monotonic() - started)
 
     # ---------------------------------------------------------------- checkpoints
@@ -441,16 +567,17 @@ class LoraTrainer:
             tmp = root / f".step_{step}.tmp-{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)
             self.peft_model.save_pretrained(str(tmp))
+            # No RNG state: dropout is re-seeded from (seed, step, rank) at every step, and the
+            # data order is a pure function of (seed, epoch), so a resume replays exactly.
             torch.save(
                 {
                     "optimizer": self.optimizer.state_dict(),
                     "scheduler": self.scheduler.state_dict(),
                     "scaler": self.scaler.state_dict(),
-                    "rng": torch.get_rng_state(),
                 },
                 tmp / "trainer_state.pt",
             )
-            state = {
+            metrics = {
                 "step": step,
                 "epoch": step / self.plan.steps_per_epoch,
                 "global_batch": self.plan.global_batch,
@@ -459,11 +586,16 @@ class LoraTrainer:
                 "eval_loss": self.eval_loss,
                 "seed": self.spec.training.seed,
             }
+            state = {
+                **metrics,
+                "trained_tokens": self.trained_tokens,
+                "dataset_sha256": self.dataset_sha256,
+            }
             (tmp / "state.json").write_text(json.dumps(state))
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
             self._prune_checkpoints(root)
-            self.emit(CheckpointSaved(step=step, path=str(final), state=state))
+            self.emit(CheckpointSaved(step=step, path=str(final), state=metrics))
         if self.dist.enabled:
             dist.barrier()
 
@@ -486,6 +618,12 @@ class LoraTrainer:
         self.scheduler.load_state_dict(trainer_state["scheduler"])
         self.scaler.load_state_dict(trainer_state["scaler"])
         self.start_step = int(state["step"])
+        saved_tokens = state.get("trained_tokens")
+        self.trained_tokens = (
+            int(saved_tokens)
+            if saved_tokens is not None  # checkpoints before the running total: count once
+            else self.plan.tokens_before(self.start_step, self.rows.real_tokens)
+        )
         self.train_loss = state.get("train_loss")
         self.eval_loss = state.get("eval_loss")
         self.emit(Resumed(step=self.start_step))
@@ -508,12 +646,12 @@ class LoraTrainer:
                 {
                     "world_size": self.dist.world_size,
                     "steps": self.total_steps,
-                    "trained_tokens": sum(self._tokens_of_step(s) for s in range(self.total_steps)),
+                    "trained_tokens": self.trained_tokens,
                     "base_model": {
                         "name": self.spec.base_model,
                         **model_fingerprint(self.paths.model),
                     },
-                    "dataset_sha256": sha256_file(self.spec.training_file),
+                    "dataset_sha256": self.dataset_sha256,
                     "validation_sha256": sha256_file(self.spec.validation_file)
                     if self.spec.validation_file
                     else None,
@@ -570,14 +708,26 @@ def read_spec(path: str) -> JobSpec:
     return JobSpec.model_validate_json(Path(path).read_text())
 
 
+# A CUDA rank's CPU work is the collator thread and kernel launches: a few threads are plenty, and
+# more only oversubscribe the cores the other ranks of the host need.
+CUDA_RANK_THREADS = 4
+
+
 def _configure_threads(info: DistInfo) -> None:
-    if torch.cuda.is_available():
-        return
     local = int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size))
     cores = (
         len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     )
-    torch.set_num_threads(max(1, cores // max(1, local)))
+    threads = max(1, cores // max(1, local))
+    if torch.cuda.is_available():
+        threads = min(threads, CUDA_RANK_THREADS)
+    torch.set_num_threads(threads)
+
+
+def dist_timeout_seconds() -> float:
+    """``LORAFLEET_DIST_TIMEOUT_SECONDS`` (default 1800): how long a collective may wait for the
+    slowest rank before the group fails (torch's NCCL default is 10 minutes)."""
+    return float(os.environ.get("LORAFLEET_DIST_TIMEOUT_SECONDS", "1800"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -589,6 +739,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume-from")
     parser.add_argument("--progress-file")
     parser.add_argument("--keep-checkpoints", type=int, default=CheckpointPolicy().keep)
+    parser.add_argument(
+        "--cache-dir",
+        help="folder for prepared (tokenised, packed) data, shared by the ranks and reused by "
+        "resumed attempts; default: data-cache beside the checkpoint folder",
+    )
     args = parser.parse_args(argv)
     _die_with_parent()
     info = DistInfo.from_env()
@@ -606,6 +761,7 @@ def main(argv: list[str] | None = None) -> int:
             output_dir=Path(args.out),
             checkpoint_dir=Path(args.checkpoint_dir) if args.checkpoint_dir else None,
             resume_from=Path(args.resume_from) if args.resume_from else None,
+            cache_dir=Path(args.cache_dir) if args.cache_dir else None,
         ),
         sink=sink,
         dist_info=info,

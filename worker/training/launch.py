@@ -135,7 +135,11 @@ def launch(
     cache_dir: Path | None = None,
     extra_env: dict[str, str] | None = None,
 ) -> RankGroup:
-    """Start ``nproc`` ranks of ``worker.training.engine``; returns at once."""
+    """Start ``nproc`` ranks of ``worker.training.engine``; returns at once.
+
+    ``cache_dir``: where the ranks share the prepared data (the engine's ``--cache-dir``); give
+    every attempt of a job the same folder so a resume skips the preparation.
+    """
     work_dir.mkdir(parents=True, exist_ok=True)
     args: list[str] = [
         sys.executable,

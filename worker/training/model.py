@@ -14,6 +14,7 @@ checkpointed path, so its parameters get their gradients from autograd as usual.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -27,7 +28,14 @@ from transformers.pytorch_utils import Conv1D
 
 from shared.modelinfo import default_target_modules
 from shared.spec import LoraSettings
-from worker.training.attention import IMPLEMENTATION, LAYOUT_KWARG, SegmentLayout, build_layout
+from worker.training.attention import (
+    IMPLEMENTATION,
+    LAYOUT_KWARG,
+    SegmentLayout,
+    build_layout,
+    segments_only,
+)
+from worker.training.data import IGNORE_INDEX
 
 LOSS_CHUNK_TOKENS = 1024
 
@@ -60,8 +68,13 @@ def with_default_targets(model: nn.Module, lora: LoraSettings) -> LoraSettings:
 
 
 def apply_lora(model: PreTrainedModel, lora: LoraSettings) -> PeftModel:
-    """Wrap with peft; everything but the adapters is frozen by peft itself."""
-    lora = with_default_targets(model, lora)
+    """Wrap with peft; everything but the adapters is frozen by peft itself.
+
+    ``lora.target_modules`` must be resolved (``with_default_targets``, once, by the caller that
+    also records what was chosen).
+    """
+    if lora.target_modules is None:
+        raise ValueError("target_modules is unresolved: apply with_default_targets first")
     config = LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,  # type: ignore[arg-type]  # peft accepts floats
@@ -142,6 +155,7 @@ class CausalLMLoss(nn.Module):
         if head is None:
             raise ValueError("model has no output embeddings (LM head)")
         self._head = head
+        self._config = causal_lm.config
         self._transform = _logit_transform(causal_lm.config)
         self.chunk_tokens = chunk_tokens
         implementation = getattr(causal_lm.config, "_attn_implementation", None)
@@ -172,7 +186,8 @@ class CausalLMLoss(nn.Module):
         try:
             reference = self._hidden(input_ids, positions, {})
             layout = build_layout(positions, device)
-            ours = self._hidden(input_ids, positions, {LAYOUT_KWARG: layout})
+            with segments_only(self._config):
+                ours = self._hidden(input_ids, positions, {LAYOUT_KWARG: layout})
         except Exception as exc:  # any failure means: do not use it
             return f"{type(exc).__name__}: {exc}"
         finally:
@@ -205,18 +220,28 @@ class CausalLMLoss(nn.Module):
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         layout: SegmentLayout | None = None,
+        target_index: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``target_index``: flat indices (into ``[rows * width]``) of the positions whose target
+        is not ``IGNORE_INDEX``, computed on the host by the collator. With it the step needs no
+        boolean indexing (a host-device sync per call on a GPU); without it they are found here.
+        """
         extra: dict[str, Any] = {}
+        context: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
         if layout is not None and self.packed_attention:
             extra[LAYOUT_KWARG] = layout
-        hidden = self._hidden(input_ids, position_ids, extra, attention_mask)
-        keep = targets != -100
-        count = keep.sum()
-        selected = hidden[keep]
-        wanted = targets[keep]
-        if selected.shape[0] == 0:
+            context = segments_only(self._config)
+        with context:
+            hidden = self._hidden(input_ids, position_ids, extra, attention_mask)
+        flat_targets = targets.reshape(-1)
+        if target_index is None:
+            target_index = (flat_targets != IGNORE_INDEX).nonzero().squeeze(1)
+        count = torch.tensor(target_index.numel())  # on the host: no device round trip
+        if target_index.numel() == 0:
             # Keep every parameter in the graph so DDP's reducer still fires (zero gradient).
             return hidden.sum() * 0.0, count
+        selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, target_index)
+        wanted = flat_targets.index_select(0, target_index)
         if torch.is_grad_enabled() and not any(p.requires_grad for p in self._head.parameters()):
             fused = _FusedHeadLoss.apply(selected, wanted, self._chunk_loss, self.chunk_tokens)
             return cast(torch.Tensor, fused), count
@@ -229,14 +254,3 @@ class CausalLMLoss(nn.Module):
             else:
                 total = total + self._chunk_loss(h, y)
         return total, count
-
-
-def token_losses(peft_or_causal: nn.Module, input_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-    """Per-position next-token losses through the model's own forward (reference for tests)."""
-    with torch.no_grad():
-        logits = peft_or_causal(input_ids=input_ids, use_cache=False, **kwargs).logits.float()
-    return F.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]),
-        input_ids[:, 1:].reshape(-1),
-        reduction="none",
-    ).view(input_ids.shape[0], -1)

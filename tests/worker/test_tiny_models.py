@@ -17,7 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 from shared.datasets import load_examples
-from worker.training.tiny import (
+from worker.tiny_models import (
     IM_END,
     IM_START,
     TINY_SIZES,
