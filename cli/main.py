@@ -308,7 +308,7 @@ def _print_record(record: Any) -> None:
 
 
 class TinySize(StrEnum):
-    """Sizes of the test models (worker/training/tiny.py)."""
+    """Sizes of the test models (worker/tiny_models.py)."""
 
     default = "default"
     m5 = "5m"

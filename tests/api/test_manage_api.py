@@ -139,7 +139,7 @@ def test_queue_position(client: Any, bob_headers: dict[str, str]) -> None:
 
 
 def test_models_list(client: Any, settings: Settings) -> None:
-    from worker.training.tiny import make_tiny_gpt2
+    from worker.tiny_models import make_tiny_gpt2
 
     make_tiny_gpt2(settings.models_path / "gpt2")
     (settings.models_path / "broken").mkdir()

@@ -104,7 +104,7 @@ def test_submit_watch_download_merge(tiny_dir: Path, tmp_path: Path) -> None:
         assert merged.returncode == 0, merged.stderr[-2000:]
         assert (tmp_path / "merged" / "config.json").exists()
         # A different base model is refused (the fingerprint covers config and weight files).
-        from worker.training.tiny import make_tiny
+        from worker.tiny_models import make_tiny
 
         other = make_tiny(tmp_path / "other-tiny", seed=1, vocab_size=384)
         refused = dep.cli(
