@@ -428,8 +428,12 @@ def reap_expired(session: Session, now: datetime | None = None) -> list[tuple[st
             job.id,
             RUNNING,
             new,
-            # Still expired: a worker that renews at the last moment keeps its job.
-            where=[Job.lease_expires_at < now],
+            # Still expired: a worker that renews at the last moment keeps its job. The cancel
+            # flag read above must still hold too (a cancel in between is not requeued).
+            where=[
+                Job.lease_expires_at < now,
+                Job.cancel_requested.is_(bool(job.cancel_requested)),
+            ],
             event=(level, message),
             updated_at=now,
             lease_expires_at=None,
@@ -482,12 +486,26 @@ def release_job(session: Session, lease: Lease, step: int | None) -> bool:
     checkpointed it on request); False if it was no longer ours."""
     where = f"checkpointed at step {step}" if step is not None else "before its first step"
     now = utcnow()
+    # A cancel that arrived while it drained wins: the job ends cancelled rather than going back
+    # to the queue with a cancel request no worker would ever act on.
+    if transition(
+        session,
+        lease.job_id,
+        RUNNING,
+        CANCELLED,
+        where=[*lease.holds(), Job.cancel_requested.is_(True)],
+        event=("info", f"worker draining: {where}; cancel requested, job cancelled"),
+        lease_expires_at=None,
+        finished_at=now,
+        updated_at=now,
+    ):
+        return True
     return transition(
         session,
         lease.job_id,
         RUNNING,
         QUEUED,
-        where=lease.holds(),
+        where=[*lease.holds(), Job.cancel_requested.is_(False)],
         event=("warning", f"worker draining: {where}; requeued"),
         worker_id=None,
         lease_expires_at=None,
