@@ -39,6 +39,7 @@ from shared.services.runs import Lease, LeaseLost
 from shared.spec import JobSpec
 from shared.storage import Storage, storage_from_url
 from worker import fleet
+from worker.host_memory import oom_kills
 from worker.training import events
 from worker.training.checkpoints import CheckpointPolicy
 from worker.training.failures import Failure, FailureClass, classify, read_log
@@ -296,6 +297,7 @@ class JobRunner:
         self.outbox = Outbox(lease, self.storage, self.policy.keep)
         self._last_progress_write = 0.0
         self.guard: MemoryGuard | None = None
+        self._oom_kills_before: int | None = None
 
     # ------------------------------------------------------------------ retrying
     def _retry(self, what: str, action: Callable[[], T]) -> T | None:
@@ -496,6 +498,7 @@ class JobRunner:
             data_cache_dir=job_cache_dir(self.settings.data_dir, self.job_id),
         )
         self.guard = MemoryGuard(memory_limit(self.settings))
+        self._oom_kills_before = oom_kills()
         result = run.run(on_record=self._handle, control=self._control, watchdog=self.guard)
         return self._conclude(run, result)
 
@@ -537,6 +540,16 @@ class JobRunner:
                 "shows what the job needs). Lower training.batch_size or "
                 "training.max_seq_length, or enable training.gradient_checkpointing.",
             )
+        if result.exit_code == -9 and self._oom_killer_struck():
+            return Failure(
+                "out_of_memory",
+                FailureClass.USER,
+                f"out of memory: the kernel's OOM killer ended rank {rank} (SIGKILL) while this "
+                "job trained; POST /estimate shows what the job needs. Lower "
+                "training.batch_size or training.max_seq_length, enable "
+                "training.gradient_checkpointing, or bound the worker below the host's memory "
+                "with LORAFLEET_WORKER_MEMORY_LIMIT_BYTES.",
+            )
         free = shutil.disk_usage(self.work).free
         if free < DISK_FULL_BYTES:  # the rank could not even write why it failed
             return Failure(
@@ -552,6 +565,11 @@ class JobRunner:
             result.failed_rank,
             text,
         )
+
+    def _oom_killer_struck(self) -> bool:
+        """The cgroup's OOM-kill count grew during this attempt (see ``host_memory.oom_kills``)."""
+        before, after = self._oom_kills_before, oom_kills()
+        return before is not None and after is not None and after > before
 
     def _fail(self, failure: Failure, result: RunResult | None) -> str:
         log.error("job %s attempt %s: %s", self.job_id, self.attempt, failure.message)
