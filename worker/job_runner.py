@@ -32,6 +32,7 @@ from shared.config import Settings
 from shared.db import session_scope
 from shared.models import File, Job, utcnow
 from shared.queueing import publish_job
+from shared.routing import node_ranks
 from shared.services import runs, webhooks
 from shared.services.fleet import locate_base_model
 from shared.services.logs import logs_prefix
@@ -624,12 +625,7 @@ class InputError(ValueError):
 
 def ranks_for(spec: JobSpec, gpus: int, cpu_procs: int) -> int:
     """How many ranks a job trains with on this worker (``resources.gpus``: see docs/operators)."""
-    if not gpus:
-        return cpu_procs
-    wanted = spec.resources.gpus
-    if isinstance(wanted, int) and wanted > 0:
-        return min(gpus, wanted)
-    return gpus  # "all" or 0: every GPU this worker owns
+    return node_ranks(spec.resources, gpus, cpu_procs)
 
 
 def memory_limit(settings: Settings) -> int:

@@ -11,6 +11,7 @@ from sqlalchemy.exc import OperationalError
 
 from shared.config import get_settings
 from shared.db import session_scope
+from shared.models import Job
 from shared.queueing import TRAIN_TASK
 from shared.services import runs
 from shared.services.runs import Lease
@@ -67,7 +68,10 @@ def _claim(worker_id: str, job_id: str, lease_s: float) -> tuple[Lease, int] | N
                 job = runs.claim_next(
                     session, worker_id, fleet.routing_capacity(), lease_s, preferred_job_id=job_id
                 )
-                return (Lease.of(job), job.attempts) if job is not None else None
+                if job is None:
+                    return None
+                assert isinstance(job, Job), "no offer given: no gang seat"
+                return Lease.of(job), job.attempts
         except OperationalError as exc:
             if time.monotonic() > deadline:
                 log.error(
