@@ -400,12 +400,27 @@ def finish_job(
 
 def retry_job(session: Session, lease: Lease, cause: str, message: str) -> str | None:
     """An infrastructure failure ended this attempt: requeue the job (attempts kept) or, out of
-    attempts, fail it; returns the new status, or None when the lease was already gone."""
+    attempts, fail it (cancel it, if a cancel was requested); returns the new status, or None
+    when the lease was already gone."""
     row = session.get(Job, lease.job_id, populate_existing=True)
     session.rollback()
     if row is None:
         return None
     now = utcnow()
+    if row.cancel_requested:
+        # A job asked to stop is never requeued: in a gang, cancelling ends every member's
+        # ranks, and node 0 may see its peers vanish before it sees the cancel.
+        done = transition(
+            session,
+            lease.job_id,
+            RUNNING,
+            CANCELLED,
+            where=lease.holds(),
+            event=("info", "job cancelled"),
+            finished_at=now,
+            lease_expires_at=None,
+        )
+        return CANCELLED.value if done else None
     if row.attempts >= row.max_attempts:
         text = f"{message} (attempt {row.attempts} of {row.max_attempts}; no attempts left)"
         done = transition(
