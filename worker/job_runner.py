@@ -550,12 +550,16 @@ class JobRunner:
         if not self._settle():  # the drain checkpoint must be committed before release
             return "lost"
 
-        def release() -> bool:
+        def release() -> str | None:
             with session_scope() as session:
                 return runs.release_job(session, self.lease, step)
 
-        if self._retry("release", release):
+        status = self._retry("release", release)
+        if status == "queued":
             self._publish()
+        elif status == "cancelled":
+            webhooks.notify_final(self.job_id, self.settings)
+            return status
         return "released"
 
     def _conclude_member(self, result: RunResult) -> str:

@@ -407,20 +407,8 @@ def retry_job(session: Session, lease: Lease, cause: str, message: str) -> str |
     if row is None:
         return None
     now = utcnow()
-    if row.cancel_requested:
-        # A job asked to stop is never requeued: in a gang, cancelling ends every member's
-        # ranks, and node 0 may see its peers vanish before it sees the cancel.
-        done = transition(
-            session,
-            lease.job_id,
-            RUNNING,
-            CANCELLED,
-            where=lease.holds(),
-            event=("info", "job cancelled"),
-            finished_at=now,
-            lease_expires_at=None,
-        )
-        return CANCELLED.value if done else None
+    if _cancel_if_requested(session, lease):
+        return CANCELLED.value
     if row.attempts >= row.max_attempts:
         text = f"{message} (attempt {row.attempts} of {row.max_attempts}; no attempts left)"
         done = transition(
@@ -446,14 +434,36 @@ def retry_job(session: Session, lease: Lease, cause: str, message: str) -> str |
         lease.job_id,
         RUNNING,
         QUEUED,
-        where=lease.holds(),
+        where=[*lease.holds(), Job.cancel_requested.is_(False)],
         event=("warning", text),
         event_data={"code": cause},
         worker_id=None,
         lease_expires_at=None,
         enqueued_at=now,
     )
-    return QUEUED.value if done else None
+    if done:
+        return QUEUED.value
+    return CANCELLED.value if _cancel_if_requested(session, lease) else None
+
+
+def _cancel_if_requested(session: Session, lease: Lease) -> bool:
+    """End a job we hold as cancelled if a cancel was requested; True if it did.
+
+    A job asked to stop is never requeued: it would sit queued with the flag set, which no
+    worker claims. (In a gang, cancelling ends every member's ranks, and node 0 may see its
+    peers vanish before it sees the cancel.) Callers requeue only where the flag is still
+    clear, and come back here when that fails, so a cancel arriving in between is not lost.
+    """
+    return transition(
+        session,
+        lease.job_id,
+        RUNNING,
+        CANCELLED,
+        where=[*lease.holds(), Job.cancel_requested.is_(True)],
+        event=("info", "job cancelled"),
+        finished_at=utcnow(),
+        lease_expires_at=None,
+    )
 
 
 def reap_expired(session: Session, now: datetime | None = None) -> list[tuple[str, str]]:
@@ -554,17 +564,20 @@ def stale_queued(
     return touched
 
 
-def release_job(session: Session, lease: Lease, step: int | None) -> bool:
+def release_job(session: Session, lease: Lease, step: int | None) -> str | None:
     """Hand a running job back to the queue without spending an attempt (a draining worker
-    checkpointed it on request); False if it was no longer ours."""
+    checkpointed it on request); returns the new status (``cancelled`` when a cancel was
+    requested meanwhile), None if it was no longer ours."""
     where = f"checkpointed at step {step}" if step is not None else "before its first step"
     now = utcnow()
-    return transition(
+    if _cancel_if_requested(session, lease):
+        return CANCELLED.value
+    done = transition(
         session,
         lease.job_id,
         RUNNING,
         QUEUED,
-        where=lease.holds(),
+        where=[*lease.holds(), Job.cancel_requested.is_(False)],
         event=("warning", f"worker draining: {where}; requeued"),
         worker_id=None,
         lease_expires_at=None,
@@ -572,3 +585,6 @@ def release_job(session: Session, lease: Lease, step: int | None) -> bool:
         updated_at=now,
         attempts=Job.attempts - 1,
     )
+    if done:
+        return QUEUED.value
+    return CANCELLED.value if _cancel_if_requested(session, lease) else None

@@ -16,6 +16,7 @@ import signal
 import tarfile
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +32,15 @@ from tests.e2e.live import (
     deployment,
     descendants,
     job_body,
+    signal_tree,
+    tree,
     upload,
     wait_final,
     wait_for,
 )
+
+# One fleet for the module: its tests must run in one xdist worker.
+pytestmark = pytest.mark.xdist_group("gang-" + __name__)
 
 ROWS = chat_rows(48)
 BODY = {"max_steps": 16, "checkpoint_every_steps": 4, "batch_size": 2}
@@ -73,20 +79,39 @@ def reference(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path) -> dict[
     return load_file(str(folder / "out" / "adapter_model.safetensors"))
 
 
-@pytest.fixture
-def fleet(tmp_path: Path, tiny_dir: Path, pg_schema: str) -> Iterator[tuple[Deployment, Any]]:
-    """API + two CPU workers of one rank each, on PostgreSQL; yields (deployment, admin)."""
-    with deployment(tmp_path, {"tiny": tiny_dir}, LORAFLEET_DATABASE_URL=pg_schema, **GANG) as dep:
-        dep.key = dep.create_key("alice")
-        dep.start_api()
-        admin = dep.client(dep.create_key("ops", admin=True))
-        dep.start_worker("worker-a")
-        dep.start_worker("worker-b")
-        wait_for(lambda: len(_workers(admin)) == 2, 120, 0.5, "two workers to register")
-        try:
-            yield dep, admin
-        finally:
-            admin.close()
+@pytest.fixture(scope="module")
+def fleet(
+    tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path
+) -> Iterator[tuple[Deployment, Any]]:
+    """API + two CPU workers of one rank each, on PostgreSQL, shared by this module's tests;
+    yields (deployment, admin client)."""
+    import secrets
+
+    from sqlalchemy import create_engine, text
+
+    base = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+    schema = f"e2e_gang_{secrets.token_hex(4)}"
+    engine = create_engine(base, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(text(f"CREATE SCHEMA {schema}"))
+    url = f"{base}?options=-csearch_path%3D{schema}"
+    root = tmp_path_factory.mktemp("gang")
+    try:
+        with deployment(root, {"tiny": tiny_dir}, LORAFLEET_DATABASE_URL=url, **GANG) as dep:
+            dep.key = dep.create_key("alice")
+            dep.start_api()
+            admin = dep.client(dep.create_key("ops", admin=True))
+            dep.start_worker("worker-a")
+            dep.start_worker("worker-b")
+            wait_for(lambda: len(_workers(admin)) == 2, 120, 0.5, "two workers to register")
+            try:
+                yield dep, admin
+            finally:
+                admin.close()
+    finally:
+        with engine.connect() as conn:
+            conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
+        engine.dispose()
 
 
 def _workers(admin: httpx.Client) -> list[dict[str, Any]]:
@@ -181,54 +206,102 @@ def test_two_workers_train_one_world(
     assert diff < TOLERANCE
 
 
-def test_killed_member_the_gang_resumes_on_new_members(
+def _timeline(http: httpx.Client, job_id: str) -> str:
+    rows = http.get(f"/jobs/{job_id}/events").json()["data"]
+    start = datetime.fromisoformat(rows[0]["created_at"])
+    return "\n".join(
+        f"  {(datetime.fromisoformat(e['created_at']) - start).total_seconds():6.1f}s "
+        f"{e['message'][:110]}"
+        for e in rows
+    )
+
+
+def _spare_worker(dep: Deployment, admin: httpx.Client, name: str) -> None:
+    """One more idle worker, registered before the fault, so recovery does not wait for it."""
+    before = len([w for w in _workers(admin) if w["status"] != "offline"])
+    dep.start_worker(name)
+    wait_for(
+        lambda: len([w for w in _workers(admin) if w["status"] != "offline"]) > before,
+        120,
+        0.5,
+        f"{name} to register",
+    )
+
+
+def _resumed(http: httpx.Client, job_id: str, attempt: int) -> str | None:
+    found = [m for m in _events(http, job_id) if m.endswith(f"(attempt {attempt})")]
+    return found[0] if found and found[0].startswith("resumed from step") else None
+
+
+def _node(dep: Deployment, rank: str) -> Any:
+    """The worker process whose training process runs global rank ``rank``."""
+    training = [p for p in dep.procs[1:] if p.poll() is None and descendants(p.pid)]
+    return next(p for p in training if rank in _global_ranks(p.pid))
+
+
+def test_killed_then_frozen_member_the_gang_resumes_each_time(
     fleet: tuple[Deployment, Any], reference: dict[str, torch.Tensor], tmp_path: Path
 ) -> None:
-    """SIGKILL node 0's worker (it hosts the rendezvous): node 1's ranks end too (no orphan on
-    either side), the reaper requeues the gang, and a new gang (node 1's worker and a fresh one)
-    resumes from the last checkpoint to the same adapter."""
+    """Two faults in one job, each costing one attempt and at most one checkpoint interval:
+
+    1. SIGKILL node 0's worker (it hosts the rendezvous): its ranks die with it, node 1's ranks
+       end too (no orphan on either side), the reaper requeues the gang, and a new gang resumes
+       from the last checkpoint.
+    2. SIGSTOP node 1's worker and its ranks: its seat lapses, the reaper requeues the gang,
+       node 0 is fenced (its ranks, stuck in a collective with the frozen ones, are ended), a
+       third gang resumes. Thawed, the frozen worker's ranks end and it changes nothing.
+
+    The adapter equals the uninterrupted 2-process reference.
+    """
     dep, admin = fleet
+    _spare_worker(dep, admin, "worker-c")  # three workers: a gang of two can re-form at once
     with dep.client() as http:
         body = {**job_body(upload(http, ROWS), **BODY), "resources": {"nodes": 2}}
         job_id = http.post("/jobs", json=body).json()["id"]
         wait_for(lambda: _step(http, job_id) >= 6, 240, 0.1, "step 6")
         first = http.get(f"/jobs/{job_id}").json()["workers"]
-        # Node 0's worker is the one whose training process runs global rank 0.
-        workers = dep.procs[1:]
-        killed = next(p for p in workers if "0" in _global_ranks(p.pid))
-        survivor = next(p for p in workers if p is not killed)
+        killed, survivor = _node(dep, "0"), _node(dep, "1")
         ranks = {"killed": descendants(killed.pid), "survivor": descendants(survivor.pid)}
-        assert ranks["killed"] and ranks["survivor"], "both workers should be training"
         os.kill(killed.pid, signal.SIGKILL)
         killed.wait()
         killed_at = time.monotonic()
         wait_for(lambda: not alive(ranks["killed"]), 15, 0.2, "node 0's ranks to die with it")
         wait_for(lambda: not alive(ranks["survivor"]), 60, 0.2, "node 1's ranks to end")
-        dep.start_worker("worker-c")
-        resumed = wait_for(
-            lambda: [m for m in _events(http, job_id) if m.startswith("resumed from step")],
-            240,
-            0.3,
-            "the new gang to resume",
-        )
-        resumed_after = time.monotonic() - killed_at
+        _spare_worker(dep, admin, "worker-d")  # replaces the dead one while gang 2 trains
+        resumed = wait_for(lambda: _resumed(http, job_id, 2), 240, 0.3, "gang 2 to resume")
+        after_kill = time.monotonic() - killed_at
+        assert first[0] not in http.get(f"/jobs/{job_id}").json()["workers"]
+
+        step = int(resumed.split()[3])
+        wait_for(lambda: _step(http, job_id) >= step + 3, 240, 0.1, f"step {step + 3}")
+        frozen = tree(_node(dep, "1").pid)
+        signal_tree(frozen, signal.SIGSTOP)
+        frozen_at = time.monotonic()
+        resumed_again = wait_for(lambda: _resumed(http, job_id, 3), 240, 0.3, "gang 3 to resume")
+        after_freeze = time.monotonic() - frozen_at
+        signal_tree(frozen, signal.SIGCONT)
+        wait_for(lambda: not alive(frozen[1:]), 60, 0.2, "the thawed ranks to end")
+
         final = wait_final(http, job_id, timeout=400)
-        assert final["status"] == "succeeded", (final, _events(http, job_id))
-        assert final["attempts"] >= 2
-        assert resumed[0].endswith(f"(attempt {final['attempts']})"), resumed
-        step = int(resumed[0].split()[3])
-        assert 4 <= step <= 8  # the last checkpoint before the kill (every 4 steps)
-        assert first[0] not in final["workers"] and len(final["workers"]) == 2
-        events = _events(http, job_id)
-        assert any("gang member lost" in m or "collective" in m for m in events), events
+        assert final["status"] == "succeeded", (final, _timeline(http, job_id))
+        assert final["attempts"] == 3 and len(final["workers"]) == 2
+        steps = [int(resumed.split()[3]), int(resumed_again.split()[3])]
+        assert all(n % BODY["checkpoint_every_steps"] == 0 for n in steps), steps
+        assert sum("gang member lost" in m for m in _events(http, job_id)) == 2
+        time.sleep(8)  # longer than a lease: nothing of the thawed worker may change the outcome
+        again = http.get(f"/jobs/{job_id}").json()
+        assert again["finished_at"] == final["finished_at"] and again["status"] == "succeeded"
+        metrics = http.get(f"/jobs/{job_id}/metrics").json()["data"]
+        assert [m["step"] for m in metrics] == list(range(1, BODY["max_steps"] + 1))
         manifest, weights = _adapter(http, job_id, tmp_path / "served")
         assert manifest["world_size"] == 2
         diff = _max_diff(reference, weights)
+        timeline = _timeline(http, job_id)
     for proc in dep.procs[1:]:
         if proc.poll() is None:
             wait_for(lambda p=proc: not descendants(p.pid), 30, 0.3, "no training process left")
     print(
-        f"\nnode 0 killed at step >= 6 -> resumed from step {step} after {resumed_after:.1f}s; "
-        f"attempts {final['attempts']}; max |adapter diff| {diff:.2e}"
+        f"\nnode 0 SIGKILLed -> {resumed} after {after_kill:.1f}s; node 1 SIGSTOPped -> "
+        f"{resumed_again} after {after_freeze:.1f}s; max |adapter diff| {diff:.2e}\n{timeline}"
     )
     assert diff < TOLERANCE
