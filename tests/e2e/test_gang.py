@@ -165,6 +165,16 @@ def test_two_workers_train_one_world(
         refused = http.post("/jobs", json={**job_body(file_id, **BODY), "resources": {"nodes": 3}})
         assert refused.status_code == 422, refused.text
         assert "resources.nodes" in refused.text and "needs 3 workers at once" in refused.text
+        # Cancel stops every member: both workers' ranks end, the job ends cancelled.
+        doomed = http.post(
+            "/jobs", json={**job_body(file_id, **BODY), "resources": {"nodes": 2}}
+        ).json()["id"]
+        wait_for(lambda: all(descendants(p.pid) for p in dep.procs[1:]), 120, 0.2, "gang ranks")
+        assert http.post(f"/jobs/{doomed}/cancel").status_code == 200
+        assert wait_final(http, doomed, timeout=60)["status"] == "cancelled"
+        for proc in dep.procs[1:]:
+            wait_for(lambda p=proc: not descendants(p.pid), 30, 0.2, "every rank to end")
+
         started = time.monotonic()
         job = http.post("/jobs", json={**job_body(file_id, **BODY), "resources": {"nodes": 2}})
         assert job.status_code == 201, job.text
