@@ -19,6 +19,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from sqlalchemy.exc import OperationalError
+
 from shared.config import Settings
 from shared.db import session_scope
 from shared.services import gangs
@@ -46,8 +48,15 @@ class GangWait:
         period = min(self.poll_seconds, lease_s / 4)
         deadline = self.clock() + self.settings.gang_wait_seconds
         while True:
-            with session_scope() as session:
-                state = gangs.poll(session, self.seat, lease_s)
+            try:
+                with session_scope() as session:
+                    state = gangs.poll(session, self.seat, lease_s)
+            except OperationalError as exc:  # busy or briefly unreachable: the seat lease waits
+                log.warning("gang poll failed, retrying: %s", str(exc).splitlines()[0])
+                if self.clock() > deadline:
+                    return None
+                time.sleep(period)
+                continue
             if isinstance(state, GangPlan):
                 return state
             if state != FORMING:
@@ -59,7 +68,10 @@ class GangWait:
             if self.clock() > deadline:
                 self.gave_up.add(self.seat.job_id)
                 return self._give_up(f"not full after {self.settings.gang_wait_seconds:.0f} s")
-            self._move_earlier()
+            try:
+                self._move_earlier()
+            except OperationalError as exc:
+                log.warning("looking for an earlier gang failed: %s", str(exc).splitlines()[0])
             time.sleep(period)
 
     def _move_earlier(self) -> None:
