@@ -446,7 +446,7 @@ def retry_job(session: Session, lease: Lease, cause: str, message: str) -> str |
     return CANCELLED.value if _cancel_if_requested(session, lease) else None
 
 
-def _cancel_if_requested(session: Session, lease: Lease) -> bool:
+def _cancel_if_requested(session: Session, lease: Lease, message: str = "job cancelled") -> bool:
     """End a job we hold as cancelled if a cancel was requested; True if it did.
 
     A job asked to stop is never requeued: it would sit queued with the flag set, which no
@@ -460,7 +460,7 @@ def _cancel_if_requested(session: Session, lease: Lease) -> bool:
         RUNNING,
         CANCELLED,
         where=[*lease.holds(), Job.cancel_requested.is_(True)],
-        event=("info", "job cancelled"),
+        event=("info", message),
         finished_at=utcnow(),
         lease_expires_at=None,
     )
@@ -515,8 +515,9 @@ def reap_expired(session: Session, now: datetime | None = None) -> list[tuple[st
             job.id,
             RUNNING,
             new,
-            # Still expired: a worker that renews at the last moment keeps its job.
-            where=[lost],
+            # Still expired: a worker that renews at the last moment keeps its job. The cancel
+            # flag read above must still hold too (a cancel in between is not requeued).
+            where=[lost, Job.cancel_requested.is_(bool(job.cancel_requested))],
             event=(level, message),
             updated_at=now,
             lease_expires_at=None,
@@ -570,7 +571,10 @@ def release_job(session: Session, lease: Lease, step: int | None) -> str | None:
     requested meanwhile), None if it was no longer ours."""
     where = f"checkpointed at step {step}" if step is not None else "before its first step"
     now = utcnow()
-    if _cancel_if_requested(session, lease):
+    # A cancel that arrived while it drained wins: the job ends cancelled rather than going back
+    # to the queue with a cancel request no worker would ever act on.
+    drained = f"worker draining: {where}; cancel requested, job cancelled"
+    if _cancel_if_requested(session, lease, drained):
         return CANCELLED.value
     done = transition(
         session,
@@ -587,4 +591,4 @@ def release_job(session: Session, lease: Lease, step: int | None) -> str | None:
     )
     if done:
         return QUEUED.value
-    return CANCELLED.value if _cancel_if_requested(session, lease) else None
+    return CANCELLED.value if _cancel_if_requested(session, lease, drained) else None
