@@ -49,6 +49,25 @@ class Settings(BaseSettings):
     )
     worker_gpu_type: str | None = Field(None, description="Override the detected GPU type label.")
     lease_seconds: float = Field(30.0, gt=0, description="A running job's lease.")
+    gang_wait_seconds: float = Field(
+        120.0,
+        gt=0,
+        description="How long a worker holds a seat in a multi-node job's gang that is not full "
+        "yet; then it gives the seat back and takes other work once before trying again.",
+    )
+    worker_address: str | None = Field(
+        None,
+        max_length=255,
+        description="Address the other workers of a gang reach this worker at (the rendezvous "
+        "host when it is node 0); default: this host name's address.",
+    )
+    rendezvous_port: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        description="TCP port this worker hosts a gang's rendezvous on when it is node 0; "
+        "0: a free port picked at each join (open a fixed one in firewalls).",
+    )
     requeue_grace_seconds: float = Field(
         60.0, gt=0, description="A queued job older than this with no claim is re-published."
     )

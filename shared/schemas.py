@@ -153,6 +153,12 @@ class JobObject(BaseModel):
         description="While queued: 1 = the next job a free worker takes (priority, then "
         "fair share between owners, then age). Null once running or final.",
     )
+    workers: list[str] = Field(
+        default_factory=list,
+        description="Ids of the workers training it, by node rank (resources.nodes > 1: the "
+        "gang's members; node 0 hosts the rendezvous and reports progress). While a gang "
+        "forms: the workers holding seats so far. Empty when no worker has it.",
+    )
 
     @field_validator("progress", mode="before")
     @classmethod

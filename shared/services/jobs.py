@@ -25,7 +25,7 @@ from shared.ids import new_job_id
 from shared.models import Checkpoint, File, Job, JobEvent, JobMetric, utcnow
 from shared.queueing import DEFAULT_QUEUE, publish_job
 from shared.routing import requirements
-from shared.services.fleet import check_job_fits, model_info, with_default_targets
+from shared.services.fleet import check_job_fits, model_info, with_default_targets, with_nodes
 from shared.services.transitions import rowcount, transition
 from shared.spec import JobSpec
 from shared.states import ACTIVE, CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED
@@ -104,7 +104,7 @@ def create_job(
     # (models_dir/org/name), allowed hub ids and patterns such as "my-org/*"; paths refused.
     _check_webhook(spec.webhook_url, settings)
     info = model_info(spec, settings)
-    spec = with_default_targets(spec, info)
+    spec = with_nodes(session, with_default_targets(spec, info), settings)
     # target_modules, routing and memory against the registered fleet: refuse now what could
     # never run, with the reason, instead of a job that waits forever or fails on a worker.
     check_job_fits(session, spec, settings, info)
@@ -140,6 +140,7 @@ def create_job(
         webhook_url=spec.webhook_url,
         gpus_required=gpus_required,
         gpu_type=gpu_type,
+        nodes=spec.resources.nodes,
     )
     session.add(job)
     session.add(JobEvent(job_id=job.id, level="info", message="job created", created_at=now))
@@ -153,7 +154,7 @@ def create_job(
         return _replay(existing, digest)
 
     try:
-        publish_job(job.id, job.queue, job.priority)
+        publish_job(job.id, job.queue, job.priority, tokens=job.nodes)
     except Exception:  # the reaper re-publishes queued jobs without a live message
         log.exception("publishing job %s failed; it stays queued for the reaper", job.id)
     return job, True

@@ -23,7 +23,7 @@ from typing import Any
 from shared.spec import JobSpec
 from worker.training import events
 from worker.training.checkpoints import CheckpointPolicy
-from worker.training.launch import EXIT_PREEMPTED, RankGroup, launch
+from worker.training.launch import EXIT_PREEMPTED, RankGroup, Rendezvous, launch
 
 
 class Outcome(StrEnum):
@@ -112,6 +112,7 @@ class TrainingRun:
     checkpoint_dir: Path | None = None
     policy: CheckpointPolicy = field(default_factory=CheckpointPolicy)
     data_cache_dir: Path | None = None
+    rendezvous: Rendezvous | None = None  # this host's part of a multi-node world (launch.py)
     poll_seconds: float = 0.2
     cancel_grace_seconds: float = 2.0
     group: RankGroup | None = field(default=None, init=False)
@@ -136,6 +137,7 @@ class TrainingRun:
             resume_from=self.resume_from,
             keep_checkpoints=self.policy.keep,
             cache_dir=self.data_cache_dir,
+            rendezvous=self.rendezvous,
         )
         return self.group
 
