@@ -95,6 +95,16 @@ class Event(Record):
 
 
 @dataclass(frozen=True)
+class Started(Record):
+    """Setup is done and the first step begins: how this run trains (``strategy``: ``ddp`` or
+    ``fsdp``, what ``training.strategy`` resolved to on these devices; ``world_size`` ranks)."""
+
+    kind: ClassVar[str] = "started"
+    strategy: str
+    world_size: int
+
+
+@dataclass(frozen=True)
 class CheckpointSaved(Record):
     """A complete checkpoint folder (renamed into place) at ``path`` after ``step``."""
 
@@ -138,7 +148,8 @@ class Error(Record):
 
 
 RECORD_TYPES: dict[str, type[Record]] = {
-    cls.kind: cls for cls in (Step, Event, CheckpointSaved, Resumed, Preempted, Done, Error)
+    cls.kind: cls
+    for cls in (Step, Event, Started, CheckpointSaved, Resumed, Preempted, Done, Error)
 }
 
 
