@@ -293,6 +293,7 @@ def _print_record(record: Any) -> None:
         line = (
             f"step {record.step}/{record.total_steps}  loss {loss}"
             + (f"  eval {record.eval_loss:.4f}" if record.eval_loss is not None else "")
+            + (f"  gnorm {record.grad_norm:.3f}" if record.grad_norm is not None else "")
             + f"  lr {record.learning_rate or 0:.2e}  {record.tokens_per_second or 0:,.0f} tok/s"
             + f"  eta {record.eta_seconds or 0:.0f}s"
         )

@@ -56,6 +56,7 @@ import torch
 import torch.distributed as dist
 from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 from transformers import PreTrainedModel, get_scheduler
 
@@ -194,6 +195,7 @@ class LoraTrainer:
         self.stop_agreed = False
         self.eval_loss: float | None = None
         self.train_loss: float | None = None
+        self.grad_norm: float | None = None  # before clipping; None when clipping is off
         self.resume_state: dict[str, Any] | None = None
 
     # ---------------------------------------------------------------- reporting
@@ -581,20 +583,25 @@ class LoraTrainer:
                 scaled = loss_sum * (self.dist.world_size / global_tokens)
                 self.scaler.scale(scaled).backward()
             local_sum += loss_sum.detach().float()  # stays on the device: no sync per micro-step
-        if self.spec.training.max_grad_norm is not None:
+        norm = torch.zeros((), device=self.device)
+        clip = self.spec.training.max_grad_norm
+        if clip is not None:
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(
-                [p for p in self.loss_module.parameters() if p.requires_grad],
-                self.spec.training.max_grad_norm,
+            norm = torch.nn.utils.clip_grad_norm_(
+                [p for p in self.loss_module.parameters() if p.requires_grad], clip
             )
+            if isinstance(norm, DTensor):  # FSDP: already reduced over the shards
+                norm = norm.full_tensor()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        # The preemption flag rides on the loss all-reduce: every rank stops after the same step.
+        # The preemption flag and the gradient norm (the same on every rank) ride on the loss
+        # all-reduce: every rank stops after the same step, and the step has one sync.
         stop = torch.full((), float(self.stop_requested), device=self.device)
-        total, agreed = self._all_sum(local_sum, stop)
+        total, agreed, norms = self._all_sum(local_sum, stop, norm)
         self.stop_agreed = agreed > 0
+        self.grad_norm = norms / self.dist.world_size if clip is not None else None
         return total / global_tokens
 
     def _gradient_sync(self, last: bool) -> contextlib.AbstractContextManager[Any]:
@@ -658,6 +665,7 @@ class LoraTrainer:
                         total_steps=self.total_steps,
                         epoch=round(done / self.plan.steps_per_epoch, 4),
                         train_loss=self.train_loss,
+                        grad_norm=self.grad_norm,
                         eval_loss=self.eval_loss,
                         evaluated=evaluated,
                         learning_rate=self.scheduler.get_last_lr()[0],

@@ -71,6 +71,9 @@ class Step(Record):
     tokens_per_second: float | None = None
     eta_seconds: float | None = None
     trained_tokens: int | None = None
+    # The gradients' total norm before clipping (None when training.max_grad_norm is null): the
+    # same for every strategy and world size, so a wrong gradient reduction shows here first.
+    grad_norm: float | None = None
 
     def snapshot(self) -> dict[str, Any]:
         """What ``GET /jobs/{id}/progress`` shows for this step."""
