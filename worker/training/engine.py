@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import gc
 import json
 import math
 import os
@@ -469,6 +470,7 @@ class LoraTrainer:
             whole = self.source.state_dict() if self.source is not None else None
             fill_from_rank0(self.peft_model, self.loss_module, whole, self.device)
             self.source = whole = None  # rank 0's whole copy is gone before the first step
+            gc.collect()  # peft's modules hold reference cycles: free the copy now, not later
             self.model: torch.nn.Module = self.loss_module  # fully_shard wraps in place
             return
         if not self.dist.enabled:
