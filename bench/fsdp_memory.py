@@ -1,12 +1,18 @@
 """Per-rank memory and throughput of FSDP2 against DDP: what sharding saves and what it costs.
 
     .venv/bin/python -m bench.fsdp_memory                     # 40m and deep (~120M), fp32, CPU
-    .venv/bin/python -m bench.fsdp_memory --size 40m --steps 4 --warmup 1     # quick look
+    .venv/bin/python -m bench.fsdp_memory --size 40m --steps 3     # quick look
 
-Three runs of the engine per model, on the same global batch (``--batch`` rows of ``--seq``
-tokens per step) and data: 1 DDP rank (the replica alone), 2 DDP ranks and 2 FSDP ranks. Each
-rank is a fresh interpreter running ``LoraTrainer`` with launch.py's environment (RANK,
-WORLD_SIZE, ...), and reports:
+Three runs of the engine per model, each rank with the same batch (``--batch`` rows of ``--seq``
+tokens per micro-step, so activations are alike on every rank of every run) and data: 1 DDP rank
+(the replica alone), 2 DDP ranks and 2 FSDP ranks (the same work, sharded). Each rank is a fresh
+interpreter running ``LoraTrainer`` with launch.py's environment (RANK, WORLD_SIZE, ...). Every
+configuration runs twice: a memory pass of 2 steps with ``MALLOC_MMAP_THRESHOLD_`` at 128 KiB, so
+that glibc returns a freed tensor's pages at once and RSS follows the live tensors rather than
+the allocator's cache (FSDP frees and re-allocates every gathered layer twice per step; without
+it the FSDP ranks' RSS showed ~100 MB of cache on the 40m model), and a speed pass of ``--steps``
+with the default allocator (the threshold costs a page fault per large allocation). Each rank
+reports (memory pass):
 
 - **base MB**: the frozen base's parameter bytes this rank holds between steps (the local shard of
   every frozen parameter under FSDP); **adapter MB**: the trainable LoRA parameters' bytes.
@@ -17,12 +23,13 @@ WORLD_SIZE, ...), and reports:
 - **train peak MB**: the peak RSS during the training steps (VmHWM reset after setup through
   ``/proc/self/clear_refs``) minus the RSS before setup: the base held, the gathered layers, the
   activations of one rank's rows, the optimizer.
-- **tok/s**: real tokens of the whole job per second after ``--warmup`` untimed steps.
+- **tok/s** (speed pass): real tokens of the whole job per second after ``--warmup`` untimed
+  steps.
 
 Ratios printed: FSDP rank / DDP replica for base MB (the frozen base must shrink about by the rank
-count), train peak MB and tokens/s (against both the 1-rank and the 2-rank DDP run: the second is
-the cost of sharding at equal parallelism). On these CPU machines the ranks share two cores and
-the host's RAM: tokens/s compares configurations, not hardware, and RSS includes allocator slack.
+count) and for the training peak; tokens/s of 2 FSDP ranks against 2 DDP ranks (the cost of
+sharding at equal work and parallelism). On these CPU machines the ranks share the cores (threads
+are split between them) and the host's RAM: tokens/s compares configurations, not hardware.
 """
 
 from __future__ import annotations
@@ -103,7 +110,7 @@ def rank_main(cfg_path: str, result_dir: str) -> int:
             "lora": common.LORA,
             "training": {
                 "max_steps": cfg["steps"],
-                "batch_size": cfg["batch"] // info.world_size,
+                "batch_size": cfg["batch"],
                 "learning_rate": 2e-4,
                 "max_seq_length": cfg["seq"],
                 "precision": "fp32",
@@ -153,7 +160,12 @@ def rank_main(cfg_path: str, result_dir: str) -> int:
 
 
 # --------------------------------------------------------------------------- parent
-def run(cfg: dict[str, Any], nproc: int, timeout: float) -> list[dict[str, Any]]:
+MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+
+
+def run(
+    cfg: dict[str, Any], nproc: int, timeout: float, extra_env: dict[str, str] | None = None
+) -> list[dict[str, Any]]:
     """One configuration over ``nproc`` fresh rank processes; their reports, by rank."""
     work = Path(tempfile.mkdtemp(prefix="bench-fsdp-"))
     (work / "cfg.json").write_text(json.dumps(cfg))
@@ -169,6 +181,7 @@ def run(cfg: dict[str, Any], nproc: int, timeout: float) -> list[dict[str, Any]]
             "MASTER_ADDR": "127.0.0.1",
             "MASTER_PORT": str(port),
             "TOKENIZERS_PARALLELISM": "false",
+            **(extra_env or {}),
         }
         log = open(work / f"rank{rank}.log", "wb")  # noqa: SIM115 (closed by the child's exit)
         procs.append(
@@ -207,6 +220,7 @@ def tokens_per_s(rank0: dict[str, Any], warmup: int) -> float:
 
 def run_size(size: str, args: argparse.Namespace) -> dict[str, Any]:
     model = model_dir(size)
+    seq = args.seq or (512 if size == "40m" else 256)
     data = common.write_jsonl(
         common.REPO / "data" / "bench-data" / f"rows-{args.rows}.jsonl",
         common.bench_rows(args.rows),
@@ -218,27 +232,35 @@ def run_size(size: str, args: argparse.Namespace) -> dict[str, Any]:
         "cache": str(cache),
         "steps": args.steps,
         "batch": args.batch,
-        "seq": args.seq,
+        "seq": seq,
     }
     runs = {}
     for name, strategy, nproc in RUNS:
-        print(f"[bench] {size} {name} ...", file=sys.stderr, flush=True)
-        reports = run({**base, "strategy": strategy}, nproc, args.timeout)
-        assert all(r["strategy"] == strategy for r in reports), reports
-        runs[name] = {"ranks": reports, "tokens_per_s": tokens_per_s(reports[0], args.warmup)}
+        print(f"[bench] {size} {name}: memory ...", file=sys.stderr, flush=True)
+        cfg = {**base, "strategy": strategy}
+        reports = run({**cfg, "steps": 2}, nproc, args.timeout, MEMORY_ENV)
+        print(f"[bench] {size} {name}: speed ...", file=sys.stderr, flush=True)
+        timed = run(cfg, nproc, args.timeout)
+        assert all(r["strategy"] == strategy for r in reports + timed), reports
+        runs[name] = {
+            "ranks": reports,
+            "batch": args.batch,
+            "tokens_per_s": tokens_per_s(timed[0], args.warmup),
+            "final_loss": timed[0]["final_loss"],
+        }
     replica, fsdp = runs["ddp x1"]["ranks"][0], runs["fsdp x2"]["ranks"]
     peaks = [r["train_peak_bytes"] for r in fsdp]
+    fsdp_tps: float = runs["fsdp x2"]["tokens_per_s"]
+    ddp_tps: float = runs["ddp x2"]["tokens_per_s"]
     ratios = {
         "base_fsdp_rank_vs_replica": max(r["base_bytes"] for r in fsdp) / replica["base_bytes"],
         "train_peak_fsdp_rank_vs_replica": (max(peaks) / replica["train_peak_bytes"])
         if None not in peaks and replica["train_peak_bytes"]
         else None,
-        "tokens_per_s_fsdp2_vs_ddp1": runs["fsdp x2"]["tokens_per_s"]
-        / runs["ddp x1"]["tokens_per_s"],
-        "tokens_per_s_fsdp2_vs_ddp2": runs["fsdp x2"]["tokens_per_s"]
-        / runs["ddp x2"]["tokens_per_s"],
+        "tokens_per_s_fsdp2_vs_ddp2": fsdp_tps / ddp_tps,
     }
-    return {"size": size, "model": common.model_shape(model), "runs": runs, "ratios": ratios}
+    shape = common.model_shape(model)
+    return {"size": size, "seq": seq, "model": shape, "runs": runs, "ratios": ratios}
 
 
 def report(result: dict[str, Any]) -> str:
@@ -270,7 +292,8 @@ def report(result: dict[str, Any]) -> str:
     ]
     ratios = result["ratios"]
     lines = [
-        f"model {result['size']}: {result['model']}",
+        f"model {result['size']} ({result['seq']} tokens x {result['runs']['ddp x1']['batch']} "
+        f"rows per rank): {result['model']}",
         common.table(headers, rows),
         f"  frozen base per FSDP rank / replica: {ratios['base_fsdp_rank_vs_replica']:.3f}",
     ]
@@ -278,10 +301,7 @@ def report(result: dict[str, Any]) -> str:
         lines.append(
             f"  train peak per FSDP rank / replica: {ratios['train_peak_fsdp_rank_vs_replica']:.3f}"
         )
-    lines.append(
-        f"  tokens/s fsdp x2 / ddp x1: {ratios['tokens_per_s_fsdp2_vs_ddp1']:.2f}   "
-        f"fsdp x2 / ddp x2: {ratios['tokens_per_s_fsdp2_vs_ddp2']:.2f}"
-    )
+    lines.append(f"  tokens/s fsdp x2 / ddp x2: {ratios['tokens_per_s_fsdp2_vs_ddp2']:.2f}")
     return "\n".join(lines)
 
 
@@ -290,10 +310,10 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument("--size", choices=["40m", "deep", "both"], default="both")
-    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=1, help="untimed first steps")
-    parser.add_argument("--seq", type=int, default=512)
-    parser.add_argument("--batch", type=int, default=4, help="global rows per step")
+    parser.add_argument("--seq", type=int, default=0, help="tokens per row (0: 512 / deep 256)")
+    parser.add_argument("--batch", type=int, default=2, help="rows per rank per step")
     parser.add_argument("--rows", type=int, default=1200, help="dataset rows")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per run")
     parser.add_argument("--rank", nargs=2, metavar=("CFG", "DIR"), help=argparse.SUPPRESS)
@@ -302,8 +322,6 @@ def main(argv: list[str] | None = None) -> int:
         return rank_main(*args.rank)
     if args.steps <= args.warmup:
         parser.error("--steps must exceed --warmup")
-    if args.batch % 2:
-        parser.error("--batch must be even (it is split over 2 ranks)")
     info = {**common.machine(), **common.versions()}
     print(f"[bench] {json.dumps(info)}", file=sys.stderr, flush=True)
     sizes = ["40m", "deep"] if args.size == "both" else [args.size]
