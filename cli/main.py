@@ -197,7 +197,10 @@ def up(
 def train(
     spec_file: Annotated[Path, typer.Argument(help="Job body JSON; files are local paths.")],
     out: Annotated[Path, typer.Option("--out", help="Adapter output folder.")],
-    nproc: Annotated[int | None, typer.Option(help="DDP processes (default: GPUs, or 1).")] = None,
+    nproc: Annotated[
+        int | None,
+        typer.Option(help="Processes, DDP or FSDP by training.strategy (default: GPUs, or 1)."),
+    ] = None,
     resume_from: Annotated[Path | None, typer.Option(help="A step_N checkpoint folder.")] = None,
     checkpoint_dir: Annotated[Path | None, typer.Option(help="Default OUT/checkpoints.")] = None,
     json_output: Annotated[

@@ -345,30 +345,40 @@ class LoraTrainer:
                 self.event("training.strategy fsdp: one process has nothing to shard; using ddp")
             return
         limit = torch.tensor(float(self._memory_per_process()), dtype=torch.float64)
-        dist.all_reduce(limit, op=dist.ReduceOp.MIN)  # every rank decides the same
+        dist.all_reduce(limit, op=dist.ReduceOp.MIN)  # the smallest rank's memory
+        # Rank 0 decides, the others follow: a rank that could not read the model (a hub
+        # download failing on one host) must not train with another strategy than its peers.
+        decision: list[Any] = [None]
+        if self.dist.is_main:
+            decision[0] = self._auto_strategy(int(limit))
+        dist.broadcast_object_list(decision, src=0)
+        self.strategy, message, data = decision[0]
+        self.event(message, level="info" if data else "warning", **data)
+
+    def _auto_strategy(self, limit: int) -> tuple[str, str, dict[str, Any]]:
+        """(strategy, event message, event data) for ``auto`` with ``limit`` bytes per rank."""
         on_gpu = self.device.type == "cuda"
         try:
-            info = read_model_info(self._model_folder())
             answer = estimate(
                 self.spec,
-                info,
+                read_model_info(self._model_folder()),
                 self.dist.world_size,
-                int(limit) if on_gpu else None,
+                limit if on_gpu else None,
                 gpu_type=torch.cuda.get_device_name(self.device) if on_gpu else None,
-                cpu_memory_per_process=None if on_gpu else int(limit),
+                cpu_memory_per_process=None if on_gpu else limit,
             )
-        except ValueError as exc:  # unreadable folder, unknown module: loading will say more
-            self.strategy = "ddp"
-            self.event(f"training.strategy auto: no estimate ({exc}); using ddp", level="warning")
-            return
-        self.strategy = answer["strategy"]
+        except Exception as exc:  # unreadable folder, hub unreachable: loading will say more
+            return "ddp", f"training.strategy auto: no estimate ({exc}); using ddp", {}
+        strategy = answer["strategy"]
         need = answer["strategies"]["ddp"]["memory_bytes"]["total"]
-        self.event(
-            f"training.strategy auto: {self.strategy} (a replica needs about "
-            f"{need / 2**30:.2f} GiB of {float(limit) / 2**30:.2f} GiB per process)",
-            strategy=self.strategy,
-            replica_bytes=need,
-            limit_bytes=int(limit),
+        message = (
+            f"training.strategy auto: {strategy} (a replica needs about {need / 2**30:.2f} GiB "
+            f"of {limit / 2**30:.2f} GiB per process)"
+        )
+        return (
+            strategy,
+            message,
+            {"strategy": strategy, "replica_bytes": need, "limit_bytes": limit},
         )
 
     def _memory_per_process(self) -> int:
