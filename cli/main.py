@@ -197,7 +197,10 @@ def up(
 def train(
     spec_file: Annotated[Path, typer.Argument(help="Job body JSON; files are local paths.")],
     out: Annotated[Path, typer.Option("--out", help="Adapter output folder.")],
-    nproc: Annotated[int | None, typer.Option(help="DDP processes (default: GPUs, or 1).")] = None,
+    nproc: Annotated[
+        int | None,
+        typer.Option(help="Processes, DDP or FSDP by training.strategy (default: GPUs, or 1)."),
+    ] = None,
     resume_from: Annotated[Path | None, typer.Option(help="A step_N checkpoint folder.")] = None,
     checkpoint_dir: Annotated[Path | None, typer.Option(help="Default OUT/checkpoints.")] = None,
     json_output: Annotated[
@@ -293,6 +296,7 @@ def _print_record(record: Any) -> None:
         line = (
             f"step {record.step}/{record.total_steps}  loss {loss}"
             + (f"  eval {record.eval_loss:.4f}" if record.eval_loss is not None else "")
+            + (f"  gnorm {record.grad_norm:.3f}" if record.grad_norm is not None else "")
             + f"  lr {record.learning_rate or 0:.2e}  {record.tokens_per_second or 0:,.0f} tok/s"
             + f"  eta {record.eta_seconds or 0:.0f}s"
         )

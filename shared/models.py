@@ -166,6 +166,9 @@ class Job(Base):
     # Set when the owner deleted a final job: its artifacts are gone from storage, the row stays
     # as a tombstone (ids are never reused, and a webhook or a log line naming it still resolves).
     deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # ddp or fsdp: what training.strategy resolved to when the latest run started (engine's
+    # Started record); null until then.
+    strategy: Mapped[str | None] = mapped_column(String(8), nullable=True)
 
     # Views of the spec and state that the public schemas read (``from_attributes``).
     @property

@@ -140,6 +140,11 @@ class JobObject(BaseModel):
     trained_tokens: int | None = Field(
         default=None, ge=0, description="Tokens trained on (with loss)."
     )
+    strategy: Literal["ddp", "fsdp"] | None = Field(
+        default=None,
+        description="The strategy the latest run trains with: what training.strategy (auto by "
+        "default) resolved to on its worker's devices. Null until a run starts.",
+    )
     fine_tuned_model: str | None = Field(
         None,
         description="`ft:<base>:<owner>:<suffix>:<job id>` once the job succeeded "

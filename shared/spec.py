@@ -84,6 +84,14 @@ class TrainingSettings(BaseModel):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto: bf16 autocast on GPUs that support it, fp32 on CPU."
     )
+    strategy: Literal["auto", "ddp", "fsdp"] = Field(
+        "auto",
+        description="How the job's processes share the model. ddp: each holds a whole replica "
+        "(fastest when it fits one device). fsdp: FSDP2 shards the frozen base, adapters and "
+        "optimizer state over the processes, for a base model too large for one device (slower: "
+        "every micro-step re-gathers the base). auto: ddp when POST /estimate says a replica "
+        "fits one device, else fsdp. One process always trains as ddp (nothing to shard).",
+    )
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Seeds data order, init and dropout.")
     checkpoint_every_steps: int | None = Field(
         None, ge=1, description="Checkpoint interval in steps; null = the service default."

@@ -179,6 +179,7 @@ class Outbox:
     events: list[tuple[str, str, dict[str, Any] | None, Any]] = field(default_factory=list)
     metrics: list[dict[str, Any]] = field(default_factory=list)
     progress: dict[str, Any] | None = None
+    strategy: str | None = None  # the run's, once it started (events.Started)
     uploads: list[_Upload] = field(default_factory=list)
     lost: bool = False
     retry_at: float = 0.0
@@ -191,7 +192,7 @@ class Outbox:
 
     @property
     def empty(self) -> bool:
-        return not (self.events or self.metrics or self.progress or self.uploads)
+        return not (self.events or self.metrics or self.progress or self.strategy or self.uploads)
 
     def pump(self, force: bool = False) -> bool:
         """Try the queued writes once (respecting backoff unless ``force``); True when empty."""
@@ -236,6 +237,10 @@ class Outbox:
             with session_scope() as session:
                 runs.add_event(session, self.lease, level, message, data, created_at=at)
             self.events.pop(0)
+        if self.strategy is not None:
+            with session_scope() as session:
+                runs.record_strategy(session, self.lease, self.strategy)
+            self.strategy = None
         if self.metrics:
             with session_scope() as session:
                 runs.add_metrics(session, self.lease, self.metrics)
@@ -430,6 +435,8 @@ class JobRunner:
                 f"resumed from step {record.step} (attempt {self.attempt})",
                 data={"step": record.step},
             )
+        elif isinstance(record, events.Started):
+            box.strategy = record.strategy
         elif isinstance(record, events.Step):
             box.metrics.append(record.metric_point())
             box.progress = record.snapshot()

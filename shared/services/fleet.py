@@ -284,6 +284,7 @@ def judge(
     )
     world = local * spec.resources.nodes
     on_gpu = worker is not None and worker.gpus > 0
+    ram = worker.host_memory_bytes if worker is not None and not on_gpu else None
     answer = estimate(
         spec,
         info,
@@ -292,8 +293,8 @@ def judge(
         dataset_rows=dataset.get("dataset_rows"),
         dataset_tokens=dataset.get("dataset_tokens"),
         gpu_type=worker.gpu_type if on_gpu and worker is not None else None,
+        cpu_memory_per_process=ram // local if ram is not None else None,
     )
-    ram = worker.host_memory_bytes if worker is not None and not on_gpu else None
     if worker is None or (not on_gpu and ram is None):
         per = answer["memory_bytes"]["total"] / _GIB
         who = "no worker has registered yet" if worker is None else "the worker reported no RAM"
@@ -304,13 +305,14 @@ def judge(
         per, total, have = (answer["memory_bytes"]["total"] / _GIB, need / _GIB, ram / _GIB)
         if answer["fits"]:
             answer["reason"] = (
-                f"needs about {total:.2f} GiB of {have:.2f} GiB RAM ({local} x {per:.2f})"
+                f"needs about {total:.2f} GiB of {have:.2f} GiB RAM ({local} x {per:.2f}, "
+                f"{answer['strategy']})"
             )
         else:
             answer["reason"] = (
                 f"needs about {total:.2f} GiB of RAM ({local} training process(es) x "
-                f"{per:.2f} GiB) but the largest CPU worker has {have:.2f} GiB; lower "
-                "training.batch_size or training.max_seq_length, or set "
+                f"{per:.2f} GiB, {answer['strategy']}) but the largest CPU worker has "
+                f"{have:.2f} GiB; lower training.batch_size or training.max_seq_length, or set "
                 "training.gradient_checkpointing"
                 + (", or run fewer processes per job (LORAFLEET_WORKER_PROCS)" if local > 1 else "")
             )

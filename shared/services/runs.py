@@ -243,6 +243,14 @@ def record_progress(session: Session, lease: Lease, progress: Mapping[str, Any])
     session.commit()
 
 
+def record_strategy(session: Session, lease: Lease, strategy: str) -> None:
+    """Record the strategy (``ddp``/``fsdp``) the attempt's run trains with (fenced)."""
+    if not rowcount(session, update(Job).where(*lease.holds()).values(strategy=strategy)):
+        session.rollback()
+        raise LeaseLost(f"job {lease.job_id} is no longer held by {lease.worker_id}#{lease.epoch}")
+    session.commit()
+
+
 def add_event(
     session: Session,
     lease: Lease,
