@@ -294,7 +294,7 @@ class FileOut(BaseModel):
     status_details: str | None = Field(None, description="Always null.")
     expires_at: int | None = Field(None, description="Never expires: null.")
     rows: int = Field(description="lorafleet: examples in the file.")
-    format: str = Field(description="lorafleet: chat, completion, alpaca or text.")
+    format: str = Field(description="lorafleet: chat, completion, alpaca, text or preference.")
     sha256: str = Field(description="lorafleet: SHA-256 of the bytes.")
 
     _unix = field_validator("created_at", mode="before")(unix_seconds)

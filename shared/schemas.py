@@ -34,7 +34,9 @@ class FileObject(BaseModel):
     filename: str = Field(description="Name the file was uploaded under.")
     bytes: int = Field(ge=0, description="Size in bytes.")
     rows: int = Field(ge=0, description="Non-blank JSONL lines (examples).")
-    format: str = Field(description="Detected format: chat, completion, alpaca or text.")
+    format: str = Field(
+        description="Detected format: chat, completion, alpaca, text, or preference (DPO pairs)."
+    )
     sha256: str = Field(description="SHA-256 of the file's bytes, hex.")
     purpose: str = Field(description="`fine-tune` or `validation`.")
     status: Literal["processed"] = Field(

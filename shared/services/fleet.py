@@ -22,7 +22,7 @@ from sqlalchemy import select, text, update
 from sqlalchemy.orm import Session
 
 from shared.config import Settings
-from shared.datasets import DatasetError, iter_examples
+from shared.datasets import PREFERENCE, DatasetError, iter_examples
 from shared.errors import InvalidInput
 from shared.estimate import estimate
 from shared.hub import check_hub_model
@@ -389,12 +389,14 @@ def _count_tokens(storage: Storage, record: File, info: ModelInfo | None) -> tup
     texts: list[str] = []
     extra = 0
     try:
-        for example in iter_examples(io.BytesIO(complete)):
-            if example.messages:
-                texts.extend(m.content for m in example.messages)
-                extra += CHAT_TOKENS_PER_MESSAGE * len(example.messages)
-            else:
-                texts.append("".join(text for text, _ in example.segments))
+        for row in iter_examples(io.BytesIO(complete)):
+            # A preference pair trains both of its sequences (the prompt twice).
+            for example in row.pair() if row.format == PREFERENCE else (row,):
+                if example.messages:
+                    texts.extend(m.content for m in example.messages)
+                    extra += CHAT_TOKENS_PER_MESSAGE * len(example.messages)
+                else:
+                    texts.append("".join(text for text, _ in example.segments))
     except DatasetError:
         return record.bytes // 4, "bytes/4"
     counted = extra + sum(len(e.ids) for e in tokenizer.encode_batch(texts))
