@@ -171,6 +171,11 @@ class Job(Base):
         return (self.spec or {}).get("suffix")
 
     @property
+    def method(self) -> dict[str, Any]:
+        """``{"type": "supervised"}`` for jobs whose body predates ``method``."""
+        return dict((self.spec or {}).get("method") or {"type": "supervised"})
+
+    @property
     def lora(self) -> dict[str, Any]:
         return dict((self.spec or {}).get("lora") or {})
 

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from shared.spec import LoraSettings, Resources, TrainingSettings
+from shared.spec import LoraSettings, Method, Resources, TrainingSettings
 
 ROWS = ConfigDict(from_attributes=True)
 
@@ -129,6 +129,7 @@ class JobObject(BaseModel):
     suffix: str | None = Field(
         default=None, description="Label added to the fine-tuned model name."
     )
+    method: Method = Field(description="Training method: supervised or dpo (with its settings).")
     lora: LoraSettings = Field(description="Adapter shape.")
     training: TrainingSettings = Field(description="Optimisation settings.")
     resources: Resources = Field(description="Where the job may run.")

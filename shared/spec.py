@@ -92,6 +92,61 @@ class TrainingSettings(BaseModel):
     )
 
 
+DEFAULT_BETA = 0.1
+
+
+class DpoSettings(BaseModel):
+    """Direct preference optimisation (DPO, sigmoid loss) on preference pairs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    beta: float = Field(
+        DEFAULT_BETA,
+        gt=0,
+        le=100,
+        description="Strength of the pull towards the reference (the base model without the "
+        "adapter): higher stays closer. `auto` = 0.1.",
+    )
+    precompute_reference: bool = Field(
+        False,
+        description="Compute the reference log-probabilities once before training instead of a "
+        "forward with the adapter off at every step (saves that forward; kept with the "
+        "checkpoints, so a resumed job uses the same values).",
+    )
+
+    @field_validator("beta", mode="before")
+    @classmethod
+    def _auto_beta(cls, value: Any) -> Any:
+        return DEFAULT_BETA if value == "auto" else value
+
+
+class Method(BaseModel):
+    """How the adapter is trained: supervised (next-token loss on the answers) or DPO."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["supervised", "dpo"] = Field(
+        "supervised",
+        description="`supervised` (files of chat, completion, alpaca or text rows) or `dpo` "
+        "(files of preference pairs).",
+    )
+    dpo: DpoSettings | None = Field(
+        None, description="DPO settings (type `dpo` only; defaults when left out)."
+    )
+
+    @model_validator(mode="after")
+    def _settings_of_type(self) -> Method:
+        if self.type == "dpo" and self.dpo is None:
+            self.dpo = DpoSettings()
+        if self.type != "dpo" and self.dpo is not None:
+            raise ValueError(f"method.dpo is set but method.type is {self.type!r}; use 'dpo'")
+        return self
+
+    @property
+    def is_dpo(self) -> bool:
+        return self.type == "dpo"
+
+
 class Resources(BaseModel):
     """Where the job may run."""
 
@@ -158,6 +213,11 @@ class JobSpec(BaseModel):
         description="Label in the fine-tuned model name `ft:<base>:<owner>:<suffix>:<job id>`: "
         "1 to 64 letters, digits, '.', '_' or '-'.",
         examples=["support-bot"],
+    )
+    method: Method = Field(
+        default_factory=Method,  # type: ignore[arg-type]
+        description='`{"type": "supervised"}` (default) or `{"type": "dpo", "dpo": {"beta": '
+        "0.1}}` (OpenAI's shape); the training file's format must suit it.",
     )
     lora: LoraSettings = Field(default_factory=LoraSettings)  # type: ignore[arg-type]
     training: TrainingSettings = Field(default_factory=TrainingSettings)  # type: ignore[arg-type]

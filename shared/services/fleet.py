@@ -35,6 +35,7 @@ from shared.modelinfo import (
 )
 from shared.models import File, Worker, utcnow
 from shared.routing import Capacity, fits, no_fit_reason, requirements
+from shared.services.files import check_method_fits_file
 from shared.services.transitions import rowcount
 from shared.spec import JobSpec
 from shared.states import WorkerStatus
@@ -436,6 +437,7 @@ def estimate_job(
                 f"training_file {training_file!r} names no file of yours",
                 param="training_file",
             )
+        check_method_fits_file(spec, record, "training_file")
         rows = record.rows
         tokens, counted = _count_tokens(storage, record, info)
     gpus_required, gpu_type = requirements(spec)

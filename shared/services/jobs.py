@@ -25,6 +25,7 @@ from shared.ids import new_job_id
 from shared.models import Checkpoint, File, Job, JobEvent, JobMetric, utcnow
 from shared.queueing import DEFAULT_QUEUE, publish_job
 from shared.routing import requirements
+from shared.services.files import check_method_fits_file
 from shared.services.fleet import check_job_fits, model_info, with_default_targets
 from shared.services.transitions import rowcount, transition
 from shared.spec import JobSpec
@@ -50,12 +51,13 @@ def queue_for(spec: JobSpec) -> str:
     return DEFAULT_QUEUE
 
 
-def _check_file(session: Session, owner: str, file_id: str | None, param: str) -> None:
+def _check_file(session: Session, owner: str, file_id: str | None, param: str) -> File | None:
     if file_id is None:
-        return
+        return None
     row = session.get(File, file_id)
     if row is None or row.owner != owner:
         raise InvalidInput(f"{param} {file_id!r} names no file of yours", param=param)
+    return row
 
 
 def _check_webhook(url: str | None, settings: Settings) -> None:
@@ -98,8 +100,9 @@ def create_job(
         if existing is not None:
             return _replay(existing, digest)
 
-    _check_file(session, owner, spec.training_file, "training_file")
-    _check_file(session, owner, spec.validation_file, "validation_file")
+    for param in ("training_file", "validation_file"):
+        row = _check_file(session, owner, getattr(spec, param), param)
+        check_method_fits_file(spec, row, param)
     # The one resolver (shared.modelinfo.resolve_base_model): folder names, mirrors
     # (models_dir/org/name), allowed hub ids and patterns such as "my-org/*"; paths refused.
     _check_webhook(spec.webhook_url, settings)
