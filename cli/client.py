@@ -80,6 +80,13 @@ def describe(job: dict[str, Any]) -> str:
         parts.append(f"loss {progress['train_loss']:.4f}")
     if progress.get("eval_loss") is not None:
         parts.append(f"eval loss {progress['eval_loss']:.4f}")
+    if progress.get("reward_accuracy") is not None:  # DPO
+        parts.append(
+            f"reward accuracy {progress['reward_accuracy']:.2f} "
+            f"margin {progress.get('reward_margin') or 0:.3f}"
+        )
+    if progress.get("eval_reward_accuracy") is not None:
+        parts.append(f"eval reward accuracy {progress['eval_reward_accuracy']:.2f}")
     if progress.get("tokens_per_second") and job["status"] == "running":
         parts.append(f"{progress['tokens_per_second']:,.0f} tok/s")
     if job["status"] == "running":

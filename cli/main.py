@@ -290,9 +290,15 @@ def _print_record(record: Any) -> None:
 
     if isinstance(record, events.Step):
         loss = f"{record.train_loss:.4f}" if record.train_loss is not None else "-"
+        dpo = ""
+        if record.reward_accuracy is not None:
+            dpo = f"  reward acc {record.reward_accuracy:.2f} margin {record.reward_margin:.3f}"
+            if record.eval_reward_accuracy is not None:
+                dpo += f"  eval acc {record.eval_reward_accuracy:.2f}"
         line = (
             f"step {record.step}/{record.total_steps}  loss {loss}"
             + (f"  eval {record.eval_loss:.4f}" if record.eval_loss is not None else "")
+            + dpo
             + f"  lr {record.learning_rate or 0:.2e}  {record.tokens_per_second or 0:,.0f} tok/s"
             + f"  eta {record.eta_seconds or 0:.0f}s"
         )

@@ -233,6 +233,15 @@ class JobMetric(Base):
     eval_loss: Mapped[float | None] = mapped_column(Float, nullable=True)
     learning_rate: Mapped[float | None] = mapped_column(Float, nullable=True)
     tokens_per_second: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # DPO jobs only (worker.training.events.DPO_METRICS): train step, then validation.
+    rewards_chosen: Mapped[float | None] = mapped_column(Float, nullable=True)
+    rewards_rejected: Mapped[float | None] = mapped_column(Float, nullable=True)
+    reward_accuracy: Mapped[float | None] = mapped_column(Float, nullable=True)
+    reward_margin: Mapped[float | None] = mapped_column(Float, nullable=True)
+    eval_rewards_chosen: Mapped[float | None] = mapped_column(Float, nullable=True)
+    eval_rewards_rejected: Mapped[float | None] = mapped_column(Float, nullable=True)
+    eval_reward_accuracy: Mapped[float | None] = mapped_column(Float, nullable=True)
+    eval_reward_margin: Mapped[float | None] = mapped_column(Float, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 

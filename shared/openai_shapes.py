@@ -28,7 +28,7 @@ from shared.errors import InvalidInput
 from shared.model_names import checkpoint_model_name
 from shared.models import Checkpoint, Job, JobEvent, JobMetric
 from shared.schemas import unix_seconds
-from shared.spec import JobSpec, LoraSettings, Method, TrainingSettings
+from shared.spec import DPO_METRICS, JobSpec, LoraSettings, Method, TrainingSettings
 from shared.states import RUNNING, SUCCEEDED
 
 BASE_LEARNING_RATE = 2e-4
@@ -449,19 +449,32 @@ def metric_to_openai(row: JobMetric, total_steps: int | None) -> JobEventOut:
         parts.append(f"training loss={row.train_loss:.4f}")
     if row.eval_loss is not None:
         parts.append(f"validation loss={row.eval_loss:.4f}")
+    if row.reward_accuracy is not None:
+        parts.append(f"reward accuracy={row.reward_accuracy:.4f}")
+    if row.reward_margin is not None:
+        parts.append(f"reward margin={row.reward_margin:.4f}")
+    if row.eval_reward_accuracy is not None:
+        parts.append(f"validation reward accuracy={row.eval_reward_accuracy:.4f}")
+    data: dict[str, Any] = {
+        "step": row.step,
+        "total_steps": total_steps,
+        "train_loss": row.train_loss,
+        "valid_loss": row.eval_loss,
+        "learning_rate": row.learning_rate,
+    }
+    # DPO's numbers where the job has them; validation ones named like valid_loss.
+    for name in DPO_METRICS:
+        if getattr(row, name) is not None:
+            data[name] = getattr(row, name)
+        if getattr(row, f"eval_{name}") is not None:
+            data[f"valid_{name}"] = getattr(row, f"eval_{name}")
     return JobEventOut(
         id=f"ftmetric-{row.id}",
         created_at=int(row.created_at.timestamp()),
         level="info",
         message=", ".join(parts[:1]) + (": " + ", ".join(parts[1:]) if parts[1:] else ""),
         type="metrics",
-        data={
-            "step": row.step,
-            "total_steps": total_steps,
-            "train_loss": row.train_loss,
-            "valid_loss": row.eval_loss,
-            "learning_rate": row.learning_rate,
-        },
+        data=data,
     )
 
 

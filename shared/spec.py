@@ -93,6 +93,13 @@ class TrainingSettings(BaseModel):
 
 
 DEFAULT_BETA = 0.1
+# DPO's own numbers, reported per step (means over the step's pairs) and per evaluation (over the
+# validation pairs, ``eval_`` prefixed): the rewards beta * (log p_policy - log p_reference) of
+# the chosen and of the rejected answers, the share of pairs whose chosen reward is the higher,
+# and the mean margin chosen - rejected. One list for the engine's records, the database's
+# metric columns and the API's schemas.
+DPO_METRICS = ("rewards_chosen", "rewards_rejected", "reward_accuracy", "reward_margin")
+EVAL_DPO_METRICS = tuple(f"eval_{name}" for name in DPO_METRICS)
 
 
 class DpoSettings(BaseModel):

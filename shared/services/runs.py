@@ -19,9 +19,17 @@ from sqlalchemy.orm import Session
 from shared.models import Checkpoint, Job, JobEvent, JobMetric, utcnow
 from shared.routing import Capacity, fits
 from shared.services.transitions import rowcount, transition
+from shared.spec import DPO_METRICS, EVAL_DPO_METRICS
 from shared.states import CANCELLED, FAILED, FINAL, QUEUED, RUNNING, SUCCEEDED, JobStatus
 
-METRIC_FIELDS = ("train_loss", "eval_loss", "learning_rate", "tokens_per_second")
+METRIC_FIELDS = (
+    "train_loss",
+    "eval_loss",
+    "learning_rate",
+    "tokens_per_second",
+    *DPO_METRICS,
+    *EVAL_DPO_METRICS,
+)
 
 
 class LeaseLost(Exception):
