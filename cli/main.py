@@ -236,6 +236,15 @@ def train(
                 raise typer.Exit(2) from None
             files[field] = str(path.resolve())
     spec = spec.model_copy(update=files)
+    init = spec.training.init_adapter
+    if init:  # here a local adapter folder (the service takes job ids and checkpoint names)
+        folder = base / init if not Path(init).is_absolute() and not Path(init).exists() else None
+        folder = (folder or Path(init)).expanduser()
+        if not (folder / "adapter_config.json").is_file():
+            err.print(f"[red]training.init_adapter {folder}[/red]: no peft adapter folder there")
+            raise typer.Exit(2)
+        training = spec.training.model_copy(update={"init_adapter": str(folder.resolve())})
+        spec = spec.model_copy(update={"training": training})
     # The engine alone on the user's own machine may also read a local folder by path; any other
     # name goes through the service's one resolver (models dir, mirrors, allowed hub ids).
     local = Path(spec.base_model).expanduser()

@@ -90,6 +90,16 @@ class TrainingSettings(BaseModel):
     eval_every_steps: int | None = Field(
         None, ge=1, description="Eval interval on validation_file; eval also runs at the end."
     )
+    init_adapter: str | None = Field(
+        None,
+        min_length=1,
+        max_length=4096,
+        description="Start from an earlier adapter instead of a fresh LoRA (SFT then DPO, or "
+        "more training): a succeeded job id of yours (`ftjob-...`), its `fine_tuned_model`, or "
+        "one of its checkpoint names (`...:ckpt-step-N`); with `lorafleet train`, a local "
+        "adapter folder. Its lora r, alpha and target_modules must equal this job's; the "
+        "manifest records the parent and its adapter's sha256.",
+    )
 
 
 DEFAULT_BETA = 0.1

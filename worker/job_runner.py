@@ -30,10 +30,12 @@ from typing import Any, TypeVar
 
 from shared.config import Settings
 from shared.db import session_scope
+from shared.errors import InvalidInput
 from shared.models import File, Job, utcnow
 from shared.queueing import publish_job
 from shared.services import runs, webhooks
 from shared.services.fleet import locate_base_model
+from shared.services.init_adapters import find_adapter
 from shared.services.logs import logs_prefix
 from shared.services.runs import Lease, LeaseLost
 from shared.spec import JobSpec
@@ -338,6 +340,39 @@ class JobRunner:
         return done
 
     # ------------------------------------------------------------------ inputs
+    def _fetch_init_adapter(self, spec: JobSpec) -> Path | None:
+        """``training.init_adapter``: the parent's adapter (final or checkpoint) in a local
+        folder, the two peft files only (what the engine loads)."""
+        reference = spec.training.init_adapter
+        if reference is None:
+            return None
+        with session_scope() as session:
+            owner = session.get(Job, self.job_id).owner  # type: ignore[union-attr]
+            try:
+                _, source = find_adapter(session, owner, reference)
+            except InvalidInput as exc:  # deleted (or gone) since the job was submitted
+                raise InputError(exc.message) from None
+        folder = self.work / "inputs" / "init_adapter"
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        wanted = ("adapter_config.json", "adapter_model.safetensors")
+        if source.tarball:
+            blob = self.work / "inputs" / "init_adapter.tar.gz"
+            self.storage.get_file(source.key, blob)
+            with tarfile.open(blob) as tar:
+                for member in tar.getmembers():
+                    name = member.name.rsplit("/", 1)[-1]
+                    if member.isfile() and name in wanted:
+                        stream = tar.extractfile(member)
+                        assert stream is not None
+                        (folder / name).write_bytes(stream.read())
+        else:
+            for name in wanted:
+                self.storage.get_file(source.key + name, folder / name)
+        if not all((folder / name).is_file() for name in wanted):
+            raise InputError(f"training.init_adapter {reference}: its adapter files are missing")
+        return folder
+
     def _fetch_inputs(self, spec: JobSpec) -> tuple[JobSpec, str]:
         """Download dataset files; resolve the base model to a local folder or hub id."""
         inputs = self.work / "inputs"
@@ -466,6 +501,7 @@ class JobRunner:
             return "lost"
         try:
             local_spec, model_path = self._fetch_inputs(spec)
+            init_adapter = self._fetch_init_adapter(spec)
         except InputError as exc:
             return self._fail(Failure("invalid_input", FailureClass.USER, str(exc)), None)
         except Exception as exc:  # storage or database trouble: another attempt may do better
@@ -494,6 +530,7 @@ class JobRunner:
             checkpoint_dir=self.work / "checkpoints",
             policy=self.policy,
             data_cache_dir=job_cache_dir(self.settings.data_dir, self.job_id),
+            init_adapter=init_adapter,
         )
         self.guard = MemoryGuard(memory_limit(self.settings))
         result = run.run(on_record=self._handle, control=self._control, watchdog=self.guard)

@@ -27,6 +27,7 @@ from shared.queueing import DEFAULT_QUEUE, publish_job
 from shared.routing import requirements
 from shared.services.files import check_method_fits_file
 from shared.services.fleet import check_job_fits, model_info, with_default_targets
+from shared.services.init_adapters import check_init_adapter
 from shared.services.transitions import rowcount, transition
 from shared.spec import JobSpec
 from shared.states import ACTIVE, CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED
@@ -108,6 +109,7 @@ def create_job(
     _check_webhook(spec.webhook_url, settings)
     info = model_info(spec, settings)
     spec = with_default_targets(spec, info)
+    check_init_adapter(session, owner, spec)
     # target_modules, routing and memory against the registered fleet: refuse now what could
     # never run, with the reason, instead of a job that waits forever or fails on a worker.
     check_job_fits(session, spec, settings, info)

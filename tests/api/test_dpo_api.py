@@ -6,6 +6,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from shared.db import session_factory
+from shared.models import Checkpoint, Job
+from shared.services import runs
 from tests.api.test_jobs_api import _body, _file
 from tests.conftest import jsonl
 
@@ -140,3 +143,74 @@ def test_openai_method_dpo(client: Any) -> None:
         response = client.post("/v1/fine_tuning/jobs", json=refused)
         assert response.status_code == 400, response.text
         assert response.json()["error"]["param"] == param, response.text
+
+
+def _succeed(job_id: str, manifest: dict[str, Any] | None = None) -> None:
+    """Mark a queued job succeeded the way a worker does (claim, then the fenced finish)."""
+    with session_factory()() as session:
+        claimed = runs.claim_job(session, job_id, "w1", 30)
+        assert claimed is not None
+        runs.finish_job(
+            session,
+            runs.Lease.of(claimed),
+            "succeeded",
+            adapter_key=f"jobs/{job_id}/adapter.tar.gz",
+            adapter_sha256="0" * 64,
+            adapter_bytes=1,
+            manifest=manifest,
+        )
+
+
+def test_init_adapter_is_checked_at_submit(client: Any, bob_headers: dict[str, str]) -> None:
+    """training.init_adapter names a succeeded job of the same owner (or a stored checkpoint of
+    it) whose LoRA shape is this job's; anything else is refused naming the field."""
+    text_file = _file(client)
+    pairs = _upload(client, TRL_PAIRS)
+    parent = client.post("/jobs", json=_body(text_file)).json()
+    dpo = {"type": "dpo"}
+
+    def submit(init: str, **extra: Any) -> Any:
+        body = _body(pairs, method=dpo, **extra)
+        body["training"]["init_adapter"] = init
+        return client.post("/jobs", json=body)
+
+    queued = submit(parent["id"])
+    assert queued.status_code == 422 and "is queued" in queued.json()["detail"]
+    assert queued.json()["error"]["param"] == "training.init_adapter"
+    _succeed(parent["id"], manifest={"lora": parent["lora"]})
+    ok = submit(parent["id"])
+    assert ok.status_code == 201, ok.text
+    assert ok.json()["training"]["init_adapter"] == parent["id"]
+    name = client.get(f"/jobs/{parent['id']}").json()["fine_tuned_model"]
+    assert submit(name).status_code == 201
+    with session_factory()() as session:
+        job = session.get(Job, parent["id"])
+        assert job is not None
+        session.add(Checkpoint(job_id=job.id, step=2, storage_key="k/", sha256="1" * 64))
+        session.commit()
+    assert submit(f"{name}:ckpt-step-2").status_code == 201
+    other_lora = {"r": 8, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
+    more_dropout = {**parent["lora"], "dropout": 0.2}  # dropout shapes training, not the adapter
+    assert submit(parent["id"], lora=more_dropout).status_code == 201
+    bob_file = client.post(
+        "/files", files={"file": ("b.jsonl", jsonl(TRL_PAIRS))}, headers=bob_headers
+    ).json()["id"]
+    bob_body = _body(bob_file, method=dpo)
+    bob_body["training"]["init_adapter"] = parent["id"]
+    bobs = client.post("/jobs", json=bob_body, headers=bob_headers)
+    assert bobs.status_code == 422 and bobs.json()["error"]["param"] == "training.init_adapter"
+    cases = [
+        (submit(parent["id"], lora=other_lora), "lora.r", "differs from the init adapter's 4"),
+        (
+            submit(parent["id"], lora={**parent["lora"], "target_modules": ["q_proj"]}),
+            "lora.target_modules",
+            "['q_proj', 'v_proj']",
+        ),
+        (submit(f"{name}:ckpt-step-9"), "training.init_adapter", "kept: 2"),
+        (submit("ftjob-000000000000000000000000"), "training.init_adapter", "no job"),
+        (submit("my-adapter"), "training.init_adapter", "is not a job id"),
+    ]
+    for response, param, words in cases:
+        assert response.status_code == 422, response.text
+        assert response.json()["error"]["param"] == param, response.text
+        assert words in response.json()["detail"], response.text

@@ -237,3 +237,48 @@ def test_method_and_data_must_agree(tiny_plain_model: Path, tmp_path: Path) -> N
     with pytest.raises(TrainingError, match="validation_file"):
         spec = dpo_spec(tiny_plain_model, pairs).model_copy(update={"validation_file": str(text)})
         run_inprocess(spec, tmp_path / "c")
+
+
+def test_sft_then_dpo_starts_from_the_sft_adapter(tiny_plain_model: Path, tmp_path: Path) -> None:
+    """training.init_adapter (a local folder here, as with `lorafleet train`): the DPO run
+    starts from the SFT adapter's weights, and the manifest records them by sha256."""
+    chat = [
+        {"prompt": f"Describe box {i}.", "completion": f" Sure, happy to help: box {i}."}
+        for i in range(8)
+    ]
+    sft_spec = dpo_spec(
+        tiny_plain_model,
+        write_jsonl(tmp_path / "sft.jsonl", chat),
+        method={"type": "supervised"},
+        max_steps=3,
+        batch_size=4,
+        checkpoint_every_steps=None,
+    )
+    sft, _ = run_inprocess(sft_spec, tmp_path / "sft")
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", polite_pairs(4, seed=4))
+    frozen = dpo_spec(  # a learning rate too small to move anything: the output is the input
+        tiny_plain_model,
+        pairs,
+        max_steps=1,
+        learning_rate=1e-12,
+        init_adapter=str(tmp_path / "sft"),
+        checkpoint_every_steps=None,
+    )
+    sink = ListSink()
+    manifest, _ = run_inprocess(frozen, tmp_path / "dpo", sink=sink)
+    parent = manifest["init_adapter"]
+    assert parent["adapter_sha256"] == sft["files"]["adapter_model.safetensors"]
+    assert parent["reference"] == str(tmp_path / "sft") and parent["job"] is None
+    # The policy starts as base + SFT adapter, the reference is the base: they differ at step 1.
+    assert abs(sink.of(Step)[0].train_loss - 0.69314718) > 1e-4
+    weights = {}
+    for name in ("sft", "dpo"):
+        adapter = PeftModel.from_pretrained(
+            AutoModelForCausalLM.from_pretrained(str(tiny_plain_model)), str(tmp_path / name)
+        )
+        weights[name] = [p.detach().clone() for n, p in adapter.named_parameters() if "lora" in n]
+    assert max(float((a - b).abs().max()) for a, b in zip(*weights.values(), strict=True)) < 1e-6
+    assert max(float(w.abs().max()) for w in weights["sft"]) > 1e-3  # SFT moved the adapter
+    other = frozen.model_copy(update={"lora": frozen.lora.model_copy(update={"r": 8})})
+    with pytest.raises(TrainingError, match="lora.r: 8 differs from the init adapter's 4"):
+        run_inprocess(other, tmp_path / "other")

@@ -62,6 +62,7 @@ from torch.nn.parallel import DistributedDataParallel
 from transformers import get_scheduler
 
 from shared.datasets import DatasetError, sha256_file
+from shared.model_names import parse_model_name
 from shared.spec import DPO_METRICS, EVAL_DPO_METRICS, JobSpec
 from worker.training import data as datamod
 from worker.training.attention import use_packed_attention
@@ -103,6 +104,8 @@ class TrainPaths:
     checkpoint_dir: Path | None = None
     resume_from: Path | None = None
     cache_dir: Path | None = None  # prepared data (worker/training/datacache.py)
+    # training.init_adapter as a local folder; None: the spec's value is one (lorafleet train)
+    init_adapter: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -192,6 +195,7 @@ class LoraTrainer:
         self.train_metrics: dict[str, Any] = {}
         self.eval_metrics: dict[str, Any] = {}
         self.reference: np.ndarray | None = None  # dpo.precompute_reference: per sequence
+        self.parent: dict[str, Any] | None = None  # training.init_adapter, as the manifest says
         self.resume_state: dict[str, Any] | None = None
 
     # ---------------------------------------------------------------- reporting
@@ -366,7 +370,65 @@ class LoraTrainer:
             raise TrainingError(f"lora.target_modules: {exc}") from None
         fuse_lora_dropout(self.peft_model)
         self.peft_model.to(self.device)
+        self.parent = self._load_init_adapter()
         self.loss_module = self._build_loss().to(self.device)
+
+    def _load_init_adapter(self) -> dict[str, Any] | None:
+        """``training.init_adapter``: start from that adapter's weights instead of a fresh LoRA.
+
+        Its shape must be this job's (r, alpha, target modules; the service checks at submit,
+        ``lorafleet train`` gets here). Returns what the manifest records: the reference, the
+        parent job and checkpoint step when the reference names them, and the sha256 of the
+        weights file (the parent manifest's ``files`` entry for it).
+        """
+        reference = self.spec.training.init_adapter
+        if reference is None:
+            return None
+        folder = self.paths.init_adapter or Path(reference)
+        config_path = folder / "adapter_config.json"
+        weights_path = folder / "adapter_model.safetensors"
+        if not (config_path.is_file() and weights_path.is_file()):
+            raise TrainingError(
+                f"training.init_adapter: {folder} holds no peft adapter "
+                "(adapter_config.json and adapter_model.safetensors)"
+            )
+        config = json.loads(config_path.read_text())
+        theirs = config.get("target_modules")
+        checks = (
+            ("r", self.lora.r, config.get("r")),
+            ("alpha", float(self.lora.alpha), float(config.get("lora_alpha") or 0)),
+            (
+                "target_modules",
+                _module_set(self.lora.target_modules),
+                _module_set(theirs),
+            ),
+        )
+        for name, mine, parents in checks:
+            if mine != parents:
+                raise TrainingError(
+                    f"lora.{name}: {mine} differs from the init adapter's {parents} "
+                    f"({reference}); set lora.{name} to match it"
+                )
+        weights = load_file(str(weights_path), device=str(self.device))
+        result: Any = set_peft_model_state_dict(self.peft_model, weights)
+        missing = [k for k in result.missing_keys if "lora_" in k]
+        unexpected = list(result.unexpected_keys)
+        if missing or unexpected:
+            raise TrainingError(
+                f"training.init_adapter: {folder} does not fit this model "
+                f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+            )
+        ref = parse_model_name(reference)
+        job = ref.job_id if ref else (reference if reference.startswith("ftjob-") else None)
+        digest = sha256_file(str(weights_path))
+        parent: dict[str, Any] = {
+            "reference": reference,
+            "job": job,
+            "step": ref.step if ref else None,
+            "adapter_sha256": digest,
+        }
+        self.event(f"starting from the adapter of {reference} (sha256 {digest[:12]})", **parent)
+        return parent
 
     def _build_loss(self) -> CausalLMLoss:
         """The training objective: the one place a method picks its loss module. Supervised
@@ -763,6 +825,7 @@ class LoraTrainer:
                     "final_train_loss": self.train_loss,
                     "final_eval_loss": self.eval_loss,
                     "method": self.spec.method.model_dump(),
+                    "init_adapter": self.parent,
                     "final_metrics": {**self.train_metrics, **self.eval_metrics} or None,
                     "parameters": {"total": self.total_params, "trainable": self.trainable_params},
                     "lora": self.lora.model_dump(),
@@ -785,6 +848,13 @@ class LoraTrainer:
     def cleanup(self) -> None:
         if self.dist.enabled and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _module_set(value: Any) -> Any:
+    """Target modules compared as a set (peft may store them in another order)."""
+    if value is None or isinstance(value, str):
+        return value
+    return sorted(set(value))
 
 
 def _dpo_means(sums: list[float]) -> dict[str, float | None]:
@@ -850,6 +920,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--progress-file")
     parser.add_argument("--keep-checkpoints", type=int, default=CheckpointPolicy().keep)
     parser.add_argument(
+        "--init-adapter",
+        help="local folder of training.init_adapter when the spec names it by job or checkpoint",
+    )
+    parser.add_argument(
         "--cache-dir",
         help="folder for prepared (tokenised, packed) data, shared by the ranks and reused by "
         "resumed attempts; default: data-cache beside the checkpoint folder",
@@ -872,6 +946,7 @@ def main(argv: list[str] | None = None) -> int:
             checkpoint_dir=Path(args.checkpoint_dir) if args.checkpoint_dir else None,
             resume_from=Path(args.resume_from) if args.resume_from else None,
             cache_dir=Path(args.cache_dir) if args.cache_dir else None,
+            init_adapter=Path(args.init_adapter) if args.init_adapter else None,
         ),
         sink=sink,
         dist_info=info,

@@ -133,12 +133,15 @@ def launch(
     resume_from: Path | None = None,
     keep_checkpoints: int | None = None,
     cache_dir: Path | None = None,
+    init_adapter: Path | None = None,
     extra_env: dict[str, str] | None = None,
 ) -> RankGroup:
     """Start ``nproc`` ranks of ``worker.training.engine``; returns at once.
 
     ``cache_dir``: where the ranks share the prepared data (the engine's ``--cache-dir``); give
     every attempt of a job the same folder so a resume skips the preparation.
+    ``init_adapter``: the local folder of ``training.init_adapter`` (the engine's
+    ``--init-adapter``), when the spec names it by job or checkpoint.
     """
     work_dir.mkdir(parents=True, exist_ok=True)
     args: list[str] = [
@@ -156,6 +159,7 @@ def launch(
         ("--checkpoint-dir", checkpoint_dir),
         ("--resume-from", resume_from),
         ("--cache-dir", cache_dir),
+        ("--init-adapter", init_adapter),
         ("--keep-checkpoints", keep_checkpoints),
     )
     for flag, value in optional:

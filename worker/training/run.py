@@ -112,6 +112,7 @@ class TrainingRun:
     checkpoint_dir: Path | None = None
     policy: CheckpointPolicy = field(default_factory=CheckpointPolicy)
     data_cache_dir: Path | None = None
+    init_adapter: Path | None = None  # training.init_adapter, downloaded (None: the spec's path)
     poll_seconds: float = 0.2
     cancel_grace_seconds: float = 2.0
     group: RankGroup | None = field(default=None, init=False)
@@ -136,6 +137,7 @@ class TrainingRun:
             resume_from=self.resume_from,
             keep_checkpoints=self.policy.keep,
             cache_dir=self.data_cache_dir,
+            init_adapter=self.init_adapter,
         )
         return self.group
 
