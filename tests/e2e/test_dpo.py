@@ -61,9 +61,17 @@ def test_sft_then_dpo_through_the_openai_sdk(tiny_dir: Path, tmp_path: Path) -> 
         dep.start_worker()
         sdk = OpenAI(base_url=f"{dep.url}/v1", api_key=dep.key, max_retries=0)
         with dep.client() as http:
-            sft_body = job_body(upload(http, chat_rows(16)), max_steps=4)
+            sft_body = job_body(upload(http, chat_rows(16)), max_steps=4, checkpoint_every_steps=2)
             sft = http.post("/jobs", json=sft_body).json()
             assert wait_final(http, sft["id"])["status"] == "succeeded"
+            # "Continue training" for SFT too, here from one of its checkpoints by name.
+            checkpoint = sdk.fine_tuning.jobs.checkpoints.list(sft["id"]).data[-1]
+            assert checkpoint.step_number == 2
+            more = dict(sft_body, training={**sft_body["training"], "max_steps": 2})
+            more["training"]["init_adapter"] = checkpoint.fine_tuned_model_checkpoint
+            more["training"].pop("checkpoint_every_steps")
+            continued = http.post("/jobs", json=more)
+            assert continued.status_code == 201, continued.text
 
             def pairs_file(rows: list[dict[str, Any]], purpose: str) -> str:
                 data = "".join(json.dumps(r) + "\n" for r in rows).encode()
@@ -132,6 +140,15 @@ def test_sft_then_dpo_through_the_openai_sdk(tiny_dir: Path, tmp_path: Path) -> 
             assert download.status_code == 200
             files = _tarball(download.content)
             sft_files = _tarball(http.get(f"/jobs/{sft['id']}/adapter").content)
+            assert wait_final(http, continued.json()["id"])["status"] == "succeeded"
+            assert http.get(f"/jobs/{continued.json()['id']}").json()["progress"]["step"] == 2
+            continued_manifest = json.loads(
+                _tarball(http.get(f"/jobs/{continued.json()['id']}/adapter").content)[
+                    "manifest.json"
+                ]
+            )
+    assert continued_manifest["init_adapter"]["job"] == sft["id"]
+    assert continued_manifest["init_adapter"]["step"] == 2
     manifest = json.loads(files["manifest.json"])
     sft_manifest = json.loads(sft_files["manifest.json"])
     assert manifest["method"]["type"] == "dpo"
