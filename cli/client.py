@@ -80,6 +80,13 @@ def describe(job: dict[str, Any]) -> str:
         parts.append(f"loss {progress['train_loss']:.4f}")
     if progress.get("eval_loss") is not None:
         parts.append(f"eval loss {progress['eval_loss']:.4f}")
+    if progress.get("reward_accuracy") is not None:  # DPO
+        parts.append(
+            f"reward accuracy {progress['reward_accuracy']:.2f} "
+            f"margin {progress.get('reward_margin') or 0:.3f}"
+        )
+    if progress.get("eval_reward_accuracy") is not None:
+        parts.append(f"eval reward accuracy {progress['eval_reward_accuracy']:.2f}")
     if progress.get("tokens_per_second") and job["status"] == "running":
         parts.append(f"{progress['tokens_per_second']:,.0f} tok/s")
     if job["status"] == "running":
@@ -97,9 +104,10 @@ def describe(job: dict[str, Any]) -> str:
 
 
 # ------------------------------------------------------------------------------ local checks
-def check_dataset(path: Path, option: str) -> None:
-    """Refuse a dataset before anything is uploaded: missing, unreadable or invalid."""
-    from shared.datasets import DatasetError, summarize
+def check_dataset(path: Path, option: str, method: str = "supervised") -> None:
+    """Refuse a dataset before anything is uploaded: missing, unreadable, invalid, or of a
+    format the training method cannot use (DPO trains on preference pairs, and only DPO does)."""
+    from shared.datasets import PREFERENCE, DatasetError, summarize
 
     if not path.exists():
         raise CliError(f"{option} {path}: no such file")
@@ -107,11 +115,19 @@ def check_dataset(path: Path, option: str) -> None:
         raise CliError(f"{option} {path}: not a file")
     try:
         with open(path, "rb") as stream:
-            summarize(stream)
+            summary = summarize(stream)
     except PermissionError:
         raise CliError(f"{option} {path}: not readable (permission denied)") from None
     except DatasetError as exc:
         raise CliError(f"{option} {path}: invalid dataset: {exc}") from None
+    if method == "dpo" and summary.format != PREFERENCE:
+        raise CliError(
+            f"{option} {path}: holds {summary.format} rows; --method dpo trains on preference "
+            "pairs ({prompt, chosen, rejected} or OpenAI's {input, preferred_output, "
+            "non_preferred_output} rows)"
+        )
+    if method != "dpo" and summary.format == PREFERENCE:
+        raise CliError(f"{option} {path}: holds preference pairs; train them with --method dpo")
 
 
 def check_body(body: dict[str, Any]) -> None:
@@ -139,10 +155,10 @@ def check_model(api: Api, name: str) -> None:
         )
 
 
-def method_body(api: Api, method: str) -> dict[str, Any]:
-    """The ``method`` block for the body, if the server's job body has one at all."""
+def check_server_method(api: Api, method: str) -> None:
+    """Refuse a method the server's job body does not have (an older server)."""
     if method == "supervised":
-        return {}
+        return
     schema = api.get("/openapi.json")
     job_fields = schema.get("components", {}).get("schemas", {}).get("JobSpec", {})
     if "method" not in job_fields.get("properties", {}):
@@ -150,7 +166,6 @@ def method_body(api: Api, method: str) -> dict[str, Any]:
             f"--method {method}: this server does not train {method} yet (its job body has no "
             "`method`); use --method supervised"
         )
-    return {"method": {"type": method}}
 
 
 # ------------------------------------------------------------------------------ transfers
@@ -284,15 +299,19 @@ def register(app: typer.Typer) -> None:
             str | None, typer.Option(help="Label in the fine-tuned model name.")
         ] = None,
         method: Annotated[
-            str, typer.Option(help="Training method: supervised or dpo.")
-        ] = "supervised",
+            str | None,
+            typer.Option(
+                help="Training method: supervised or dpo (default: the --config body's, "
+                "else supervised)."
+            ),
+        ] = None,
         watch: Annotated[bool, typer.Option(help="Follow the job until it ends.")] = False,
         api_url: ApiUrl = DEFAULT_URL,
         api_key: ApiKey = None,
         as_json: JsonFlag = False,
     ) -> None:
         """Check the dataset and settings, upload, and create a job (prints its id)."""
-        if method not in METHODS:
+        if method is not None and method not in METHODS:
             raise CliError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
         body: dict[str, Any] = {}
         if config is not None:
@@ -304,6 +323,9 @@ def register(app: typer.Typer) -> None:
                 raise CliError(f"--config {config}: not JSON ({exc})") from None
             if not isinstance(body, dict):
                 raise CliError(f"--config {config}: must hold a JSON object (a job body)")
+        configured = body.get("method")
+        if method is None:
+            method = str((configured or {}).get("type") or "supervised")
         training = dict(body.get("training") or {})
         lora = dict(body.get("lora") or {})
         for target, key, value in (
@@ -318,18 +340,22 @@ def register(app: typer.Typer) -> None:
             if value is not None:
                 target[key] = value
         body.update({"base_model": base_model, "training": training, "lora": lora})
+        if not (isinstance(configured, dict) and configured.get("type") == method):
+            body.pop("method", None)
+            if method != "supervised":
+                body["method"] = {"type": method}
         if suffix is not None:
             body["suffix"] = suffix
         body["training_file"] = "file-pending-upload"
         if validation_file is not None:
             body["validation_file"] = "file-pending-upload"
         check_body(body)  # every flag checked before anything is uploaded
-        check_dataset(training_file, "training file")
+        check_dataset(training_file, "training file", method)
         if validation_file is not None:
-            check_dataset(validation_file, "--validation-file")
+            check_dataset(validation_file, "--validation-file", method)
         with connect(api_url, api_key) as api:
             check_model(api, base_model)
-            body.update(method_body(api, method))
+            check_server_method(api, method)
             body["training_file"] = upload_file(api, training_file)["id"]
             if validation_file is not None:
                 body["validation_file"] = upload_file(api, validation_file, "validation")["id"]

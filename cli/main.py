@@ -239,6 +239,15 @@ def train(
                 raise typer.Exit(2) from None
             files[field] = str(path.resolve())
     spec = spec.model_copy(update=files)
+    init = spec.training.init_adapter
+    if init:  # here a local adapter folder (the service takes job ids and checkpoint names)
+        folder = base / init if not Path(init).is_absolute() and not Path(init).exists() else None
+        folder = (folder or Path(init)).expanduser()
+        if not (folder / "adapter_config.json").is_file():
+            err.print(f"[red]training.init_adapter {folder}[/red]: no peft adapter folder there")
+            raise typer.Exit(2)
+        training = spec.training.model_copy(update={"init_adapter": str(folder.resolve())})
+        spec = spec.model_copy(update={"training": training})
     # The engine alone on the user's own machine may also read a local folder by path; any other
     # name goes through the service's one resolver (models dir, mirrors, allowed hub ids).
     local = Path(spec.base_model).expanduser()
@@ -293,10 +302,16 @@ def _print_record(record: Any) -> None:
 
     if isinstance(record, events.Step):
         loss = f"{record.train_loss:.4f}" if record.train_loss is not None else "-"
+        dpo = ""
+        if record.reward_accuracy is not None:
+            dpo = f"  reward acc {record.reward_accuracy:.2f} margin {record.reward_margin:.3f}"
+            if record.eval_reward_accuracy is not None:
+                dpo += f"  eval acc {record.eval_reward_accuracy:.2f}"
         line = (
             f"step {record.step}/{record.total_steps}  loss {loss}"
             + (f"  eval {record.eval_loss:.4f}" if record.eval_loss is not None else "")
             + (f"  gnorm {record.grad_norm:.3f}" if record.grad_norm is not None else "")
+            + dpo
             + f"  lr {record.learning_rate or 0:.2e}  {record.tokens_per_second or 0:,.0f} tok/s"
             + f"  eta {record.eta_seconds or 0:.0f}s"
         )

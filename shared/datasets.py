@@ -9,6 +9,13 @@ Formats, one JSON object a line (the file's first line decides; every line must 
 - completion: ``{"prompt": str, "completion": str}``; loss on the completion.
 - alpaca: ``{"instruction": str, "input": str?, "output": str}``; loss on the output.
 - text: ``{"text": str}``; loss on every token.
+- preference (DPO pairs), two spellings, one format:
+  OpenAI's ``{"input": {"messages": [...]}, "preferred_output": [assistant message],
+  "non_preferred_output": [assistant message]}``, and TRL's ``{"prompt", "chosen", "rejected"}``
+  with plain strings (``prompt`` may be empty) or message lists (``prompt`` may be left out:
+  the messages ``chosen`` and ``rejected`` begin with in common are the prompt, as TRL's implicit
+  prompt). A pair is two ordinary examples sharing a prompt, ``chosen`` and ``rejected``: chat
+  examples for messages, completion examples for strings, rendered and masked like any other.
 """
 
 from __future__ import annotations
@@ -19,8 +26,10 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any, Literal
 
-Format = Literal["chat", "completion", "alpaca", "text"]
-FORMATS: tuple[Format, ...] = ("chat", "completion", "alpaca", "text")
+Format = Literal["chat", "completion", "alpaca", "text", "preference"]
+FORMATS: tuple[Format, ...] = ("chat", "completion", "alpaca", "text", "preference")
+# The format of pairs for preference tuning (DPO); every other format is for supervised training.
+PREFERENCE: Format = "preference"
 ROLES = ("system", "user", "assistant", "tool", "developer")
 
 ALPACA_WITH_INPUT = (
@@ -55,11 +64,21 @@ class Example:
     """One normalised training example.
 
     ``messages`` is set for chat rows; otherwise ``segments`` holds (text, trained) pieces in order.
+    A preference row holds neither: ``chosen`` and ``rejected`` are the two answers, each a whole
+    chat or completion example with the shared prompt untrained.
     """
 
     format: Format
     messages: tuple[Message, ...] = ()
     segments: tuple[tuple[str, bool], ...] = ()
+    chosen: Example | None = None
+    rejected: Example | None = None
+
+    def pair(self) -> tuple[Example, Example]:
+        """(chosen, rejected) of a preference row."""
+        if self.chosen is None or self.rejected is None:
+            raise ValueError(f"a {self.format} row is not a preference pair")
+        return self.chosen, self.rejected
 
 
 @dataclass
@@ -82,6 +101,8 @@ class Limits:
 
 def detect_format(obj: dict[str, Any]) -> Format | None:
     """The format a row's keys announce, or None."""
+    if any(key in obj for key in _PREFERENCE_KEYS):
+        return "preference"
     if "messages" in obj:
         return "chat"
     if "prompt" in obj and "completion" in obj:
@@ -91,6 +112,9 @@ def detect_format(obj: dict[str, Any]) -> Format | None:
     if "text" in obj:
         return "text"
     return None
+
+
+_PREFERENCE_KEYS = ("preferred_output", "non_preferred_output", "chosen", "rejected")
 
 
 def _text_content(value: Any, where: str) -> str:
@@ -127,12 +151,15 @@ def parse_row(obj: Any, expected: Format | None = None) -> Example:
     if fmt is None:
         raise ValueError(
             "unknown row format: expected 'messages', 'prompt'+'completion', "
-            "'instruction'+'output' or 'text'"
+            "'instruction'+'output', 'text', or a preference pair ('input'+'preferred_output'"
+            "+'non_preferred_output', or 'prompt'+'chosen'+'rejected')"
         )
     if expected is not None and fmt != expected:
         raise ValueError(f"row is {fmt} but the file is {expected} (line 1 decides)")
     if fmt == "chat":
         return _parse_chat(obj)
+    if fmt == "preference":
+        return _parse_preference(obj)
     if fmt == "completion":
         prompt = _require_str(obj, "prompt", allow_empty=True)
         completion = _require_str(obj, "completion")
@@ -152,29 +179,127 @@ def parse_row(obj: Any, expected: Format | None = None) -> Example:
     return Example("text", segments=((text, True),))
 
 
-def _parse_chat(obj: dict[str, Any]) -> Example:
-    raw = obj["messages"]
+def _parse_messages(raw: Any, where: str, *, trained: bool = True) -> list[Message]:
+    """Validate a list of messages; ``trained`` False marks none of them for the loss (a prompt).
+
+    ``where`` names the list in errors (``messages``, ``input.messages``, ``chosen``...)."""
     if not isinstance(raw, list) or not raw:
-        raise ValueError("'messages' must be a non-empty list")
+        raise ValueError(f"'{where}' must be a non-empty list")
     messages = []
     for i, msg in enumerate(raw):
-        where = f"messages[{i}]"
+        at = f"{where}[{i}]"
         if not isinstance(msg, dict):
-            raise ValueError(f"{where} must be an object")
+            raise ValueError(f"{at} must be an object")
         role = msg.get("role")
         if role not in ROLES:
-            raise ValueError(f"{where}.role must be one of {', '.join(ROLES)}, got {role!r}")
+            raise ValueError(f"{at}.role must be one of {', '.join(ROLES)}, got {role!r}")
         content_value = msg.get("content")
         if content_value is None and role == "assistant":
-            raise ValueError(f"{where}.content is missing (tool calls are not supported)")
-        content = _text_content(content_value, f"{where}.content")
+            raise ValueError(f"{at}.content is missing (tool calls are not supported)")
+        content = _text_content(content_value, f"{at}.content")
         weight = msg.get("weight", 1)
         if weight not in (0, 1) or isinstance(weight, bool):
-            raise ValueError(f"{where}.weight must be 0 or 1")
-        messages.append(Message(role, content, role == "assistant" and weight == 1))
+            raise ValueError(f"{at}.weight must be 0 or 1")
+        messages.append(Message(role, content, trained and role == "assistant" and weight == 1))
+    return messages
+
+
+def _parse_chat(obj: dict[str, Any]) -> Example:
+    messages = _parse_messages(obj["messages"], "messages")
     if not any(m.train and m.content.strip() for m in messages):
         raise ValueError("no assistant message with content to train on")
     return Example("chat", messages=tuple(messages))
+
+
+def _answer_messages(raw: Any, where: str, *, single: bool) -> list[Message]:
+    """One side of a pair as messages: ``single`` (OpenAI) wants exactly one assistant message."""
+    messages = _parse_messages(raw, where)
+    if single and (len(messages) != 1 or messages[0].role != "assistant"):
+        raise ValueError(f"'{where}' must be a list of exactly one assistant message")
+    if not any(m.train and m.content.strip() for m in messages):
+        raise ValueError(f"'{where}' has no assistant message with content to train on")
+    return messages
+
+
+def _chat_pair(prompt: list[Message], chosen: list[Message], rejected: list[Message]) -> Example:
+    return Example(
+        "preference",
+        chosen=Example("chat", messages=tuple(prompt + chosen)),
+        rejected=Example("chat", messages=tuple(prompt + rejected)),
+    )
+
+
+def _parse_preference(obj: dict[str, Any]) -> Example:
+    if "preferred_output" in obj or "non_preferred_output" in obj:
+        return _parse_openai_preference(obj)
+    return _parse_trl_preference(obj)
+
+
+def _parse_openai_preference(obj: dict[str, Any]) -> Example:
+    for key in ("input", "preferred_output", "non_preferred_output"):
+        if key not in obj:
+            raise ValueError(
+                f"'{key}' is missing: a preference row has 'input' ({{'messages': [...]}}), "
+                "'preferred_output' and 'non_preferred_output'"
+            )
+    source = obj["input"]
+    if not isinstance(source, dict) or "messages" not in source:
+        raise ValueError("'input' must be an object with 'messages'")
+    prompt = _parse_messages(source["messages"], "input.messages", trained=False)
+    chosen = _answer_messages(obj["preferred_output"], "preferred_output", single=True)
+    rejected = _answer_messages(obj["non_preferred_output"], "non_preferred_output", single=True)
+    return _chat_pair(prompt, chosen, rejected)
+
+
+def _parse_trl_preference(obj: dict[str, Any]) -> Example:
+    for key in ("chosen", "rejected"):
+        if key not in obj:
+            raise ValueError(f"'{key}' is missing: a preference row has 'chosen' and 'rejected'")
+    chosen, rejected = obj["chosen"], obj["rejected"]
+    if isinstance(chosen, str) or isinstance(rejected, str):
+        prompt = obj.get("prompt")
+        if not isinstance(prompt, str):
+            raise ValueError(
+                "'prompt' must be a string when 'chosen' and 'rejected' are strings"
+                if "prompt" in obj
+                else "'prompt' is missing (a string; it may be empty)"
+            )
+        sides: list[Example] = []
+        for key, value in (("chosen", chosen), ("rejected", rejected)):
+            if not isinstance(value, str):
+                raise ValueError(f"'{key}' must be a string like 'prompt' (or every one a list)")
+            if not value.strip():
+                raise ValueError(f"'{key}' is empty")
+            sides.append(Example("completion", segments=((prompt, False), (value, True))))
+        return Example("preference", chosen=sides[0], rejected=sides[1])
+    if "prompt" in obj:
+        prompt_raw = obj["prompt"]
+        if isinstance(prompt_raw, str):
+            raise ValueError("'prompt' must be a list of messages like 'chosen' and 'rejected'")
+        prompt = _parse_messages(prompt_raw, "prompt", trained=False)
+        return _chat_pair(
+            prompt,
+            _answer_messages(chosen, "chosen", single=False),
+            _answer_messages(rejected, "rejected", single=False),
+        )
+    # TRL's implicit prompt: what both conversations begin with.
+    chosen_all = _parse_messages(chosen, "chosen")
+    rejected_all = _parse_messages(rejected, "rejected")
+    shared = 0
+    for a, b in zip(chosen_all, rejected_all, strict=False):
+        if (a.role, a.content) != (b.role, b.content):
+            break
+        shared += 1
+    prompt = [Message(m.role, m.content, False) for m in chosen_all[:shared]]
+    answers: list[list[Message]] = []
+    for key, rest in (("chosen", chosen_all[shared:]), ("rejected", rejected_all[shared:])):
+        if not any(m.train and m.content.strip() for m in rest):
+            raise ValueError(
+                f"'{key}' has no assistant message with content after the messages both "
+                "answers share (give 'prompt' explicitly, or make the answers differ)"
+            )
+        answers.append(rest)
+    return _chat_pair(prompt, answers[0], answers[1])
 
 
 def iter_lines(stream: IO[bytes], limits: Limits) -> Iterator[tuple[int, bytes]]:

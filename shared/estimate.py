@@ -64,6 +64,11 @@ An explicit ``bf16`` on such a GPU gets a warning (the engine refuses it).
 
 Step counts: global batch = batch_size * world_size * gradient_accumulation_steps sequences;
 with packing an epoch has ceil(dataset_tokens / max_seq_length) sequences, otherwise one per row.
+
+DPO (``method.type`` dpo): a row holds whole pairs, chosen and rejected side by side, so it is up
+to ``2 * max_seq_length`` tokens wide and ``N`` doubles; unpacked, a row is one pair. The
+reference forward (adapter off) runs without autograd and keeps nothing for backward: it adds
+compute, not activation memory beyond what the backward term already covers.
 """
 
 from __future__ import annotations
@@ -83,6 +88,7 @@ __all__ = [
     "estimate",
     "gpu_supports_bf16",
     "resolve_precision",
+    "row_width",
 ]
 
 LOSS_CHUNK_TOKENS = 1024
@@ -150,13 +156,19 @@ def _with_overhead(memory: dict[str, int], on_gpu: bool) -> dict[str, int]:
     return {**memory, "overhead": overhead, "total": subtotal + overhead}
 
 
+def row_width(spec: JobSpec) -> int:
+    """Tokens of one row: ``max_seq_length``, doubled for DPO (a row holds whole pairs)."""
+    return spec.training.max_seq_length * (2 if spec.method.is_dpo else 1)
+
+
 def _steps(
     spec: JobSpec, world_size: int, rows: int | None, tokens: int | None
 ) -> dict[str, int | None]:
     t = spec.training
     global_batch = t.batch_size * world_size * t.gradient_accumulation_steps
     if t.packing:
-        sequences = math.ceil(tokens / t.max_seq_length) if tokens is not None else None
+        width = row_width(spec)
+        sequences = math.ceil(tokens / width) if tokens is not None else None
     else:
         sequences = rows
     per_epoch = max(1, math.ceil(sequences / global_batch)) if sequences is not None else None
@@ -213,7 +225,7 @@ def estimate(
     lora_extra = sum(shapes[m][0] * dropout_values + lora.r for m in adapted)
 
     t = spec.training
-    tokens = t.batch_size * t.max_seq_length
+    tokens = t.batch_size * row_width(spec)
     h, layers = info.hidden_size, max(info.num_layers, 1)
     kv = info.num_kv_heads * info.head_dim
     per_layer = 8 * h + 2 * kv + 4 * info.intermediate_size
@@ -331,6 +343,7 @@ def estimate(
         "strategy": strategy,
         "strategies": strategies,
         "precision": precision,
+        "method": spec.method.type,
         "world_size": world_size,
         "target_modules": len(adapted),
         "tokens_per_step": tokens * world_size * t.gradient_accumulation_steps,

@@ -177,6 +177,11 @@ class Job(Base):
         return (self.spec or {}).get("suffix")
 
     @property
+    def method(self) -> dict[str, Any]:
+        """``{"type": "supervised"}`` for jobs whose body predates ``method``."""
+        return dict((self.spec or {}).get("method") or {"type": "supervised"})
+
+    @property
     def lora(self) -> dict[str, Any]:
         return dict((self.spec or {}).get("lora") or {})
 
@@ -234,6 +239,15 @@ class JobMetric(Base):
     eval_loss: Mapped[float | None] = mapped_column(Float, nullable=True)
     learning_rate: Mapped[float | None] = mapped_column(Float, nullable=True)
     tokens_per_second: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # DPO jobs only (worker.training.events.DPO_METRICS): train step, then validation.
+    rewards_chosen: Mapped[float | None] = mapped_column(Float, nullable=True)
+    rewards_rejected: Mapped[float | None] = mapped_column(Float, nullable=True)
+    reward_accuracy: Mapped[float | None] = mapped_column(Float, nullable=True)
+    reward_margin: Mapped[float | None] = mapped_column(Float, nullable=True)
+    eval_rewards_chosen: Mapped[float | None] = mapped_column(Float, nullable=True)
+    eval_rewards_rejected: Mapped[float | None] = mapped_column(Float, nullable=True)
+    eval_reward_accuracy: Mapped[float | None] = mapped_column(Float, nullable=True)
+    eval_reward_margin: Mapped[float | None] = mapped_column(Float, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 

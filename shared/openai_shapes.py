@@ -6,7 +6,9 @@ through the same ``shared.services`` as ``POST /jobs``; rows come back out in th
 
 Translation rules worth knowing:
 - ``hyperparameters`` (deprecated top level) and ``method.supervised.hyperparameters`` are both
-  read; the method block wins when both are sent, like OpenAI.
+  read; the method block wins when both are sent, like OpenAI. ``method: {"type": "dpo", "dpo":
+  {"hyperparameters": {...}}}`` trains DPO: ``beta`` (``auto`` = 0.1) besides the three common
+  knobs, and ``precompute_reference`` as an extra key.
 - ``"auto"`` means lorafleet's default: 1 epoch, ``TrainingSettings``' batch size, multiplier 1.
 - ``learning_rate = learning_rate_multiplier x 2e-4`` (the LoRA default peak rate).
 - LoRA and other engine settings may ride along, as the SDK's ``extra_body`` sends them: whole
@@ -26,7 +28,7 @@ from shared.errors import InvalidInput
 from shared.model_names import checkpoint_model_name
 from shared.models import Checkpoint, Job, JobEvent, JobMetric
 from shared.schemas import unix_seconds
-from shared.spec import JobSpec, LoraSettings, TrainingSettings
+from shared.spec import DPO_METRICS, JobSpec, LoraSettings, Method, TrainingSettings
 from shared.states import RUNNING, SUCCEEDED
 
 BASE_LEARNING_RATE = 2e-4
@@ -44,6 +46,8 @@ LORA_ALIASES = {
     "target_modules": "target_modules",
     "lora_target_modules": "target_modules",
 }
+# Extra DPO hyperparameter keys that configure the method itself (``DpoSettings`` fields).
+DPO_EXTRAS = ("precompute_reference",)
 # Top-level extra keys passed straight to JobSpec (everything else unknown is refused).
 PASSTHROUGH = ("lora", "training", "resources", "priority", "webhook_url", "max_attempts")
 
@@ -74,13 +78,30 @@ class SupervisedIn(BaseModel):
     hyperparameters: HyperparametersIn | None = Field(None, description="Training knobs.")
 
 
+class DpoHyperparametersIn(HyperparametersIn):
+    """OpenAI's DPO hyperparameters: the supervised ones plus ``beta``."""
+
+    beta: float | Auto | None = Field(
+        None, description="DPO's beta (pull towards the reference); `auto` = 0.1."
+    )
+
+
+class DpoIn(BaseModel):
+    """``method.dpo``."""
+
+    model_config = ConfigDict(extra="allow")
+
+    hyperparameters: DpoHyperparametersIn | None = Field(None, description="Training knobs.")
+
+
 class MethodIn(BaseModel):
-    """``method``: only `supervised` is served (LoRA SFT)."""
+    """``method``: `supervised` or `dpo` LoRA training (`reinforcement` is refused)."""
 
     model_config = ConfigDict(extra="allow")
 
     type: Literal["supervised", "dpo", "reinforcement"] = Field(description="Training method.")
     supervised: SupervisedIn | None = Field(None, description="Supervised settings.")
+    dpo: DpoIn | None = Field(None, description="DPO settings.")
 
 
 class FineTuningJobCreate(BaseModel):
@@ -125,10 +146,10 @@ def _set_auto(target: dict[str, Any], key: str, value: Any, default: Any) -> Non
 
 def spec_from_openai(body: FineTuningJobCreate) -> JobSpec:
     """Translate an OpenAI job body into the native ``JobSpec``; InvalidInput names the field."""
-    if body.method is not None and body.method.type != "supervised":
+    if body.method is not None and body.method.type not in ("supervised", "dpo"):
         raise InvalidInput(
             f"method.type {body.method.type!r} is not supported; lorafleet trains 'supervised' "
-            "LoRA adapters",
+            "and 'dpo' LoRA adapters",
             param="method.type",
         )
     if body.integrations:
@@ -144,23 +165,36 @@ def spec_from_openai(body: FineTuningJobCreate) -> JobSpec:
     lora: dict[str, Any] = dict(raw.pop("lora", None) or {})
     training: dict[str, Any] = dict(raw.pop("training", None) or {})
 
-    hp = body.hyperparameters
+    hp: HyperparametersIn | None = body.hyperparameters
     where = "hyperparameters"
-    supervised = body.method.supervised if body.method is not None else None
-    if supervised is not None and supervised.hyperparameters is not None:
-        hp = supervised.hyperparameters
-        where = "method.supervised.hyperparameters"
+    method: dict[str, Any] = {"type": "supervised"}
+    if body.method is not None and body.method.type == "dpo":
+        dpo: dict[str, Any] = {}
+        method = {"type": "dpo", "dpo": dpo}
+        block = body.method.dpo.hyperparameters if body.method.dpo is not None else None
+        if block is not None:
+            hp, where = block, "method.dpo.hyperparameters"
+            if block.beta is not None:
+                dpo["beta"] = block.beta
+    else:
+        supervised = body.method.supervised if body.method is not None else None
+        if supervised is not None and supervised.hyperparameters is not None:
+            hp = supervised.hyperparameters
+            where = "method.supervised.hyperparameters"
     hp = hp or HyperparametersIn()
     for key, value in (hp.model_extra or {}).items():
         if key in LORA_ALIASES:
             lora[LORA_ALIASES[key]] = value
         elif key in TrainingSettings.model_fields:
             training[key] = value
+        elif key in DPO_EXTRAS and "dpo" in method:
+            method["dpo"][key] = value
         else:
             raise InvalidInput(
                 f"unknown hyperparameter {key!r}: use n_epochs, batch_size, "
                 "learning_rate_multiplier, lora_r, lora_alpha, lora_dropout, target_modules or a "
-                "training setting (e.g. max_steps)",
+                "training setting (e.g. max_steps)"
+                + (", beta or precompute_reference" if "dpo" in method else ""),
                 param=f"{where}.{key}",
             )
     _set_auto(training, "epochs", hp.n_epochs, DEFAULT_EPOCHS)
@@ -180,6 +214,7 @@ def spec_from_openai(body: FineTuningJobCreate) -> JobSpec:
         "training_file": body.training_file,
         "validation_file": body.validation_file,
         "suffix": body.suffix,
+        "method": method,
         "lora": lora,
         "training": training,
         **raw,
@@ -191,6 +226,8 @@ def spec_from_openai(body: FineTuningJobCreate) -> JobSpec:
         param = ".".join(str(p) for p in first.get("loc", ())) or "body"
         if param == "base_model":
             param = "model"
+        elif param.startswith("method.dpo."):
+            param = "method.dpo.hyperparameters." + param.removeprefix("method.dpo.")
         raise InvalidInput(f"{param}: {first.get('msg')}", param=param) from None
 
 
@@ -217,11 +254,26 @@ class SupervisedOut(BaseModel):
     hyperparameters: Hyperparameters = Field(description="Resolved hyperparameters.")
 
 
-class MethodOut(BaseModel):
-    """The training method: always supervised LoRA."""
+class DpoHyperparameters(Hyperparameters):
+    """The DPO hyperparameters a job runs with (resolved)."""
 
-    type: Literal["supervised"] = Field(default="supervised", description="Always `supervised`.")
-    supervised: SupervisedOut = Field(description="Supervised settings.")
+    beta: float = Field(description="DPO's beta.")
+
+
+class DpoOut(BaseModel):
+    """``method.dpo``."""
+
+    hyperparameters: DpoHyperparameters = Field(description="Resolved hyperparameters.")
+
+
+class MethodOut(BaseModel):
+    """The training method: supervised or DPO, each with its resolved hyperparameters."""
+
+    type: Literal["supervised", "dpo"] = Field(
+        default="supervised", description="`supervised` or `dpo`."
+    )
+    supervised: SupervisedOut | None = Field(None, description="Supervised settings.")
+    dpo: DpoOut | None = Field(None, description="DPO settings.")
 
 
 class FineTuningJob(BaseModel):
@@ -294,7 +346,7 @@ class FileOut(BaseModel):
     status_details: str | None = Field(None, description="Always null.")
     expires_at: int | None = Field(None, description="Never expires: null.")
     rows: int = Field(description="lorafleet: examples in the file.")
-    format: str = Field(description="lorafleet: chat, completion, alpaca or text.")
+    format: str = Field(description="lorafleet: chat, completion, alpaca, text or preference.")
     sha256: str = Field(description="lorafleet: SHA-256 of the bytes.")
 
     _unix = field_validator("created_at", mode="before")(unix_seconds)
@@ -330,6 +382,14 @@ def hyperparameters_of(training: TrainingSettings) -> Hyperparameters:
     )
 
 
+def method_out(method: Method, hyper: Hyperparameters) -> MethodOut:
+    """The OpenAI ``method`` block of a job."""
+    if method.dpo is not None:
+        resolved = DpoHyperparameters(**hyper.model_dump(), beta=method.dpo.beta)
+        return MethodOut(type="dpo", dpo=DpoOut(hyperparameters=resolved))
+    return MethodOut(supervised=SupervisedOut(hyperparameters=hyper))
+
+
 def job_to_openai(job: Job) -> FineTuningJob:
     """A job row as ``fine_tuning.job``."""
     spec = job.spec or {}
@@ -362,7 +422,7 @@ def job_to_openai(job: Job) -> FineTuningJob:
         training_file=job.training_file,
         validation_file=job.validation_file,
         estimated_finish=estimated,
-        method=MethodOut(supervised=SupervisedOut(hyperparameters=hyper)),
+        method=method_out(Method.model_validate(spec.get("method") or {}), hyper),
         user_provided_suffix=spec.get("suffix"),
         lora=LoraSettings.model_validate(spec.get("lora") or {}),
         training=training,
@@ -389,19 +449,32 @@ def metric_to_openai(row: JobMetric, total_steps: int | None) -> JobEventOut:
         parts.append(f"training loss={row.train_loss:.4f}")
     if row.eval_loss is not None:
         parts.append(f"validation loss={row.eval_loss:.4f}")
+    if row.reward_accuracy is not None:
+        parts.append(f"reward accuracy={row.reward_accuracy:.4f}")
+    if row.reward_margin is not None:
+        parts.append(f"reward margin={row.reward_margin:.4f}")
+    if row.eval_reward_accuracy is not None:
+        parts.append(f"validation reward accuracy={row.eval_reward_accuracy:.4f}")
+    data: dict[str, Any] = {
+        "step": row.step,
+        "total_steps": total_steps,
+        "train_loss": row.train_loss,
+        "valid_loss": row.eval_loss,
+        "learning_rate": row.learning_rate,
+    }
+    # DPO's numbers where the job has them; validation ones named like valid_loss.
+    for name in DPO_METRICS:
+        if getattr(row, name) is not None:
+            data[name] = getattr(row, name)
+        if getattr(row, f"eval_{name}") is not None:
+            data[f"valid_{name}"] = getattr(row, f"eval_{name}")
     return JobEventOut(
         id=f"ftmetric-{row.id}",
         created_at=int(row.created_at.timestamp()),
         level="info",
         message=", ".join(parts[:1]) + (": " + ", ".join(parts[1:]) if parts[1:] else ""),
         type="metrics",
-        data={
-            "step": row.step,
-            "total_steps": total_steps,
-            "train_loss": row.train_loss,
-            "valid_loss": row.eval_loss,
-            "learning_rate": row.learning_rate,
-        },
+        data=data,
     )
 
 

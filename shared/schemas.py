@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from shared.spec import LoraSettings, Resources, TrainingSettings
+from shared.spec import LoraSettings, Method, Resources, TrainingSettings
 
 ROWS = ConfigDict(from_attributes=True)
 
@@ -34,7 +34,9 @@ class FileObject(BaseModel):
     filename: str = Field(description="Name the file was uploaded under.")
     bytes: int = Field(ge=0, description="Size in bytes.")
     rows: int = Field(ge=0, description="Non-blank JSONL lines (examples).")
-    format: str = Field(description="Detected format: chat, completion, alpaca or text.")
+    format: str = Field(
+        description="Detected format: chat, completion, alpaca, text, or preference (DPO pairs)."
+    )
     sha256: str = Field(description="SHA-256 of the file's bytes, hex.")
     purpose: str = Field(description="`fine-tune` or `validation`.")
     status: Literal["processed"] = Field(
@@ -90,6 +92,30 @@ class Progress(BaseModel):
     eta_seconds: float | None = Field(
         default=None, ge=0, description="Estimated seconds to finish."
     )
+    rewards_chosen: float | None = Field(
+        default=None, description="DPO: mean reward beta * (log p - log p_ref) of chosen answers."
+    )
+    rewards_rejected: float | None = Field(
+        default=None, description="DPO: mean reward of the rejected answers."
+    )
+    reward_accuracy: float | None = Field(
+        default=None, ge=0, le=1, description="DPO: share of pairs whose chosen reward is higher."
+    )
+    reward_margin: float | None = Field(
+        default=None, description="DPO: mean reward margin, chosen minus rejected."
+    )
+    eval_rewards_chosen: float | None = Field(
+        default=None, description="DPO: rewards_chosen on the validation pairs."
+    )
+    eval_rewards_rejected: float | None = Field(
+        default=None, description="DPO: rewards_rejected on the validation pairs."
+    )
+    eval_reward_accuracy: float | None = Field(
+        default=None, ge=0, le=1, description="DPO: reward_accuracy on the validation pairs."
+    )
+    eval_reward_margin: float | None = Field(
+        default=None, description="DPO: reward_margin on the validation pairs."
+    )
     updated_at: datetime | None = Field(default=None, description="When this snapshot was written.")
 
     @classmethod
@@ -127,6 +153,7 @@ class JobObject(BaseModel):
     suffix: str | None = Field(
         default=None, description="Label added to the fine-tuned model name."
     )
+    method: Method = Field(description="Training method: supervised or dpo (with its settings).")
     lora: LoraSettings = Field(description="Adapter shape.")
     training: TrainingSettings = Field(description="Optimisation settings.")
     resources: Resources = Field(description="Where the job may run.")
@@ -212,6 +239,24 @@ class MetricPoint(BaseModel):
     eval_loss: float | None = Field(default=None, description="Validation loss, on eval steps.")
     learning_rate: float | None = Field(default=None, ge=0, description="Learning rate used.")
     tokens_per_second: float | None = Field(default=None, ge=0, description="Throughput.")
+    rewards_chosen: float | None = Field(default=None, description="DPO: chosen reward (mean).")
+    rewards_rejected: float | None = Field(default=None, description="DPO: rejected reward.")
+    reward_accuracy: float | None = Field(
+        default=None, ge=0, le=1, description="DPO: share of pairs ranked right."
+    )
+    reward_margin: float | None = Field(default=None, description="DPO: chosen - rejected reward.")
+    eval_rewards_chosen: float | None = Field(
+        default=None, description="DPO, validation pairs, on eval steps: chosen reward."
+    )
+    eval_rewards_rejected: float | None = Field(
+        default=None, description="DPO, validation pairs, on eval steps: rejected reward."
+    )
+    eval_reward_accuracy: float | None = Field(
+        default=None, ge=0, le=1, description="DPO, validation pairs, on eval steps: accuracy."
+    )
+    eval_reward_margin: float | None = Field(
+        default=None, description="DPO, validation pairs, on eval steps: reward margin."
+    )
     created_at: datetime = Field(description="When the point was recorded.")
 
 

@@ -99,6 +99,78 @@ class TrainingSettings(BaseModel):
     eval_every_steps: int | None = Field(
         None, ge=1, description="Eval interval on validation_file; eval also runs at the end."
     )
+    init_adapter: str | None = Field(
+        None,
+        min_length=1,
+        max_length=4096,
+        description="Start from an earlier adapter instead of a fresh LoRA (SFT then DPO, or "
+        "more training): a succeeded job id of yours (`ftjob-...`), its `fine_tuned_model`, or "
+        "one of its checkpoint names (`...:ckpt-step-N`); with `lorafleet train`, a local "
+        "adapter folder. Its lora r, alpha and target_modules must equal this job's; the "
+        "manifest records the parent and its adapter's sha256.",
+    )
+
+
+DEFAULT_BETA = 0.1
+# DPO's own numbers, reported per step (means over the step's pairs) and per evaluation (over the
+# validation pairs, ``eval_`` prefixed): the rewards beta * (log p_policy - log p_reference) of
+# the chosen and of the rejected answers, the share of pairs whose chosen reward is the higher,
+# and the mean margin chosen - rejected. One list for the engine's records, the database's
+# metric columns and the API's schemas.
+DPO_METRICS = ("rewards_chosen", "rewards_rejected", "reward_accuracy", "reward_margin")
+EVAL_DPO_METRICS = tuple(f"eval_{name}" for name in DPO_METRICS)
+
+
+class DpoSettings(BaseModel):
+    """Direct preference optimisation (DPO, sigmoid loss) on preference pairs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    beta: float = Field(
+        DEFAULT_BETA,
+        gt=0,
+        le=100,
+        description="Strength of the pull towards the reference (the base model without the "
+        "adapter): higher stays closer. `auto` = 0.1.",
+    )
+    precompute_reference: bool = Field(
+        False,
+        description="Compute the reference log-probabilities once before training instead of a "
+        "forward with the adapter off at every step (saves that forward; kept with the "
+        "checkpoints, so a resumed job uses the same values).",
+    )
+
+    @field_validator("beta", mode="before")
+    @classmethod
+    def _auto_beta(cls, value: Any) -> Any:
+        return DEFAULT_BETA if value == "auto" else value
+
+
+class Method(BaseModel):
+    """How the adapter is trained: supervised (next-token loss on the answers) or DPO."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["supervised", "dpo"] = Field(
+        "supervised",
+        description="`supervised` (files of chat, completion, alpaca or text rows) or `dpo` "
+        "(files of preference pairs).",
+    )
+    dpo: DpoSettings | None = Field(
+        None, description="DPO settings (type `dpo` only; defaults when left out)."
+    )
+
+    @model_validator(mode="after")
+    def _settings_of_type(self) -> Method:
+        if self.type == "dpo" and self.dpo is None:
+            self.dpo = DpoSettings()
+        if self.type != "dpo" and self.dpo is not None:
+            raise ValueError(f"method.dpo is set but method.type is {self.type!r}; use 'dpo'")
+        return self
+
+    @property
+    def is_dpo(self) -> bool:
+        return self.type == "dpo"
 
 
 class Resources(BaseModel):
@@ -210,6 +282,11 @@ class JobSpec(BaseModel):
         description="Label in the fine-tuned model name `ft:<base>:<owner>:<suffix>:<job id>`: "
         "1 to 64 letters, digits, '.', '_' or '-'.",
         examples=["support-bot"],
+    )
+    method: Method = Field(
+        default_factory=Method,  # type: ignore[arg-type]
+        description='`{"type": "supervised"}` (default) or `{"type": "dpo", "dpo": {"beta": '
+        "0.1}}` (OpenAI's shape); the training file's format must suit it.",
     )
     lora: LoraSettings = Field(default_factory=LoraSettings)  # type: ignore[arg-type]
     training: TrainingSettings = Field(default_factory=TrainingSettings)  # type: ignore[arg-type]

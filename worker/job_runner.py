@@ -30,11 +30,13 @@ from typing import Any, TypeVar
 
 from shared.config import Settings
 from shared.db import session_scope
+from shared.errors import InvalidInput
 from shared.models import File, Job, utcnow
 from shared.routing import node_ranks
 from shared.services import gangs, runs, webhooks
 from shared.services.fleet import locate_base_model
 from shared.services.gangs import GangPlan
+from shared.services.init_adapters import find_adapter
 from shared.services.logs import logs_prefix
 from shared.services.runs import Lease, LeaseLost
 from shared.spec import JobSpec
@@ -357,6 +359,39 @@ class JobRunner:
         return done
 
     # ------------------------------------------------------------------ inputs
+    def _fetch_init_adapter(self, spec: JobSpec) -> Path | None:
+        """``training.init_adapter``: the parent's adapter (final or checkpoint) in a local
+        folder, the two peft files only (what the engine loads)."""
+        reference = spec.training.init_adapter
+        if reference is None:
+            return None
+        with session_scope() as session:
+            owner = session.get(Job, self.job_id).owner  # type: ignore[union-attr]
+            try:
+                _, source = find_adapter(session, owner, reference)
+            except InvalidInput as exc:  # deleted (or gone) since the job was submitted
+                raise InputError(exc.message) from None
+        folder = self.work / "inputs" / "init_adapter"
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        wanted = ("adapter_config.json", "adapter_model.safetensors")
+        if source.tarball:
+            blob = self.work / "inputs" / "init_adapter.tar.gz"
+            self.storage.get_file(source.key, blob)
+            with tarfile.open(blob) as tar:
+                for member in tar.getmembers():
+                    name = member.name.rsplit("/", 1)[-1]
+                    if member.isfile() and name in wanted:
+                        stream = tar.extractfile(member)
+                        assert stream is not None
+                        (folder / name).write_bytes(stream.read())
+        else:
+            for name in wanted:
+                self.storage.get_file(source.key + name, folder / name)
+        if not all((folder / name).is_file() for name in wanted):
+            raise InputError(f"training.init_adapter {reference}: its adapter files are missing")
+        return folder
+
     def _fetch_inputs(self, spec: JobSpec) -> tuple[JobSpec, str]:
         """Download dataset files; resolve the base model to a local folder or hub id."""
         inputs = self.work / "inputs"
@@ -495,6 +530,7 @@ class JobRunner:
             return "lost"
         try:
             local_spec, model_path = self._fetch_inputs(spec)
+            init_adapter = self._fetch_init_adapter(spec)
         except InputError as exc:
             return self._fail(Failure("invalid_input", FailureClass.USER, str(exc)), None)
         except Exception as exc:  # storage or database trouble: another attempt may do better
@@ -534,6 +570,7 @@ class JobRunner:
             policy=self.policy,
             data_cache_dir=job_cache_dir(self.settings.data_dir, self.job_id),
             rendezvous=rendezvous_of(gang),
+            init_adapter=init_adapter,
         )
         self.guard = MemoryGuard(memory_limit(self.settings))
         self._oom_kills_before = oom_kills()

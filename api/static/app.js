@@ -442,6 +442,12 @@ function renderProgress(status, p, job) {
   if (p.step !== null && p.step !== undefined && p.total_steps) parts.push(`step ${p.step} of ${p.total_steps}`);
   if (p.train_loss !== null && p.train_loss !== undefined) parts.push(`loss ${fmtLoss(p.train_loss)}`);
   if (p.eval_loss !== null && p.eval_loss !== undefined) parts.push(`eval loss ${fmtLoss(p.eval_loss)}`);
+  if (p.reward_accuracy !== null && p.reward_accuracy !== undefined) {
+    parts.push(`reward accuracy ${Number(p.reward_accuracy).toFixed(2)}, margin ${fmtLoss(p.reward_margin)}`);
+  }
+  if (p.eval_reward_accuracy !== null && p.eval_reward_accuracy !== undefined) {
+    parts.push(`eval reward accuracy ${Number(p.eval_reward_accuracy).toFixed(2)}`);
+  }
   if (p.epoch !== null && p.epoch !== undefined) parts.push(`epoch ${Number(p.epoch).toFixed(2)}`);
   if (p.tokens_per_second && !FINAL.has(status)) parts.push(`${Math.round(p.tokens_per_second).toLocaleString()} tokens/s`);
   if (p.eta_seconds !== null && p.eta_seconds !== undefined && status === "running") {

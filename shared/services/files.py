@@ -16,10 +16,11 @@ from sqlalchemy import and_, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from shared.datasets import DatasetError, Limits, summarize
+from shared.datasets import PREFERENCE, DatasetError, Limits, summarize
 from shared.errors import Conflict, InvalidInput, NotFound, TooLarge
 from shared.ids import new_file_id
 from shared.models import File, Job
+from shared.spec import JobSpec
 from shared.states import ACTIVE
 from shared.storage import Storage
 
@@ -234,3 +235,27 @@ def delete_file(session: Session, storage: Storage, owner: str, file_id: str) ->
     session.commit()
     storage.delete(row.storage_key)  # after the commit: a crash leaves bytes, never a dead row
     return row
+
+
+def check_method_fits_file(spec: JobSpec, row: File | None, param: str) -> None:
+    """DPO trains on preference pairs and only on them; refuse the other combinations now."""
+    if row is None:
+        return
+    pairs = row.format == PREFERENCE
+    if spec.method.is_dpo and not pairs:
+        raise InvalidInput(
+            f"{param} {row.id} holds {row.format} rows, but method.type 'dpo' trains on "
+            "preference pairs ({'input', 'preferred_output', 'non_preferred_output'} or "
+            "{'prompt', 'chosen', 'rejected'} rows); upload such a file or use method.type "
+            "'supervised'",
+            param=param,
+            code="file_format_mismatch",
+        )
+    if pairs and not spec.method.is_dpo:
+        raise InvalidInput(
+            f"{param} {row.id} holds preference pairs, which method.type "
+            f"{spec.method.type!r} cannot train on; set method to "
+            '{"type": "dpo"} to train on them',
+            param=param,
+            code="file_format_mismatch",
+        )

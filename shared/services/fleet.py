@@ -23,7 +23,7 @@ from sqlalchemy import select, text, update
 from sqlalchemy.orm import Session
 
 from shared.config import Settings
-from shared.datasets import DatasetError, iter_examples
+from shared.datasets import PREFERENCE, DatasetError, iter_examples
 from shared.errors import InvalidInput
 from shared.estimate import estimate
 from shared.hub import check_hub_model
@@ -36,6 +36,7 @@ from shared.modelinfo import (
 )
 from shared.models import File, Worker, utcnow
 from shared.routing import Capacity, fits, no_fit_reason, requirements, split_over_nodes
+from shared.services.files import check_method_fits_file
 from shared.services.transitions import rowcount
 from shared.spec import JobSpec
 from shared.states import WorkerStatus
@@ -432,12 +433,14 @@ def _count_tokens(storage: Storage, record: File, info: ModelInfo | None) -> tup
     texts: list[str] = []
     extra = 0
     try:
-        for example in iter_examples(io.BytesIO(complete)):
-            if example.messages:
-                texts.extend(m.content for m in example.messages)
-                extra += CHAT_TOKENS_PER_MESSAGE * len(example.messages)
-            else:
-                texts.append("".join(text for text, _ in example.segments))
+        for row in iter_examples(io.BytesIO(complete)):
+            # A preference pair trains both of its sequences (the prompt twice).
+            for example in row.pair() if row.format == PREFERENCE else (row,):
+                if example.messages:
+                    texts.extend(m.content for m in example.messages)
+                    extra += CHAT_TOKENS_PER_MESSAGE * len(example.messages)
+                else:
+                    texts.append("".join(text for text, _ in example.segments))
     except DatasetError:
         return record.bytes // 4, "bytes/4"
     counted = extra + sum(len(e.ids) for e in tokenizer.encode_batch(texts))
@@ -478,6 +481,7 @@ def estimate_job(
                 f"training_file {training_file!r} names no file of yours",
                 param="training_file",
             )
+        check_method_fits_file(spec, record, "training_file")
         rows = record.rows
         tokens, counted = _count_tokens(storage, record, info)
     gpus_required, gpu_type = requirements(spec)

@@ -25,7 +25,9 @@ from shared.ids import new_job_id
 from shared.models import Checkpoint, File, Job, JobEvent, JobMetric, utcnow
 from shared.queueing import DEFAULT_QUEUE, publish_job
 from shared.routing import requirements
+from shared.services.files import check_method_fits_file
 from shared.services.fleet import check_job_fits, model_info, with_default_targets, with_nodes
+from shared.services.init_adapters import check_init_adapter
 from shared.services.transitions import rowcount, transition
 from shared.spec import JobSpec
 from shared.states import ACTIVE, CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED
@@ -50,12 +52,13 @@ def queue_for(spec: JobSpec) -> str:
     return DEFAULT_QUEUE
 
 
-def _check_file(session: Session, owner: str, file_id: str | None, param: str) -> None:
+def _check_file(session: Session, owner: str, file_id: str | None, param: str) -> File | None:
     if file_id is None:
-        return
+        return None
     row = session.get(File, file_id)
     if row is None or row.owner != owner:
         raise InvalidInput(f"{param} {file_id!r} names no file of yours", param=param)
+    return row
 
 
 def _check_webhook(url: str | None, settings: Settings) -> None:
@@ -98,13 +101,15 @@ def create_job(
         if existing is not None:
             return _replay(existing, digest)
 
-    _check_file(session, owner, spec.training_file, "training_file")
-    _check_file(session, owner, spec.validation_file, "validation_file")
+    for param in ("training_file", "validation_file"):
+        row = _check_file(session, owner, getattr(spec, param), param)
+        check_method_fits_file(spec, row, param)
     # The one resolver (shared.modelinfo.resolve_base_model): folder names, mirrors
     # (models_dir/org/name), allowed hub ids and patterns such as "my-org/*"; paths refused.
     _check_webhook(spec.webhook_url, settings)
     info = model_info(spec, settings)
     spec = with_nodes(session, with_default_targets(spec, info), settings)
+    check_init_adapter(session, owner, spec)
     # target_modules, routing and memory against the registered fleet: refuse now what could
     # never run, with the reason, instead of a job that waits forever or fails on a worker.
     check_job_fits(session, spec, settings, info)

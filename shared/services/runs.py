@@ -20,9 +20,17 @@ from shared.models import Checkpoint, GangMember, Job, JobEvent, JobMetric, utcn
 from shared.routing import Capacity, fits
 from shared.services import gangs
 from shared.services.transitions import rowcount, transition
+from shared.spec import DPO_METRICS, EVAL_DPO_METRICS
 from shared.states import CANCELLED, FAILED, FINAL, QUEUED, RUNNING, SUCCEEDED, JobStatus
 
-METRIC_FIELDS = ("train_loss", "eval_loss", "learning_rate", "tokens_per_second")
+METRIC_FIELDS = (
+    "train_loss",
+    "eval_loss",
+    "learning_rate",
+    "tokens_per_second",
+    *DPO_METRICS,
+    *EVAL_DPO_METRICS,
+)
 
 
 class LeaseLost(Exception):

@@ -222,10 +222,11 @@ def test_errors_map_to_sdk_exceptions(sdk: OpenAI, live: Live, training_file: st
         sdk.fine_tuning.jobs.create(model="tiny", training_file="file-000000000000000000000000")
     assert bad_ref.value.body["param"] == "training_file"  # type: ignore[index]
 
-    with pytest.raises(openai.BadRequestError):
+    with pytest.raises(openai.BadRequestError) as not_pairs:  # DPO needs a preference file
         sdk.fine_tuning.jobs.create(
             model="tiny", training_file=training_file, method={"type": "dpo", "dpo": {}}
         )
+    assert not_pairs.value.body["param"] == "training_file"  # type: ignore[index]
     with pytest.raises(openai.BadRequestError):
         sdk.fine_tuning.jobs.create(model="../etc", training_file=training_file)
 

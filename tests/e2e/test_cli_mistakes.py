@@ -106,7 +106,7 @@ def test_submit_mistakes_upload_nothing(live: Deployment, data: Path, tmp_path: 
         (["submit", str(data), "--base-model", "tiny", "--method", "ppo"], ["supervised, dpo"]),
         (
             ["submit", str(data), "--base-model", "tiny", "--method", "dpo"],
-            ["does not train dpo", "--method supervised"],
+            ["rows; --method dpo trains on preference pairs"],
         ),
         (["submit", str(data), "--base-model", "llama-70b"], ["not found", "models here: tiny"]),
         (

@@ -58,7 +58,7 @@ def test_lora_and_training_ride_along() -> None:
     [
         ({"hyperparameters": {"warp": 1}}, "hyperparameters.warp"),
         ({"surprise": 1}, "surprise"),
-        ({"method": {"type": "dpo"}}, "method.type"),
+        ({"method": {"type": "reinforcement"}}, "method.type"),
         ({"lora": {"r": 0}}, "lora.r"),
         ({"integrations": [{"type": "wandb"}]}, "integrations"),
         ({"hyperparameters": {"learning_rate_multiplier": -1}}, None),

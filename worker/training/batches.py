@@ -46,8 +46,9 @@ class StepBatch:
 
     step: int
     micro: list[HostBatch]
-    label_tokens: int  # target tokens of the whole step, all ranks (the loss normaliser)
+    label_tokens: int  # target tokens of the whole step, all ranks (the supervised normaliser)
     real_tokens: int  # non-pad tokens of the whole step, all ranks (throughput, trained_tokens)
+    pairs: int = 0  # preference pairs of the whole step, all ranks (the DPO normaliser)
 
 
 def collate(
@@ -58,6 +59,7 @@ def collate(
     segments: bool,
     packed: bool,
     pin: bool = False,
+    reference: np.ndarray | None = None,
 ) -> HostBatch:
     """Rows ``indices`` right-padded to the longest of them.
 
@@ -66,7 +68,14 @@ def collate(
     derives the block-diagonal mask from them) and unpacked rows an attention mask. An empty
     ``indices`` (a rank with no rows left at the end of an epoch) gives row 0 with no targets, so
     the rank still runs the forward and backward that DDP's collectives expect.
+
+    Rows of preference pairs also get, for the DPO loss: ``target_sequence`` (each target's
+    sequence in the batch: ``2q`` the chosen answer of the batch's pair ``q``, ``2q + 1`` the
+    rejected one), ``pair_ids`` (each batch pair's index in the dataset) and, given the
+    precomputed ``reference`` log-probabilities of every sequence, ``reference_logps`` in batch
+    order. Such rows always hold several documents, so they always get position ids.
     """
+    packed = packed or rows.pairs
     chosen = np.asarray(indices, dtype=np.int64)
     dummy = len(chosen) == 0
     if dummy:
@@ -87,11 +96,14 @@ def collate(
         positions[r, :length] = rows.position_ids[start:stop]
         positions[r, length:] = np.arange(width - length)
         mask[r, :length] = 1
+    target_index = np.flatnonzero(targets != IGNORE_INDEX)
     tensors = {
         "input_ids": torch.from_numpy(ids),
         "targets": torch.from_numpy(targets),
-        "target_index": torch.from_numpy(np.flatnonzero(targets != IGNORE_INDEX)),
+        "target_index": torch.from_numpy(target_index),
     }
+    if rows.sequence_ids is not None:
+        tensors.update(_pair_tensors(rows, starts, lengths, width, target_index, reference))
     layout = None
     if segments or packed:
         tensors["position_ids"] = torch.from_numpy(positions)
@@ -103,6 +115,32 @@ def collate(
         tensors = {name: tensor.pin_memory() for name, tensor in tensors.items()}
         layout = layout.pin_memory() if layout is not None else None
     return HostBatch(tensors, layout)
+
+
+def _pair_tensors(
+    rows: RowSet,
+    starts: np.ndarray,
+    lengths: np.ndarray,
+    width: int,
+    target_index: np.ndarray,
+    reference: np.ndarray | None,
+) -> dict[str, torch.Tensor]:
+    """Which sequence of the batch each target belongs to, and the batch's pairs (see collate)."""
+    assert rows.sequence_ids is not None
+    flat = np.full(len(starts) * width, -1, dtype=np.int64)
+    for r, (start, length) in enumerate(zip(starts.tolist(), lengths.tolist(), strict=True)):
+        flat[r * width : r * width + length] = rows.sequence_ids[start : start + length]
+    sequence = flat[target_index]  # dataset sequence of every target (none in a dummy batch)
+    pair_ids = np.unique(sequence // 2)
+    local = np.searchsorted(pair_ids, sequence // 2) * 2 + sequence % 2
+    tensors = {
+        "target_sequence": torch.from_numpy(local.astype(np.int64)),
+        "pair_ids": torch.from_numpy(pair_ids.astype(np.int64)),
+    }
+    if reference is not None:
+        both = (pair_ids[:, None] * 2 + np.arange(2)).reshape(-1)
+        tensors["reference_logps"] = torch.from_numpy(reference[both].astype(np.float32))
+    return tensors
 
 
 @dataclass

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from shared.datasets import Example
+from shared.datasets import PREFERENCE, Example
 
 render_jinja_template: Any
 try:  # renders once and reports {% generation %} spans; absent in older transformers
@@ -178,11 +178,16 @@ def uses_chat_template(tokenizer: Any, example: Example) -> bool:
 # --------------------------------------------------------------------------- tokenising
 @dataclass
 class TokenizedSet:
-    """Examples as flat arrays: example ``i`` is ``input_ids[offsets[i]:offsets[i + 1]]``."""
+    """Examples as flat arrays: example ``i`` is ``input_ids[offsets[i]:offsets[i + 1]]``.
+
+    ``unit`` examples in a row make one training unit: 1 for supervised data, 2 for preference
+    pairs (example ``2p`` is pair ``p``'s chosen answer, ``2p + 1`` its rejected one).
+    """
 
     input_ids: np.ndarray  # int32 [tokens]
     targets: np.ndarray  # int32 [tokens], already shifted: the label for predicting after input t
     offsets: np.ndarray  # int64 [examples + 1]
+    unit: int = 1
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -305,10 +310,18 @@ def _chunks(examples: Iterable[Example], size: int) -> Iterator[list[Example]]:
         yield chunk
 
 
+def _sides(example: Example) -> tuple[Example, ...]:
+    """The sequences a row trains: itself, or a preference pair's chosen and rejected answers."""
+    return example.pair() if example.format == PREFERENCE else (example,)
+
+
 def tokenize_examples(
     tokenizer: Any, examples: Iterable[Example], max_seq_length: int
 ) -> tuple[TokenizedSet, TokenizeStats]:
     """Token ids and shifted targets of every example that has something to learn.
+
+    A preference pair becomes two examples, chosen then rejected (``unit`` 2), each truncated to
+    ``max_seq_length`` on its own; a pair is kept or dropped whole. ``stats`` count rows (pairs).
 
     Streams: ``examples`` may be an iterator over a file; memory is the flat result plus one chunk.
     """
@@ -316,18 +329,25 @@ def tokenize_examples(
     ids_parts: list[np.ndarray] = []
     target_parts: list[np.ndarray] = []
     lengths: list[int] = []
+    unit = 1
     for chunk in _chunks(examples, TOKENIZE_CHUNK):
+        sides = [_sides(example) for example in chunk]
+        unit = len(sides[0])
+        flat = [side for pair in sides for side in pair]
+        encoded = list(_tokenize_chunk(tokenizer, flat, max_seq_length))
         chunk_ids: list[np.ndarray] = []
         chunk_targets: list[np.ndarray] = []
-        for ids, targets, truncated in _tokenize_chunk(tokenizer, chunk, max_seq_length):
+        for start in range(0, len(encoded), unit):
+            members = encoded[start : start + unit]
             stats.examples += 1
-            stats.truncated += int(truncated)
-            if not (targets != IGNORE_INDEX).any():
+            stats.truncated += int(any(truncated for _, _, truncated in members))
+            if not all((targets != IGNORE_INDEX).any() for _, targets, _ in members):
                 stats.dropped_no_labels += 1
                 continue
-            chunk_ids.append(ids)
-            chunk_targets.append(targets)
-            lengths.append(len(ids))
+            for ids, targets, _ in members:
+                chunk_ids.append(ids)
+                chunk_targets.append(targets)
+                lengths.append(len(ids))
         if chunk_ids:  # one array per chunk: no Python object per example is kept
             ids_parts.append(np.concatenate(chunk_ids))
             target_parts.append(np.concatenate(chunk_targets))
@@ -339,6 +359,7 @@ def tokenize_examples(
             input_ids=np.concatenate(ids_parts) if ids_parts else empty,
             targets=np.concatenate(target_parts) if target_parts else empty,
             offsets=offsets,
+            unit=unit,
         ),
         stats,
     )
@@ -372,12 +393,36 @@ class RowSet:
     position_ids: np.ndarray  # int32 [tokens], restarting at 0 for every example
     offsets: np.ndarray  # int64 [rows + 1]
     label_tokens: np.ndarray | None = None  # int64 [rows]: targets that carry a loss
+    # Preference pairs only: int32 [tokens], the tokenized example each token belongs to
+    # (2p: pair p's chosen answer, 2p + 1: its rejected one). A row holds whole pairs.
+    sequence_ids: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.label_tokens is None:
             labelled = np.zeros(len(self.targets) + 1, dtype=np.int64)
             np.cumsum(self.targets != IGNORE_INDEX, out=labelled[1:])
             self.label_tokens = labelled[self.offsets[1:]] - labelled[self.offsets[:-1]]
+
+    @property
+    def pairs(self) -> bool:
+        """Whether the rows hold preference pairs (DPO) rather than supervised examples."""
+        return self.sequence_ids is not None
+
+    @functools.cached_property
+    def pair_counts(self) -> np.ndarray:
+        """Pairs in every row (int64 [rows]); zeros for supervised rows. Computed once."""
+        if self.sequence_ids is None or not len(self):
+            return np.zeros(len(self), dtype=np.int64)
+        starts = (self.position_ids == 0).astype(np.int64)
+        per_row = np.add.reduceat(starts, self.offsets[:-1]) if len(starts) else starts
+        return np.asarray(per_row // 2, dtype=np.int64)
+
+    @functools.cached_property
+    def num_sequences(self) -> int:
+        """Tokenized examples the rows were made of (2 per pair); 0 for supervised rows."""
+        if self.sequence_ids is None or not len(self.sequence_ids):
+            return 0
+        return int(self.sequence_ids.max()) + 1
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -394,13 +439,16 @@ class RowSet:
         )
 
     def arrays(self) -> dict[str, np.ndarray]:
-        return {
+        arrays = {
             "input_ids": self.input_ids,
             "targets": self.targets,
             "position_ids": self.position_ids,
             "offsets": self.offsets,
             "label_tokens": self.labels,
         }
+        if self.sequence_ids is not None:
+            arrays["sequence_ids"] = self.sequence_ids
+        return arrays
 
     @property
     def labels(self) -> np.ndarray:
@@ -466,22 +514,37 @@ def _gather(tokenized: TokenizedSet, order: np.ndarray, row_sizes: np.ndarray) -
         targets=tokenized.targets[source],
         position_ids=positions,
         offsets=starts[example_bounds],
+        sequence_ids=np.repeat(order, lengths).astype(np.int32) if tokenized.unit > 1 else None,
     )
+
+
+def _units(tokenized: TokenizedSet, unit_order: np.ndarray, unit_sizes: np.ndarray) -> RowSet:
+    """Rows of whole units (a pair's chosen and rejected side by side), in ``unit_order``."""
+    unit = tokenized.unit
+    order = (unit_order[:, None] * unit + np.arange(unit)).reshape(-1)
+    return _gather(tokenized, order, unit_sizes * unit)
+
+
+def row_capacity(tokenized: TokenizedSet, max_seq_length: int) -> int:
+    """Tokens a packed row may hold: ``max_seq_length``, times 2 for pairs (each side alone is
+    truncated to ``max_seq_length``, so a pair always fits a row)."""
+    return max_seq_length * tokenized.unit
 
 
 def pack(tokenized: TokenizedSet, capacity: int) -> RowSet:
-    """Packed rows of at most ``capacity`` tokens, examples never split."""
-    bins = pack_bins(tokenized.lengths, capacity)
+    """Packed rows of at most ``capacity`` tokens, examples (pairs: both sides) never split."""
+    unit = tokenized.unit
+    lengths = tokenized.lengths.reshape(-1, unit).sum(axis=1)
+    bins = pack_bins(lengths, capacity)
     order = np.fromiter((i for members in bins for i in members), dtype=np.int64)
     sizes = np.fromiter((len(members) for members in bins), dtype=np.int64, count=len(bins))
-    return _gather(tokenized, order, sizes)
+    return _units(tokenized, order, sizes)
 
 
 def unpacked_rows(tokenized: TokenizedSet) -> RowSet:
-    """One row per example, in file order."""
-    return _gather(
-        tokenized, np.arange(len(tokenized), dtype=np.int64), np.ones(len(tokenized), np.int64)
-    )
+    """One row per example (pairs: per pair, its two sides side by side), in file order."""
+    count = len(tokenized) // tokenized.unit
+    return _units(tokenized, np.arange(count, dtype=np.int64), np.ones(count, np.int64))
 
 
 def fill_ratio(rows: RowSet, capacity: int) -> float:

@@ -38,6 +38,7 @@ from worker.training import data as datamod
 
 PREP_VERSION = 1
 _ARRAYS = ("input_ids", "targets", "position_ids", "offsets", "label_tokens")
+_OPTIONAL = ("sequence_ids",)  # preference pairs only
 _META = "meta.json"
 
 
@@ -124,6 +125,9 @@ def _map(path: Path) -> np.ndarray:
 def _load(folder: Path) -> tuple[datamod.RowSet, datamod.TokenizeStats]:
     meta = json.loads((folder / _META).read_text())
     arrays = {name: _map(folder / f"{name}.npy") for name in _ARRAYS}
+    for name in _OPTIONAL:
+        if (folder / f"{name}.npy").exists():
+            arrays[name] = _map(folder / f"{name}.npy")
     return datamod.RowSet(**arrays), datamod.TokenizeStats(**meta["stats"])
 
 
@@ -135,7 +139,7 @@ def _build(
             tokenizer, iter_examples(stream), max_seq_length
         )
     if packing:
-        return datamod.pack(tokenized, max_seq_length), stats
+        return datamod.pack(tokenized, datamod.row_capacity(tokenized, max_seq_length)), stats
     return datamod.unpacked_rows(tokenized), stats
 
 

@@ -29,6 +29,12 @@ Gotchas recorded:
   FSDP2 shards it (worker/training/sharding.py). Under FSDP every forward gathers parameters, a
   collective: every rank runs the same number of forwards (a rank without rows runs an empty
   batch, in training and in eval), and only rank 0 reads the base weights.
+- DPO (``method.type`` dpo) is the same loop with another loss module (``DpoLoss``) and
+  normaliser: rows hold whole preference pairs (chosen and rejected side by side, several pairs
+  packed with segment attention), the loss is summed over pairs and divided by the step's global
+  pair count. Its reference log-probabilities come from the same model with the adapter
+  disabled, in the same step, or once before training (``dpo.precompute_reference``), in which
+  case the table is saved in every checkpoint so a resumed run uses the very same values.
 - gloo sometimes aborts at interpreter exit after a clean teardown; ranks end with os._exit.
 """
 
@@ -63,8 +69,9 @@ from transformers import PreTrainedModel, get_scheduler
 
 from shared.datasets import DatasetError, sha256_file
 from shared.estimate import choose_strategy, estimate
+from shared.model_names import parse_model_name
 from shared.modelinfo import read_model_info
-from shared.spec import JobSpec
+from shared.spec import DPO_METRICS, EVAL_DPO_METRICS, JobSpec
 from worker.training import data as datamod
 from worker.training.attention import use_packed_attention
 from worker.training.batches import HostBatch, StepBatch, StepPrefetcher, collate
@@ -88,7 +95,9 @@ from worker.training.launch import EXIT_PREEMPTED
 from worker.training.lora_dropout import fuse_lora_dropout
 from worker.training.manifest import model_fingerprint, write_manifest
 from worker.training.model import (
+    DPO_STATS,
     CausalLMLoss,
+    DpoLoss,
     apply_lora,
     load_base_model,
     load_tokenizer,
@@ -114,6 +123,8 @@ class TrainPaths:
     checkpoint_dir: Path | None = None
     resume_from: Path | None = None
     cache_dir: Path | None = None  # prepared data (worker/training/datacache.py)
+    # training.init_adapter as a local folder; None: the spec's value is one (lorafleet train)
+    init_adapter: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -137,6 +148,9 @@ class DistInfo:
             world_size=int(os.environ.get("WORLD_SIZE", 1)),
             local_rank=int(os.environ.get("LOCAL_RANK", 0)),
         )
+
+
+REFERENCE_FILE = "reference_logps.npy"  # in a checkpoint: dpo.precompute_reference's table
 
 
 class TrainingError(RuntimeError):
@@ -197,6 +211,11 @@ class LoraTrainer:
         self.eval_loss: float | None = None
         self.train_loss: float | None = None
         self.grad_norm: float | None = None  # before clipping; None when clipping is off
+        # DPO's numbers of the latest step and evaluation (events.DPO_METRICS; eval_ prefixed).
+        self.train_metrics: dict[str, Any] = {}
+        self.eval_metrics: dict[str, Any] = {}
+        self.reference: np.ndarray | None = None  # dpo.precompute_reference: per sequence
+        self.parent: dict[str, Any] | None = None  # training.init_adapter, as the manifest says
         self.resume_state: dict[str, Any] | None = None
 
     # ---------------------------------------------------------------- reporting
@@ -218,6 +237,7 @@ class LoraTrainer:
         self._setup_optimizer()
         if self.resume_state is not None:
             self._load_checkpoint(self.paths.resume_from, self.resume_state)  # type: ignore[arg-type]
+        self._setup_reference()
         self._announce()
 
     def _setup_distributed(self) -> None:
@@ -260,6 +280,7 @@ class LoraTrainer:
             raise TrainingError(f"training_file: {exc}") from None
         if len(prepared.rows) == 0:
             raise TrainingError("training_file: no example has a token to train on")
+        self._check_rows_fit_method(prepared.rows, "training_file")
         self.rows = prepared.rows
         self.token_stats = prepared.stats
         self.event(
@@ -283,7 +304,20 @@ class LoraTrainer:
                 )
             except DatasetError as exc:
                 raise TrainingError(f"validation_file: {exc}") from None
+            self._check_rows_fit_method(validation.rows, "validation_file")
             self.eval_rows = validation.rows if len(validation.rows) else None
+
+    def _check_rows_fit_method(self, rows: datamod.RowSet, field: str) -> None:
+        """DPO trains on preference pairs and only DPO does (the service refuses it at submit;
+        ``lorafleet train`` gets here)."""
+        if self.spec.method.is_dpo and not rows.pairs:
+            raise TrainingError(
+                f"{field}: method.type 'dpo' trains on preference pairs; this file has none"
+            )
+        if rows.pairs and not self.spec.method.is_dpo:
+            raise TrainingError(
+                f"{field}: holds preference pairs; train them with method.type 'dpo'"
+            )
 
     def _setup_plan(self) -> None:
         """The batch plan; on resume, the checkpoint's plan is checked and kept.
@@ -414,11 +448,15 @@ class LoraTrainer:
             if self.dist.is_main:
                 self.source = self._adapted(load_base_model(self.paths.model, dtype=load_dtype))
             self.peft_model = self._adapted(self.base)
+            # The init adapter goes into rank 0's source: _setup_parallel shards it out.
+            if self.source is not None:
+                self.parent = self._load_init_adapter(self.source)
             self.loss_module = self._build_loss()
             return
         self.base = load_base_model(self.paths.model, dtype=load_dtype)
         self.peft_model = self._adapted(self.base)
         self.peft_model.to(self.device)
+        self.parent = self._load_init_adapter(self.peft_model)
         self.loss_module = self._build_loss().to(self.device)
 
     def _adapted(self, base: PreTrainedModel) -> PeftModel:
@@ -439,9 +477,71 @@ class LoraTrainer:
         fuse_lora_dropout(peft_model)
         return peft_model
 
+    def _load_init_adapter(self, model: PeftModel) -> dict[str, Any] | None:
+        """``training.init_adapter``: start from that adapter's weights instead of a fresh LoRA.
+
+        Its shape must be this job's (r, alpha, target modules; the service checks at submit,
+        ``lorafleet train`` gets here). Returns what the manifest records: the reference, the
+        parent job and checkpoint step when the reference names them, and the sha256 of the
+        weights file (the parent manifest's ``files`` entry for it).
+        """
+        reference = self.spec.training.init_adapter
+        if reference is None:
+            return None
+        folder = self.paths.init_adapter or Path(reference)
+        config_path = folder / "adapter_config.json"
+        weights_path = folder / "adapter_model.safetensors"
+        if not (config_path.is_file() and weights_path.is_file()):
+            raise TrainingError(
+                f"training.init_adapter: {folder} holds no peft adapter "
+                "(adapter_config.json and adapter_model.safetensors)"
+            )
+        config = json.loads(config_path.read_text())
+        theirs = config.get("target_modules")
+        checks = (
+            ("r", self.lora.r, config.get("r")),
+            ("alpha", float(self.lora.alpha), float(config.get("lora_alpha") or 0)),
+            (
+                "target_modules",
+                _module_set(self.lora.target_modules),
+                _module_set(theirs),
+            ),
+        )
+        for name, mine, parents in checks:
+            if mine != parents:
+                raise TrainingError(
+                    f"lora.{name}: {mine} differs from the init adapter's {parents} "
+                    f"({reference}); set lora.{name} to match it"
+                )
+        device = next(model.parameters()).device
+        weights = load_file(str(weights_path), device=str(device))
+        result: Any = set_peft_model_state_dict(model, weights)
+        missing = [k for k in result.missing_keys if "lora_" in k]
+        unexpected = list(result.unexpected_keys)
+        if missing or unexpected:
+            raise TrainingError(
+                f"training.init_adapter: {folder} does not fit this model "
+                f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+            )
+        ref = parse_model_name(reference)
+        job = ref.job_id if ref else (reference if reference.startswith("ftjob-") else None)
+        digest = sha256_file(str(weights_path))
+        parent: dict[str, Any] = {
+            "reference": reference,
+            "job": job,
+            "step": ref.step if ref else None,
+            "adapter_sha256": digest,
+        }
+        self.event(f"starting from the adapter of {reference} (sha256 {digest[:12]})", **parent)
+        return parent
+
     def _build_loss(self) -> CausalLMLoss:
-        """The training objective: the one place a method (supervised today; DPO next) picks its
-        loss module. It returns (summed loss, target count) for the step normalisation."""
+        """The training objective: the one place a method picks its loss module. Supervised
+        returns (summed loss, target count), DPO (summed loss over pairs, ``DPO_STATS`` sums);
+        the step divides by the global count of targets or pairs."""
+        dpo = self.spec.method.dpo
+        if dpo is not None:
+            return DpoLoss(self.peft_model, beta=dpo.beta)
         return CausalLMLoss(self.peft_model)
 
     def _setup_attention(self) -> None:
@@ -515,13 +615,51 @@ class LoraTrainer:
         else:
             self.scaler = torch.amp.GradScaler(enabled=fp16)
 
+    @torch.no_grad()
+    def _setup_reference(self) -> None:
+        """``dpo.precompute_reference``: every training sequence's reference log-probability,
+        computed once (each rank its share of the rows, then summed over ranks), or read from
+        the checkpoint being resumed, which keeps the table it trained with."""
+        dpo = self.spec.method.dpo
+        if dpo is None or not dpo.precompute_reference:
+            return
+        saved = self.paths.resume_from / REFERENCE_FILE if self.paths.resume_from else None
+        if saved is not None and saved.exists():
+            self.reference = np.load(saved)
+            self.event("reference log-probabilities restored from the checkpoint")
+            return
+        started = time.monotonic()
+        loss = cast(DpoLoss, self.loss_module)
+        table = torch.zeros(self.rows.num_sequences, dtype=torch.float64, device=self.device)
+        mine = np.arange(self.dist.rank, len(self.rows), self.dist.world_size)
+        bs = self.spec.training.batch_size
+        was_training = loss.training
+        loss.eval()
+        for start in range(0, len(mine), bs):
+            inputs = self._collate(mine[start : start + bs], self.rows).to(self.device)
+            with self._autocast():
+                logps = loss.reference_sequence_logps(**inputs)
+            pair_ids = inputs["pair_ids"]
+            both = (pair_ids[:, None] * 2 + torch.arange(2, device=self.device)).reshape(-1)
+            table.index_copy_(0, both, logps.double())
+        loss.train(was_training)
+        if self.dist.enabled:
+            dist.all_reduce(table)  # each sequence was computed by exactly one rank
+        self.reference = table.cpu().numpy()
+        self.event(
+            f"reference log-probabilities of {len(self.reference)} sequences precomputed in "
+            f"{time.monotonic() - started:.1f} s",
+            seconds=round(time.monotonic() - started, 3),
+        )
+
     def _announce(self) -> None:
         stats, t = self.token_stats, self.spec.training
+        units = f"{stats.examples - stats.dropped_no_labels} pairs in " if self.rows.pairs else ""
         self.emit(Started(strategy=self.strategy, world_size=self.dist.world_size))
         self.event(
             f"training {self.trainable_params:,} of {self.total_params:,} parameters on "
             f"{self.dist.world_size} {self.device.type} process(es) ({self.strategy}); "
-            f"{len(self.rows)} rows, {self.total_steps} steps",
+            f"{units}{len(self.rows)} rows, {self.total_steps} steps",
             strategy=self.strategy,
             examples=stats.examples,
             truncated=stats.truncated,
@@ -531,6 +669,7 @@ class LoraTrainer:
             world_size=self.dist.world_size,
             global_batch=self.plan.global_batch,
             attention="segments" if self.packed_attention else "mask",
+            method=self.spec.method.type,
         )
         if stats.truncated:
             self.event(
@@ -549,6 +688,7 @@ class LoraTrainer:
             segments=self.packed_attention,
             packed=self.spec.training.packing and rows is self.rows,
             pin=self.device.type == "cuda",
+            reference=self.reference if rows is self.rows else None,
         )
 
     def _host_step(self, step: int) -> StepBatch:
@@ -562,6 +702,7 @@ class LoraTrainer:
             ],
             label_tokens=int(self.rows.labels[rows].sum()),
             real_tokens=int(self.rows.real_tokens[rows].sum()),
+            pairs=int(self.rows.pair_counts[rows].sum()),
         )
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
@@ -578,23 +719,28 @@ class LoraTrainer:
 
     # ---------------------------------------------------------------- training
     def train_step(self, step: int, batch: StepBatch | None = None) -> float:
-        """One optimizer step; returns the global mean loss per target token."""
+        """One optimizer step; returns the global mean loss per target token (DPO: per pair,
+        with the step's DPO numbers in ``train_metrics``)."""
         batch = batch if batch is not None else self._host_step(step)
         torch.manual_seed(
             self.spec.training.seed * 100_003 + step * self.dist.world_size + self.dist.rank
         )
         self.model.train()
-        global_tokens = max(1, batch.label_tokens)
+        dpo = self.spec.method.is_dpo
+        global_tokens = max(1, batch.pairs if dpo else batch.label_tokens)
         local_sum = torch.zeros((), dtype=torch.float32, device=self.device)
+        local_stats = torch.zeros(len(DPO_STATS), dtype=torch.float32, device=self.device)
         for micro, host in enumerate(batch.micro):
             inputs = host.to(self.device)
             last = micro == len(batch.micro) - 1
             with self._gradient_sync(last):
                 with self._autocast():
-                    loss_sum, _ = self.model(**inputs)
+                    loss_sum, extra = self.model(**inputs)
                 scaled = loss_sum * (self.dist.world_size / global_tokens)
                 self.scaler.scale(scaled).backward()
             local_sum += loss_sum.detach().float()  # stays on the device: no sync per micro-step
+            if dpo:
+                local_stats += extra.float()
         norm = torch.zeros((), device=self.device)
         clip = self.spec.training.max_grad_norm
         if clip is not None:
@@ -611,9 +757,12 @@ class LoraTrainer:
         # The preemption flag and the gradient norm (the same on every rank) ride on the loss
         # all-reduce: every rank stops after the same step, and the step has one sync.
         stop = torch.full((), float(self.stop_requested), device=self.device)
-        total, agreed, norms = self._all_sum(local_sum, stop, norm)
+        extras = local_stats.unbind() if dpo else ()
+        total, agreed, norms, *stats = self._all_sum(local_sum, stop, norm, *extras)
         self.stop_agreed = agreed > 0
         self.grad_norm = norms / self.dist.world_size if clip is not None else None
+        if dpo:
+            self.train_metrics = _dpo_means(stats)
         return total / global_tokens
 
     def _gradient_sync(self, last: bool) -> contextlib.AbstractContextManager[Any]:
@@ -630,11 +779,14 @@ class LoraTrainer:
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
+        """Mean loss on the validation rows (per target token; DPO: per pair, with the DPO
+        numbers in ``eval_metrics``, the reference computed on the fly)."""
         if self.eval_rows is None:
             return None
         self.model.eval()
         mine = np.arange(self.dist.rank, len(self.eval_rows), self.dist.world_size)
         loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
+        stats = torch.zeros(len(DPO_STATS), dtype=torch.float32, device=self.device)
         count = 0
         bs = self.spec.training.batch_size
         # As many batches on every rank (the last ones of a short rank empty): under FSDP each
@@ -643,9 +795,16 @@ class LoraTrainer:
         for start in range(0, batches * bs, bs):
             host = self._collate(mine[start : start + bs], self.eval_rows)
             with self._autocast():
-                s, c = self.loss_module(**host.to(self.device))
+                s, extra = self.loss_module(**host.to(self.device))
             loss_sum += s.float()
-            count += int(c)
+            if self.spec.method.is_dpo:
+                stats += extra.float()
+            else:
+                count += int(extra)
+        if self.spec.method.is_dpo:
+            total, *sums = self._all_sum(loss_sum, *stats.unbind())
+            self.eval_metrics = {f"eval_{k}": v for k, v in _dpo_means(sums).items()}
+            return total / max(sums[-1], 1.0)
         total, tokens = self._all_sum(loss_sum, torch.tensor(float(count)))
         return total / max(tokens, 1.0)
 
@@ -684,6 +843,8 @@ class LoraTrainer:
                         tokens_per_second=tokens_done / elapsed if elapsed > 0 else None,
                         eta_seconds=elapsed / steps_this_run * (self.total_steps - done),
                         trained_tokens=self.trained_tokens if done == self.total_steps else None,
+                        **self.train_metrics,
+                        **self.eval_metrics,
                     )
                 )
                 if self.stop_agreed and done < self.total_steps:
@@ -744,8 +905,12 @@ class LoraTrainer:
                 "strategy": self.strategy,
                 "train_loss": self.train_loss,
                 "eval_loss": self.eval_loss,
+                **self.train_metrics,
+                **self.eval_metrics,
                 "seed": self.spec.training.seed,
             }
+            if self.reference is not None:
+                np.save(tmp / REFERENCE_FILE, self.reference)
             state = {
                 **metrics,
                 "trained_tokens": self.trained_tokens,
@@ -791,6 +956,9 @@ class LoraTrainer:
         )
         self.train_loss = state.get("train_loss")
         self.eval_loss = state.get("eval_loss")
+        if self.spec.method.is_dpo:
+            self.train_metrics = {k: state[k] for k in DPO_METRICS if state.get(k) is not None}
+            self.eval_metrics = {k: state[k] for k in EVAL_DPO_METRICS if state.get(k) is not None}
         self.emit(Resumed(step=self.start_step))
 
     # ---------------------------------------------------------------- output
@@ -827,6 +995,9 @@ class LoraTrainer:
                     "gradient_accumulation_steps": self.plan.accumulation,
                     "final_train_loss": self.train_loss,
                     "final_eval_loss": self.eval_loss,
+                    "method": self.spec.method.model_dump(),
+                    "init_adapter": self.parent,
+                    "final_metrics": {**self.train_metrics, **self.eval_metrics} or None,
                     "parameters": {"total": self.total_params, "trainable": self.trainable_params},
                     "lora": self.lora.model_dump(),
                     "training": t.model_dump(),
@@ -848,6 +1019,19 @@ class LoraTrainer:
     def cleanup(self) -> None:
         if self.dist.enabled and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _module_set(value: Any) -> Any:
+    """Target modules compared as a set (peft may store them in another order)."""
+    if value is None or isinstance(value, str):
+        return value
+    return sorted(set(value))
+
+
+def _dpo_means(sums: list[float]) -> dict[str, float | None]:
+    """The DPO_METRICS as means over pairs, from the all-reduced ``DPO_STATS`` sums."""
+    pairs = sums[DPO_STATS.index("pairs")]
+    return {name: (sums[i] / pairs if pairs else None) for i, name in enumerate(DPO_METRICS)}
 
 
 # -------------------------------------------------------------------- process entry
@@ -914,6 +1098,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--progress-file")
     parser.add_argument("--keep-checkpoints", type=int, default=CheckpointPolicy().keep)
     parser.add_argument(
+        "--init-adapter",
+        help="local folder of training.init_adapter when the spec names it by job or checkpoint",
+    )
+    parser.add_argument(
         "--cache-dir",
         help="folder for prepared (tokenised, packed) data, shared by the ranks and reused by "
         "resumed attempts; default: data-cache beside the checkpoint folder",
@@ -936,6 +1124,7 @@ def main(argv: list[str] | None = None) -> int:
             checkpoint_dir=Path(args.checkpoint_dir) if args.checkpoint_dir else None,
             resume_from=Path(args.resume_from) if args.resume_from else None,
             cache_dir=Path(args.cache_dir) if args.cache_dir else None,
+            init_adapter=Path(args.init_adapter) if args.init_adapter else None,
         ),
         sink=sink,
         dist_info=info,

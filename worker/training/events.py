@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, ClassVar, Protocol
 
+from shared.spec import DPO_METRICS, EVAL_DPO_METRICS
+
 
 @dataclass(frozen=True)
 class Record:
@@ -43,9 +45,11 @@ class Record:
 class Step(Record):
     """One optimizer step done (rank 0, after the loss all-reduce).
 
-    ``evaluated`` says whether ``eval_loss`` was measured at this step (otherwise it repeats the
-    latest measurement, so a progress view always shows one). ``trained_tokens`` is the running
-    total of real (non-padding) tokens trained on, this attempt's resume point included.
+    ``evaluated`` says whether ``eval_loss`` (and the ``eval_`` DPO numbers) were measured at
+    this step (otherwise they repeat the latest measurement, so a progress view always shows
+    one). ``trained_tokens`` is the running total of real (non-padding) tokens trained on, this
+    attempt's resume point included. For DPO jobs ``train_loss``/``eval_loss`` are the DPO loss
+    and the ``DPO_METRICS`` fields are set (shared.spec); they stay None for supervised jobs.
     """
 
     kind: ClassVar[str] = "step"
@@ -59,6 +63,8 @@ class Step(Record):
         "learning_rate",
         "tokens_per_second",
         "eta_seconds",
+        *DPO_METRICS,
+        *EVAL_DPO_METRICS,
     )
 
     step: int
@@ -74,16 +80,25 @@ class Step(Record):
     # The gradients' total norm before clipping (None when training.max_grad_norm is null): the
     # same for every strategy and world size, so a wrong gradient reduction shows here first.
     grad_norm: float | None = None
+    rewards_chosen: float | None = None
+    rewards_rejected: float | None = None
+    reward_accuracy: float | None = None
+    reward_margin: float | None = None
+    eval_rewards_chosen: float | None = None
+    eval_rewards_rejected: float | None = None
+    eval_reward_accuracy: float | None = None
+    eval_reward_margin: float | None = None
 
     def snapshot(self) -> dict[str, Any]:
         """What ``GET /jobs/{id}/progress`` shows for this step."""
         return {name: getattr(self, name) for name in self.SNAPSHOT}
 
     def metric_point(self) -> dict[str, Any]:
-        """One point of the per-step series: eval loss only where it was measured."""
+        """One point of the per-step series: eval numbers only where they were measured."""
         point = self.snapshot()
         if not self.evaluated:
-            point["eval_loss"] = None
+            for name in ("eval_loss", *EVAL_DPO_METRICS):
+                point[name] = None
         return point
 
 

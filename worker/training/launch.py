@@ -155,6 +155,7 @@ def launch(
     resume_from: Path | None = None,
     keep_checkpoints: int | None = None,
     cache_dir: Path | None = None,
+    init_adapter: Path | None = None,
     extra_env: dict[str, str] | None = None,
     rendezvous: Rendezvous | None = None,
 ) -> RankGroup:
@@ -163,6 +164,8 @@ def launch(
     ``cache_dir``: where the ranks share the prepared data (the engine's ``--cache-dir``); give
     every attempt of a job the same folder so a resume skips the preparation. ``rendezvous``:
     this host's part of a multi-node world (None: the ``nproc`` ranks are the whole world).
+    ``init_adapter``: the local folder of ``training.init_adapter`` (the engine's
+    ``--init-adapter``), when the spec names it by job or checkpoint.
     """
     work_dir.mkdir(parents=True, exist_ok=True)
     args: list[str] = [
@@ -180,6 +183,7 @@ def launch(
         ("--checkpoint-dir", checkpoint_dir),
         ("--resume-from", resume_from),
         ("--cache-dir", cache_dir),
+        ("--init-adapter", init_adapter),
         ("--keep-checkpoints", keep_checkpoints),
     )
     for flag, value in optional:

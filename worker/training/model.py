@@ -111,7 +111,13 @@ def _logit_transform(config: Any) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 class _FusedHeadLoss(torch.autograd.Function):
-    """Summed cross-entropy of hidden states through a frozen head, gradient computed eagerly."""
+    """Per-token cross-entropy of hidden states through a frozen head, gradient computed eagerly.
+
+    Token ``t``'s loss depends on hidden row ``t`` alone, so the gradient of the chunk's *sum*
+    with respect to the chunk's hidden states holds, row by row, each token's own gradient: kept
+    (tokens x hidden), it serves any weighting of the tokens the caller applies later (a plain
+    sum for supervised training, per-sequence sums through the DPO sigmoid), one scale per row.
+    """
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -121,22 +127,22 @@ class _FusedHeadLoss(torch.autograd.Function):
         chunk_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         chunk_tokens: int,
     ) -> torch.Tensor:
-        total = hidden.new_zeros((), dtype=torch.float32)
+        losses = []
         grads = []
         for start in range(0, hidden.shape[0], chunk_tokens):
             with torch.enable_grad():
                 h = hidden[start : start + chunk_tokens].detach().requires_grad_()
                 loss = chunk_loss(h, targets[start : start + chunk_tokens])
-                (grad,) = torch.autograd.grad(loss, h)
-            total = total + loss.detach()
+                (grad,) = torch.autograd.grad(loss.sum(), h)
+            losses.append(loss.detach())
             grads.append(grad)
         ctx.save_for_backward(torch.cat(grads) if len(grads) > 1 else grads[0])
-        return total
+        return torch.cat(losses) if len(losses) > 1 else losses[0]
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         (grad,) = ctx.saved_tensors
-        return grad * grad_output.to(grad.dtype), None, None, None
+        return grad * grad_output.to(grad.dtype).unsqueeze(1), None, None, None
 
 
 class CausalLMLoss(nn.Module):
@@ -162,8 +168,9 @@ class CausalLMLoss(nn.Module):
         self.packed_attention = implementation == IMPLEMENTATION
 
     def _chunk_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Each token's cross-entropy (fp32 logits of one chunk only)."""
         logits = self._transform(self._head(hidden)).float()
-        return F.cross_entropy(logits, targets, reduction="sum")
+        return F.cross_entropy(logits, targets, reduction="none")
 
     @torch.no_grad()
     def segment_attention_error(self) -> str | None:
@@ -213,7 +220,7 @@ class CausalLMLoss(nn.Module):
         )
         return out[0] if isinstance(out, tuple) else out.last_hidden_state
 
-    def forward(
+    def token_losses(
         self,
         input_ids: torch.Tensor,
         targets: torch.Tensor,
@@ -222,7 +229,9 @@ class CausalLMLoss(nn.Module):
         layout: SegmentLayout | None = None,
         target_index: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``target_index``: flat indices (into ``[rows * width]``) of the positions whose target
+        """(cross-entropy of every target token, in ``target_index`` order; the hidden states).
+
+        ``target_index``: flat indices (into ``[rows * width]``) of the positions whose target
         is not ``IGNORE_INDEX``, computed on the host by the collator. With it the step needs no
         boolean indexing (a host-device sync per call on a GPU); without it they are found here.
         """
@@ -236,21 +245,128 @@ class CausalLMLoss(nn.Module):
         flat_targets = targets.reshape(-1)
         if target_index is None:
             target_index = (flat_targets != IGNORE_INDEX).nonzero().squeeze(1)
-        count = torch.tensor(target_index.numel())  # on the host: no device round trip
         if target_index.numel() == 0:
-            # Keep every parameter in the graph so DDP's reducer still fires (zero gradient).
-            return hidden.sum() * 0.0, count
+            return hidden.new_zeros(0, dtype=torch.float32), hidden
         selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, target_index)
         wanted = flat_targets.index_select(0, target_index)
         if torch.is_grad_enabled() and not any(p.requires_grad for p in self._head.parameters()):
             fused = _FusedHeadLoss.apply(selected, wanted, self._chunk_loss, self.chunk_tokens)
-            return cast(torch.Tensor, fused), count
-        total = hidden.new_zeros((), dtype=torch.float32)
+            return cast(torch.Tensor, fused), hidden
+        losses = []
         for start in range(0, selected.shape[0], self.chunk_tokens):
             h = selected[start : start + self.chunk_tokens]
             y = wanted[start : start + self.chunk_tokens]
             if torch.is_grad_enabled():
-                total = total + checkpoint(self._chunk_loss, h, y, use_reentrant=False)
+                losses.append(checkpoint(self._chunk_loss, h, y, use_reentrant=False))
             else:
-                total = total + self._chunk_loss(h, y)
-        return total, count
+                losses.append(self._chunk_loss(h, y))
+        return (torch.cat(losses) if len(losses) > 1 else losses[0]), hidden
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        targets: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        layout: SegmentLayout | None = None,
+        target_index: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed loss of the target tokens, their count); see ``token_losses``."""
+        losses, hidden = self.token_losses(
+            input_ids, targets, position_ids, attention_mask, layout, target_index
+        )
+        count = torch.tensor(losses.numel())  # on the host: no device round trip
+        if losses.numel() == 0:
+            # Keep every parameter in the graph so DDP's reducer still fires (zero gradient).
+            return hidden.sum() * 0.0, count
+        return losses.sum(), count
+
+
+# The sums a DPO loss module returns besides the loss, in this order (all ranks add them up).
+DPO_STATS = ("rewards_chosen", "rewards_rejected", "reward_accuracy", "reward_margin", "pairs")
+
+
+class DpoLoss(CausalLMLoss):
+    """The sigmoid DPO loss of a batch of preference pairs, summed over pairs.
+
+    Per pair, with ``pi`` the summed log-probability of an answer's tokens under the policy (base +
+    adapter) and ``ref`` under the reference (the same base with the adapter disabled, peft's
+    ``disable_adapter()``, in the same step, without autograd; or precomputed once and passed
+    in as ``reference_logps``):
+
+        loss = -log sigmoid(beta * ((pi_chosen - ref_chosen) - (pi_rejected - ref_rejected)))
+
+    Rewards are ``beta * (pi - ref)`` of each answer; accuracy counts pairs whose chosen reward
+    is the higher. Returns (summed loss, device tensor of the ``DPO_STATS`` sums): the caller
+    divides by the global pair count of the step, like the supervised loss by its token count.
+    Token log-probabilities come from the fused head (no full-vocabulary logits), and each
+    sequence's sum is an ``index_add`` over its targets, so packed rows of many pairs cost one
+    forward.
+    """
+
+    def __init__(
+        self, peft_model: PeftModel, beta: float, chunk_tokens: int = LOSS_CHUNK_TOKENS
+    ) -> None:
+        super().__init__(peft_model, chunk_tokens)
+        self.beta = beta
+
+    def sequence_logps(
+        self, target_sequence: torch.Tensor, pairs: int, **inputs: Any
+    ) -> torch.Tensor:
+        """Summed log-probability of each of the batch's ``2 * pairs`` sequences."""
+        losses, hidden = self.token_losses(**inputs)
+        sums = hidden.new_zeros(2 * pairs, dtype=torch.float32)
+        if losses.numel() == 0:
+            return sums + hidden.sum() * 0.0  # every parameter stays in the graph (DDP)
+        return sums.index_add(0, target_sequence, -losses)
+
+    @torch.no_grad()
+    def reference_sequence_logps(
+        self, target_sequence: torch.Tensor, pair_ids: torch.Tensor, **inputs: Any
+    ) -> torch.Tensor:
+        """The reference's sequence log-probabilities: the base model, adapter disabled."""
+        with self.peft_model.disable_adapter():
+            return self.sequence_logps(target_sequence, pair_ids.numel(), **inputs)
+
+    def forward(  # type: ignore[override]
+        self,
+        input_ids: torch.Tensor,
+        targets: torch.Tensor,
+        target_sequence: torch.Tensor,
+        pair_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        layout: SegmentLayout | None = None,
+        target_index: torch.Tensor | None = None,
+        reference_logps: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs: dict[str, Any] = {
+            "input_ids": input_ids,
+            "targets": targets,
+            "position_ids": position_ids,
+            "attention_mask": attention_mask,
+            "layout": layout,
+            "target_index": target_index,
+        }
+        pairs = pair_ids.numel()
+        if reference_logps is None:
+            # First, so its activations are gone before the policy's graph is built.
+            reference_logps = self.reference_sequence_logps(target_sequence, pair_ids, **inputs)
+        policy = self.sequence_logps(target_sequence, pairs, **inputs)
+        ratios = (policy - reference_logps.to(policy.dtype)).view(pairs, 2)
+        logits = self.beta * (ratios[:, 0] - ratios[:, 1])
+        loss = -F.logsigmoid(logits).sum()
+        if pairs == 0:
+            loss = loss + policy.sum() * 0.0  # no pair here: still in the graph (DDP)
+        with torch.no_grad():
+            rewards = self.beta * ratios.detach()
+            stats = torch.stack(
+                [
+                    rewards[:, 0].sum(),
+                    rewards[:, 1].sum(),
+                    (rewards[:, 0] > rewards[:, 1]).float().sum(),
+                    (rewards[:, 0] - rewards[:, 1]).sum(),
+                    rewards.new_tensor(float(pairs)),
+                ]
+            )
+        return loss, stats

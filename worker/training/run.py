@@ -113,6 +113,7 @@ class TrainingRun:
     policy: CheckpointPolicy = field(default_factory=CheckpointPolicy)
     data_cache_dir: Path | None = None
     rendezvous: Rendezvous | None = None  # this host's part of a multi-node world (launch.py)
+    init_adapter: Path | None = None  # training.init_adapter, downloaded (None: the spec's path)
     poll_seconds: float = 0.2
     cancel_grace_seconds: float = 2.0
     group: RankGroup | None = field(default=None, init=False)
@@ -138,6 +139,7 @@ class TrainingRun:
             keep_checkpoints=self.policy.keep,
             cache_dir=self.data_cache_dir,
             rendezvous=self.rendezvous,
+            init_adapter=self.init_adapter,
         )
         return self.group
 

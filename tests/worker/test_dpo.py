@@ -1,0 +1,284 @@
+"""DPO in the engine, checked against an independent computation.
+
+The reference implementation here shares no code with the engine: it tokenizes the pairs itself,
+runs each sequence alone through plain transformers (policy: peft with the adapter; reference: a
+separately loaded base model), takes full-vocabulary logits, and writes out the sigmoid DPO loss.
+The engine's gradient of a step is read back from its checkpoints: AdamW's first moment after
+steps 1 and 2 gives step 2's gradient exactly, g2 = (m2 - 0.9 m1) / 0.1 (no clipping, no decay).
+Step 2 is used, not step 1, because after one step the adapter is non-zero and the reference
+(adapter off) differs from the policy, so a reference computed with the adapter on would show.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from shared.spec import JobSpec
+from tests.worker.conftest import write_jsonl
+from worker.training.engine import REFERENCE_FILE, LoraTrainer, TrainingError, TrainPaths
+from worker.training.events import Event, ListSink, Step, parse
+from worker.training.launch import launch
+
+BETA = 0.2
+
+
+def polite_pairs(n: int, seed: int) -> list[dict[str, str]]:
+    """The chosen answer follows a rule (a polite opening) that the rejected one breaks."""
+    rng = random.Random(seed)
+    words = ["red", "blue", "green", "small", "large", "fast", "slow", "warm", "cold", "new"]
+    rows = []
+    for _ in range(n):
+        thing = " ".join(rng.sample(words, 2))
+        rows.append(
+            {
+                "prompt": f"Describe the {thing} box.",
+                "chosen": f" Sure, happy to help: the box is {thing}.",
+                "rejected": f" No. The box is {thing}.",
+            }
+        )
+    return rows
+
+
+def dpo_spec(model: Path, train: Path, **training: Any) -> JobSpec:
+    method = training.pop("method", {"type": "dpo", "dpo": {"beta": BETA}})
+    body = {
+        "base_model": str(model),
+        "training_file": str(train),
+        "method": method,
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
+        "training": {
+            "max_steps": 3,
+            "batch_size": 8,
+            "learning_rate": 2e-2,
+            "max_seq_length": 100,
+            "warmup_ratio": 0.0,
+            "weight_decay": 0.0,
+            "max_grad_norm": None,
+            "lr_scheduler": "constant",
+            "checkpoint_every_steps": 1,
+            **training,
+        },
+    }
+    return JobSpec.model_validate(body)
+
+
+def run_inprocess(
+    spec: JobSpec, out: Path, resume: Path | None = None, sink: ListSink | None = None
+) -> tuple[dict[str, Any], LoraTrainer]:
+    trainer = LoraTrainer(
+        spec, TrainPaths(model=spec.base_model, output_dir=out, resume_from=resume), sink=sink
+    )
+    trainer.setup()
+    manifest = trainer.train()
+    trainer.cleanup()
+    assert manifest is not None
+    return manifest, trainer
+
+
+# ------------------------------------------------------------------------ the independent side
+def encode(tokenizer: Any, prompt: str, answer: str) -> tuple[list[int], list[bool]]:
+    """BOS + prompt + answer + EOS, loss on the answer and its EOS (the documented format)."""
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+    ids = [tokenizer.bos_token_id, *prompt_ids, *answer_ids, tokenizer.eos_token_id]
+    trained = [False] * (1 + len(prompt_ids)) + [True] * (len(answer_ids) + 1)
+    return ids, trained
+
+
+def sequence_logp(model: Any, ids: list[int], trained: list[bool]) -> torch.Tensor:
+    x = torch.tensor([ids])
+    logits = model(input_ids=x, use_cache=False).logits[0, :-1].float()
+    token_logps = F.log_softmax(logits, dim=-1).gather(1, x[0, 1:, None])[:, 0]
+    return (token_logps * torch.tensor(trained[1:], dtype=torch.float32)).sum()
+
+
+def independent_dpo(
+    model_dir: Path, adapter_dir: Path, rows: list[dict[str, str]], beta: float
+) -> tuple[dict[str, float], list[torch.Tensor]]:
+    """Mean DPO loss, rewards and the gradient of the LoRA parameters (in parameter order)."""
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    reference = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    policy = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32),
+        str(adapter_dir),
+        is_trainable=True,
+    )
+    policy.train()
+    losses, chosen_rewards, rejected_rewards = [], [], []
+    for row in rows:
+        ratios = []
+        for side in ("chosen", "rejected"):
+            ids, trained = encode(tokenizer, row["prompt"], row[side])
+            with torch.no_grad():
+                ref = sequence_logp(reference, ids, trained)
+            ratios.append(sequence_logp(policy, ids, trained) - ref)
+        losses.append(-F.logsigmoid(beta * (ratios[0] - ratios[1])))
+        chosen_rewards.append(beta * ratios[0].detach())
+        rejected_rewards.append(beta * ratios[1].detach())
+    loss = torch.stack(losses).mean()
+    loss.backward()
+    grads = [p.grad.clone() for p in policy.parameters() if p.requires_grad]
+    chosen, rejected = torch.stack(chosen_rewards), torch.stack(rejected_rewards)
+    numbers = {
+        "train_loss": float(loss.detach()),
+        "rewards_chosen": float(chosen.mean()),
+        "rewards_rejected": float(rejected.mean()),
+        "reward_accuracy": float((chosen > rejected).float().mean()),
+        "reward_margin": float((chosen - rejected).mean()),
+    }
+    return numbers, grads
+
+
+def engine_gradient(checkpoints: Path, step: int) -> list[torch.Tensor]:
+    """The gradient of ``step`` (>= 2) from AdamW's first moments of two checkpoints."""
+
+    def moments(at: int) -> list[torch.Tensor]:
+        state = torch.load(checkpoints / f"step_{at}" / "trainer_state.pt", weights_only=False)
+        optimizer = state["optimizer"]
+        order = optimizer["param_groups"][0]["params"]
+        return [optimizer["state"][i]["exp_avg"] for i in order]
+
+    before, after = moments(step - 1), moments(step)
+    return [(m2 - 0.9 * m1) / 0.1 for m1, m2 in zip(before, after, strict=True)]
+
+
+def assert_close(ours: list[torch.Tensor], theirs: list[torch.Tensor]) -> None:
+    assert [g.shape for g in ours] == [g.shape for g in theirs]
+    scale = max(float(g.abs().max()) for g in theirs)
+    error = max(float((a - b).abs().max()) for a, b in zip(ours, theirs, strict=True))
+    assert scale > 1e-6 and error <= 2e-3 * scale, (error, scale)
+
+
+# ------------------------------------------------------------------------------------- tests
+@pytest.mark.parametrize(("packing", "nproc"), [(True, 1), (False, 1), (True, 2)])
+def test_dpo_step_equals_independent_computation(
+    tiny_plain_model: Path, tmp_path: Path, packing: bool, nproc: int
+) -> None:
+    """Loss, rewards and gradient of a step, packed (several pairs a row) and unpacked (one pair
+    a row), in 1 and 2 processes, equal the straightforward computation from full logits."""
+    rows = polite_pairs(6, seed=1)
+    train = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    # One step holds every pair: its pair set is known whatever the shuffle.
+    spec = dpo_spec(tiny_plain_model, train, packing=packing, batch_size=8 // nproc)
+    out = tmp_path / "out"
+    if nproc == 1:
+        sink = ListSink()
+        _, trainer = run_inprocess(spec, out, sink=sink)
+        steps = sink.of(Step)
+        assert trainer.rows.pairs and int(trainer.rows.pair_counts.sum()) == len(rows)
+        assert (len(trainer.rows) < len(rows)) == packing  # packed rows hold several pairs
+    else:
+        spec_path = tmp_path / "spec.json"
+        spec_path.write_text(spec.model_dump_json())
+        progress = tmp_path / "progress.jsonl"
+        group = launch(spec_path, out, nproc, work_dir=tmp_path / "work", progress_file=progress)
+        assert group.wait() == 0, group.log_tail()
+        records = [parse(line) for line in progress.read_text().splitlines()]
+        steps = [r for r in records if isinstance(r, Step)]
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert manifest["world_size"] == 2 and manifest["effective_batch"] == 8
+    first, second = steps[0], steps[1]
+    assert first.train_loss == pytest.approx(0.69314718, abs=1e-5)  # policy == reference at 0
+    numbers, grads = independent_dpo(tiny_plain_model, out / "checkpoints" / "step_1", rows, BETA)
+    for name, value in numbers.items():
+        assert getattr(second, name) == pytest.approx(value, abs=2e-4), name
+    assert_close(engine_gradient(out / "checkpoints", 2), grads)
+
+
+def test_precomputed_reference_is_kept_and_resume_is_exact(
+    tiny_plain_model: Path, tmp_path: Path
+) -> None:
+    """dpo.precompute_reference trains like the per-step reference; its table is saved in every
+    checkpoint, and a run resumed from one equals the uninterrupted run."""
+    rows = polite_pairs(12, seed=2)
+    train = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    common = {"max_steps": 4, "batch_size": 2, "checkpoint_every_steps": 2}
+    precompute = {"type": "dpo", "dpo": {"beta": BETA, "precompute_reference": True}}
+    spec = dpo_spec(tiny_plain_model, train, method=precompute, **common)
+    full, trainer = run_inprocess(spec, tmp_path / "full")
+    table = trainer.reference
+    assert table is not None and len(table) == 2 * len(rows) and (table < 0).all()
+    saved = tmp_path / "full" / "checkpoints" / "step_2" / REFERENCE_FILE
+    assert saved.exists()
+    sink = ListSink()
+    resumed, _ = run_inprocess(spec, tmp_path / "resumed", resume=saved.parent, sink=sink)
+    assert any("restored from the checkpoint" in e.message for e in sink.of(Event))
+    assert [s.step for s in sink.of(Step)] == [3, 4]
+    assert full["final_metrics"] == pytest.approx(resumed["final_metrics"], abs=1e-6)
+    weights = {}
+    for name in ("full", "resumed"):
+        adapter = PeftModel.from_pretrained(
+            AutoModelForCausalLM.from_pretrained(str(tiny_plain_model)), str(tmp_path / name)
+        )
+        weights[name] = [p.detach().clone() for n, p in adapter.named_parameters() if "lora" in n]
+    assert max(float((a - b).abs().max()) for a, b in zip(*weights.values(), strict=True)) < 1e-6
+    on_the_fly, _ = run_inprocess(dpo_spec(tiny_plain_model, train, **common), tmp_path / "fly")
+    assert full["final_train_loss"] == pytest.approx(on_the_fly["final_train_loss"], abs=1e-4)
+    assert full["method"]["dpo"]["precompute_reference"] is True
+
+
+def test_method_and_data_must_agree(tiny_plain_model: Path, tmp_path: Path) -> None:
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", polite_pairs(4, seed=3))
+    text = write_jsonl(tmp_path / "text.jsonl", [{"text": "hello"}] * 4)
+    with pytest.raises(TrainingError, match="training_file: method.type 'dpo'"):
+        run_inprocess(dpo_spec(tiny_plain_model, text), tmp_path / "a")
+    supervised = dpo_spec(tiny_plain_model, pairs, method={"type": "supervised"})
+    with pytest.raises(TrainingError, match="training_file: holds preference pairs"):
+        run_inprocess(supervised, tmp_path / "b")
+    with pytest.raises(TrainingError, match="validation_file"):
+        spec = dpo_spec(tiny_plain_model, pairs).model_copy(update={"validation_file": str(text)})
+        run_inprocess(spec, tmp_path / "c")
+
+
+def test_sft_then_dpo_starts_from_the_sft_adapter(tiny_plain_model: Path, tmp_path: Path) -> None:
+    """training.init_adapter (a local folder here, as with `lorafleet train`): the DPO run
+    starts from the SFT adapter's weights, and the manifest records them by sha256."""
+    chat = [
+        {"prompt": f"Describe box {i}.", "completion": f" Sure, happy to help: box {i}."}
+        for i in range(8)
+    ]
+    sft_spec = dpo_spec(
+        tiny_plain_model,
+        write_jsonl(tmp_path / "sft.jsonl", chat),
+        method={"type": "supervised"},
+        max_steps=3,
+        batch_size=4,
+        checkpoint_every_steps=None,
+    )
+    sft, _ = run_inprocess(sft_spec, tmp_path / "sft")
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", polite_pairs(4, seed=4))
+    frozen = dpo_spec(  # a learning rate too small to move anything: the output is the input
+        tiny_plain_model,
+        pairs,
+        max_steps=1,
+        learning_rate=1e-12,
+        init_adapter=str(tmp_path / "sft"),
+        checkpoint_every_steps=None,
+    )
+    sink = ListSink()
+    manifest, _ = run_inprocess(frozen, tmp_path / "dpo", sink=sink)
+    parent = manifest["init_adapter"]
+    assert parent["adapter_sha256"] == sft["files"]["adapter_model.safetensors"]
+    assert parent["reference"] == str(tmp_path / "sft") and parent["job"] is None
+    # The policy starts as base + SFT adapter, the reference is the base: they differ at step 1.
+    assert abs(sink.of(Step)[0].train_loss - 0.69314718) > 1e-4
+    weights = {}
+    for name in ("sft", "dpo"):
+        adapter = PeftModel.from_pretrained(
+            AutoModelForCausalLM.from_pretrained(str(tiny_plain_model)), str(tmp_path / name)
+        )
+        weights[name] = [p.detach().clone() for n, p in adapter.named_parameters() if "lora" in n]
+    assert max(float((a - b).abs().max()) for a, b in zip(*weights.values(), strict=True)) < 1e-6
+    assert max(float(w.abs().max()) for w in weights["sft"]) > 1e-3  # SFT moved the adapter
+    other = frozen.model_copy(update={"lora": frozen.lora.model_copy(update={"r": 8})})
+    with pytest.raises(TrainingError, match="lora.r: 8 differs from the init adapter's 4"):
+        run_inprocess(other, tmp_path / "other")
