@@ -145,6 +145,24 @@ def worker(
     os.execv(sys.executable, args)
 
 
+@app.command(epilog=example("lorafleet inference --host 0.0.0.0 --port 8100"))
+def inference(
+    host: Annotated[str, typer.Option(help="Bind address.")] = "127.0.0.1",
+    port: Annotated[int | None, typer.Option(help="Port (default: a free one).")] = None,
+    advertise_url: Annotated[
+        str | None,
+        typer.Option(help="URL the API reaches this server at (default http://HOST:PORT)."),
+    ] = None,
+) -> None:
+    """Run an inference server: OpenAI-compatible completions of base models and adapters.
+
+    It registers itself in the database, so the API finds it with no further setting.
+    """
+    from worker.inference.main import serve as serve_inference
+
+    serve_inference(host, port, advertise_url)
+
+
 @app.command(epilog=example("lorafleet up --port 8000"))
 def up(
     host: Annotated[str, typer.Option(help="Bind address.")] = "127.0.0.1",

@@ -25,6 +25,8 @@ __all__ = [
     "ChatMessage",
     "CompletionRequest",
     "GenerationParams",
+    "ModelList",
+    "ModelObject",
     "StreamOptions",
     "TextPart",
 ]
@@ -166,6 +168,21 @@ class _Request(BaseModel):
 class ChatCompletionRequest(_Request):
     """``POST /v1/chat/completions``."""
 
+    model_config = ConfigDict(
+        extra="allow",
+        json_schema_extra={
+            "examples": [
+                {
+                    "model": "ft:tiny-llama:alice::ftjob-0123456789abcdef01234567",
+                    "messages": [{"role": "user", "content": "What is the capital of France?"}],
+                    "max_tokens": 32,
+                    "temperature": 0,
+                    "stream": True,
+                }
+            ]
+        },
+    )
+
     messages: list[ChatMessage] = Field(
         min_length=1, max_length=10_000, description="The conversation so far."
     )
@@ -182,6 +199,15 @@ class ChatCompletionRequest(_Request):
 
 class CompletionRequest(_Request):
     """``POST /v1/completions`` (a raw prompt, tokenized as given)."""
+
+    model_config = ConfigDict(
+        extra="allow",
+        json_schema_extra={
+            "examples": [
+                {"model": "tiny-llama", "prompt": "The capital of France is", "max_tokens": 8}
+            ]
+        },
+    )
 
     prompt: str | list[str] = Field(description="The prompt (a string, or a list of one string).")
 
@@ -208,3 +234,19 @@ class GenerationParams(BaseModel):
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+class ModelObject(BaseModel):
+    """A model ``/v1/chat/completions`` can be asked for (OpenAI's ``model`` object)."""
+
+    id: str = Field(description="The name to pass as `model`.")
+    object: Literal["model"] = Field(default="model", description="Always `model`.")
+    created: int = Field(ge=0, description="Unix seconds: when it was trained (or installed).")
+    owned_by: str = Field(description="The owner of a fine-tuned model; `lorafleet` for bases.")
+
+
+class ModelList(BaseModel):
+    """``GET /v1/models``: base models and the caller's fine-tuned models."""
+
+    object: Literal["list"] = Field(default="list", description="Always `list`.")
+    data: list[ModelObject] = Field(description="The models.")

@@ -56,12 +56,14 @@ __all__ = [
     "HEADER_SHA",
     "Target",
     "candidates",
+    "describe_model",
     "heartbeat_inference_server",
     "list_inference_servers",
     "mark_inference_server_offline",
     "model_listing",
     "register_inference_server",
     "resolve_model",
+    "route_request",
 ]
 
 
@@ -183,6 +185,31 @@ def model_listing(session: Session, owner: str, settings: Settings) -> list[Mode
             moment = job.finished_at or job.created_at
             entries.append(ModelEntry(name, int(moment.timestamp()), job.owner))
     return entries
+
+
+def describe_model(session: Session, owner: str, name: str, settings: Settings) -> ModelEntry:
+    """One model the caller may use (``GET /v1/models/{model}``); same errors as resolving it."""
+    target = resolve_model(session, owner, name, settings)
+    if target.adapter is None:
+        for entry in model_listing(session, owner, settings):
+            if entry.id == name:
+                return entry
+        return ModelEntry(name, 0, "lorafleet")  # an allowed hub id with no local copy
+    ref = parse_model_name(name)
+    assert ref is not None
+    job = get_job(session, owner, ref.job_id)
+    moment = job.finished_at or job.created_at
+    if ref.step is not None:
+        moment = get_checkpoint(session, owner, job.id, ref.step).created_at
+    return ModelEntry(name, int(moment.timestamp()), job.owner)
+
+
+def route_request(
+    session: Session, owner: str, name: str, settings: Settings
+) -> tuple[Target, list[Backend]]:
+    """What ``name`` means for ``owner``, and the servers to ask, best first."""
+    target = resolve_model(session, owner, name, settings)
+    return target, candidates(session, settings, target.base_model)
 
 
 # ---------------------------------------------------------------- the server registry
