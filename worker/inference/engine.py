@@ -401,6 +401,24 @@ class Engine:
             loaded = list(self.models.values())
         return [m.name for m in loaded], sum(len(m.adapters) for m in loaded)
 
+    def memory(self) -> dict[str, int]:
+        """Resident and peak memory of this process (bytes); the device's when it is a GPU."""
+        import psutil
+
+        info = psutil.Process().memory_info()
+        out = {"rss_bytes": int(info.rss)}
+        try:
+            with open("/proc/self/status") as status:
+                for line in status:
+                    if line.startswith("VmHWM:"):
+                        out["peak_rss_bytes"] = int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        if self.device.type == "cuda":
+            out["device_allocated_bytes"] = int(torch.cuda.memory_allocated(self.device))
+            out["device_peak_bytes"] = int(torch.cuda.max_memory_allocated(self.device))
+        return out
+
     # ------------------------------------------------------------------ request side
     def tokenizer(self, name: str, path: str) -> tuple[Any, int | None]:
         """The base model's tokenizer and context length (loaded once; any thread)."""

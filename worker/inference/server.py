@@ -278,8 +278,9 @@ def create_app(engine: Engine, store: AdapterStore, settings: Settings, token: s
 
     @app.get("/healthz")
     def healthz() -> dict[str, Any]:
+        """Liveness, what is loaded, and memory (resident and peak; the GPU's when there is one)."""
         names, adapters = engine.held()
-        return {"status": "ok", "base_models": names, "adapters": adapters}
+        return {"status": "ok", "base_models": names, "adapters": adapters, **engine.memory()}
 
     return app
 
