@@ -122,9 +122,13 @@ def resolve_model(session: Session, owner: str, name: str, settings: Settings) -
     ref = parse_model_name(name)
     if ref is None:
         try:
-            locate_base_model(name, settings)
+            where = locate_base_model(name, settings)
         except ValueError:
-            raise _not_found(name, "does not exist (GET /v1/models lists yours)") from None
+            where = None
+        # Base models are called by name only when they are installed (the models directory or
+        # its hub mirrors): a bare hub id would make an inference server download a model.
+        if not isinstance(where, Path):
+            raise _not_found(name, "does not exist (GET /v1/models lists yours)")
         return Target(name, name, None)
     try:
         job = get_job(session, owner, ref.job_id)
