@@ -100,7 +100,12 @@ def store_adapter(storage: Any, folder: Path, job_id: str) -> dict[str, str]:
 
 
 # ------------------------------------------------------------------------------ the server
-def start_server(data: Path, log: Path) -> tuple[subprocess.Popen[bytes], str]:
+def threads_env(threads: int | None) -> dict[str, str]:
+    """``--threads``: the same intra-op thread count for every contender (all cores if unset)."""
+    return {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads else {}
+
+
+def start_server(data: Path, log: Path, threads: int | None) -> tuple[subprocess.Popen[bytes], str]:
     from worker.training.launch import free_port
 
     port = free_port()
@@ -110,6 +115,7 @@ def start_server(data: Path, log: Path) -> tuple[subprocess.Popen[bytes], str]:
         "LORAFLEET_INFERENCE_API_KEY": TOKEN,
         "LORAFLEET_INFERENCE_MAX_TOKENS": "4096",
         "PYTHONPATH": str(common.REPO),
+        **threads_env(threads),
     }
     with open(log, "wb") as out:
         proc = subprocess.Popen(
@@ -221,12 +227,14 @@ def peft_child(spec: dict[str, Any]) -> dict[str, Any]:
     return {"seconds": time.perf_counter() - started, "tokens": tokens, "texts": texts}
 
 
-def run_peft(base: Path, requests: list[tuple[str, str]], max_tokens: int) -> dict[str, Any]:
+def run_peft(
+    base: Path, requests: list[tuple[str, str]], max_tokens: int, threads: int | None
+) -> dict[str, Any]:
     spec = {"base": str(base), "requests": requests, "max_tokens": max_tokens}
     out = subprocess.run(
         [sys.executable, "-m", "bench.inference", "--child", json.dumps(spec)],
         cwd=common.REPO,
-        env={**os.environ, "PYTHONPATH": str(common.REPO)},
+        env={**os.environ, "PYTHONPATH": str(common.REPO), **threads_env(threads)},
         capture_output=True,
         text=True,
         timeout=3600,
@@ -269,6 +277,13 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=8)
     parser.add_argument("--adapters", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="intra-op threads for every contender (default: all cores; 1 on a crowded machine, "
+        "where OpenMP threads spinning for busy cores cost more than they bring)",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -290,7 +305,7 @@ def main() -> None:
         storage = LocalStorage(data / "storage")
         headers = [store_adapter(storage, f, f"ftjob-{i:024x}") for i, f in enumerate(folders)]
         adapter_bytes = (folders[0] / "adapter_model.safetensors").stat().st_size
-        proc, url = start_server(data, work / "inference.log")
+        proc, url = start_server(data, work / "inference.log", args.threads)
         print(f"[bench] server {url}", file=sys.stderr)
 
         prompts = [common._SENTENCES[i % len(common._SENTENCES)] for i in range(args.requests)]
@@ -311,7 +326,7 @@ def main() -> None:
         proc = None
 
         requests = [(p, str(folders[i % args.adapters])) for i, p in enumerate(prompts)]
-        peft = run_peft(base, requests, args.max_tokens)
+        peft = run_peft(base, requests, args.max_tokens, args.threads)
     finally:
         if proc is not None:
             stop(proc)
@@ -341,7 +356,8 @@ def main() -> None:
     ]
     print(
         f"\n{args.requests} concurrent greedy requests over {args.adapters} adapters, "
-        f"{args.max_tokens} tokens each, model {base.name}\n"
+        f"{args.max_tokens} tokens each, model {base.name}, "
+        f"{args.threads or os.cpu_count()} thread(s)\n"
     )
     print(common.table(["contender", "tokens", "seconds", "tokens/s"], rows))
     ratio = rates["batched"] / rates["peft one at a time"]

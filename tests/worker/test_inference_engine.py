@@ -35,7 +35,8 @@ MESSAGES = [
 class Collect(Sink):
     """Keeps what a request produced."""
 
-    def __init__(self) -> None:
+    def __init__(self, streaming: bool = True) -> None:
+        self.streaming = streaming
         self.parts: list[str] = []
         self.reason: str | None = None
         self.usage: Usage | None = None
@@ -94,9 +95,14 @@ def reference(base: Path, adapter: Path | None, prompt: list[int], n: int) -> li
 
 
 def request(
-    base: Path, prompt: list[int], adapter: Path | None = None, n: int = 12, **params: Any
+    base: Path,
+    prompt: list[int],
+    adapter: Path | None = None,
+    n: int = 12,
+    streaming: bool = True,
+    **params: Any,
 ) -> tuple[Request, Collect]:
-    sink = Collect()
+    sink = Collect(streaming)
     settings = GenerationParams(max_tokens=n, temperature=params.pop("temperature", 0.0), top_p=1)
     settings = settings.model_copy(update=params)
     req = Request(
@@ -171,13 +177,15 @@ def test_greedy_equals_peft_generate_with_and_without_adapter(
     prompt = generation_prompt_ids(tokenizer, MESSAGES)
     answers = {}
     for adapter in (None, adapters[0]):
-        req, out = request(tiny_model, prompt, adapter, n=16)
-        run_until_done(engine, [req])
         text, count = expected_text(tiny_model, reference(tiny_model, adapter, prompt, 16))
-        assert out.error is None
-        assert (out.text, out.usage.completion_tokens if out.usage else None) == (text, count)
-        assert out.usage is not None and out.usage.prompt_tokens == len(prompt)
-        answers[adapter] = out.text
+        for streaming in (True, False):  # text per step, or decoded once at the end
+            req, out = request(tiny_model, prompt, adapter, n=16, streaming=streaming)
+            run_until_done(engine, [req])
+            assert out.error is None
+            assert (out.text, out.usage.completion_tokens if out.usage else None) == (text, count)
+            assert out.usage is not None and out.usage.prompt_tokens == len(prompt)
+            assert streaming or len(out.parts) <= 1
+        answers[adapter] = text
     assert answers[None] != answers[adapters[0]]  # the adapter is really applied
 
 

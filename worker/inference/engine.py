@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 from peft import PeftModel
+from peft.tuners.lora import LoraLayer
 from transformers import AutoConfig, DynamicCache
 
 from shared.inference_shapes import GenerationParams
@@ -56,7 +57,13 @@ class Usage:
 
 class Sink:
     """Where a request's output goes; the HTTP layer implements it (called from the engine
-    thread, so implementations must be thread-safe)."""
+    thread, so implementations must be thread-safe).
+
+    ``streaming``: whether the text is wanted as it comes. When not (and the request has no stop
+    strings), the engine decodes the text once, at the end, instead of at every step.
+    """
+
+    streaming = True
 
     def delta(self, text: str) -> None:
         raise NotImplementedError
@@ -99,6 +106,45 @@ class Loaded:
     stop_ids: frozenset[int]
     context_length: int | None
     adapters: OrderedDict[str, Path] = field(default_factory=OrderedDict)
+    # Per row of the running batch, the peft adapter name (BASE for none); None: every row uses
+    # the active adapter (peft's ordinary forward). Read by the pre-forward hooks below.
+    row_adapters: list[str] | None = None
+    active: str | None = None  # the adapter peft's ordinary forward applies
+    _hooked: set[int] = field(default_factory=set)
+
+    def route(self, names: list[str]) -> None:
+        """Make the next forward apply ``names[i]`` to row ``i``.
+
+        One adapter for every row takes peft's ordinary path (the active adapter, exactly what
+        ``PeftModel.generate`` runs); different ones take its mixed-batch path. The row names
+        reach the LoRA layers through pre-forward hooks installed once per layer, rather than
+        through ``adapter_names=``, for which peft walks every module twice per forward.
+        """
+        if not isinstance(self.model, PeftModel):
+            return
+        if len(set(names)) == 1 and names[0] != BASE:
+            if self.active != names[0]:
+                self.model.set_adapter(names[0])
+                self.active = names[0]
+            self.row_adapters = None
+        else:
+            self.row_adapters = list(names)
+
+    def hook_new_layers(self) -> None:
+        """Install the row-routing hook on LoRA layers that have none yet (an adapter with other
+        target modules than the ones before creates new layers)."""
+        for module in self.model.modules():
+            if isinstance(module, LoraLayer) and id(module) not in self._hooked:
+                assert isinstance(module, torch.nn.Module)
+                module.register_forward_pre_hook(self._pass_names, with_kwargs=True)
+                self._hooked.add(id(module))
+
+    def _pass_names(
+        self, _module: Any, args: Any, kwargs: dict[str, Any]
+    ) -> tuple[Any, dict[str, Any]]:
+        if self.row_adapters is not None:
+            kwargs["adapter_names"] = self.row_adapters
+        return args, kwargs
 
 
 def default_device() -> torch.device:
@@ -161,8 +207,13 @@ class _Row:
             self._flush()
             self.finish("stop")
             return
-        text = self.loaded.tokenizer.decode(self.tokens, skip_special_tokens=True)
         stops = self.request.params.stop
+        if not (self.request.sink.streaming or stops):  # the text is decoded once, at the end
+            if len(self.tokens) >= self.max_new:
+                self._flush()
+                self.finish("length")
+            return
+        text = self.loaded.tokenizer.decode(self.tokens, skip_special_tokens=True)
         if stops:
             start = max(0, self.sent - self.longest_stop)
             hits = [i for i in (text.find(s, start) for s in stops) if i >= 0]
@@ -213,11 +264,10 @@ class _Batch:
         self.positions: torch.Tensor | None = None  # [rows, 1]: the last position of each row
         self.logits: torch.Tensor | None = None  # [rows, vocab]: next-token logits
 
-    def _names(self, rows: list[_Row]) -> dict[str, Any]:
-        if not isinstance(self.loaded.model, PeftModel):
-            return {}
-        names = [peft_name(r.request.adapter) if r.request.adapter else BASE for r in rows]
-        return {"adapter_names": names}
+    def _route(self, rows: list[_Row]) -> None:
+        self.loaded.route(
+            [peft_name(r.request.adapter) if r.request.adapter else BASE for r in rows]
+        )
 
     def prefill(self, rows: list[_Row]) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Run the prompts of ``rows`` (left-padded): their cache, mask, positions, logits."""
@@ -232,6 +282,7 @@ class _Batch:
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.loaded.model.config)
+        self._route(rows)
         out = self.loaded.model(
             input_ids=ids,
             attention_mask=mask,
@@ -239,7 +290,6 @@ class _Batch:
             cache=cache,
             use_cache=True,
             logits_to_keep=1,
-            **self._names(rows),
         )
         return cache, mask, positions[:, -1:], out.logits[:, -1].float()
 
@@ -279,13 +329,13 @@ class _Batch:
         ones = torch.ones((len(self.rows), 1), dtype=self.mask.dtype, device=self.device)
         self.mask = torch.cat([self.mask, ones], dim=1)
         self.positions = self.positions + 1
+        self._route(self.rows)
         out = self.loaded.model(
             input_ids=ids,
             attention_mask=self.mask,
             position_ids=self.positions,
             cache=self.cache,
             use_cache=True,
-            **self._names(self.rows),
         )
         self.logits = out.logits[:, -1].float()
 
@@ -568,13 +618,17 @@ class Engine:
                 break
             del loaded.adapters[victim]
             loaded.model.delete_adapter(peft_name(victim))
+            if loaded.active == peft_name(victim):
+                loaded.active = None  # peft activated another one: set it again when needed
         if isinstance(loaded.model, PeftModel):
             loaded.model.load_adapter(str(request.adapter_path), adapter_name=name)
         else:
             loaded.model = PeftModel.from_pretrained(
                 loaded.model, str(request.adapter_path), adapter_name=name
             )
+            loaded.active = name
         loaded.model.eval()
+        loaded.hook_new_layers()
         loaded.adapters[request.adapter] = request.adapter_path
 
 
@@ -595,6 +649,7 @@ class _Signal(Sink):
     def __init__(self, inner: Sink, then: Callable[[], None]) -> None:
         self.inner = inner
         self.then = then
+        self.streaming = inner.streaming
 
     def delta(self, text: str) -> None:
         self.inner.delta(text)

@@ -221,6 +221,7 @@ def create_app(engine: Engine, store: AdapterStore, settings: Settings, token: s
 
     async def answer(job: Job, body: Any, chat: bool) -> Any:
         sink = QueueSink(asyncio.get_running_loop())
+        sink.streaming = bool(body.stream)
         job.sink = sink
         shapes = Shapes(chat, body.model)
         engine.submit(job)
