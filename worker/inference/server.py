@@ -190,7 +190,15 @@ def create_app(engine: Engine, store: AdapterStore, settings: Settings, token: s
                 "model",
             ) from None
         tokenizer, context = engine.tokenizer(base, str(where))
-        prompt = render(tokenizer)
+        try:
+            prompt = render(tokenizer)
+        except Exception as exc:  # a chat template may refuse a conversation (role order...)
+            raise ApiError(
+                400,
+                f"{field}: the model's prompt format refused it: {exc}",
+                "invalid_prompt",
+                field,
+            ) from None
         if context is not None and len(prompt) >= context:
             raise ApiError(
                 400,
