@@ -24,7 +24,7 @@ import openai
 import pytest
 from openai import OpenAI
 
-from tests.api.live import Live, chat_rows, live_stack
+from tests.api.live import Live, chat_rows, live_stack, wait_for
 from tests.e2e.live import job_body, upload, wait_final
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("live-stack-" + __name__)]
@@ -306,7 +306,7 @@ def test_tenancy_and_bad_requests(
 
 
 def test_twenty_concurrent_streams_each_get_their_own_answer(
-    sdk: OpenAI, server: Any, trained: Trained
+    sdk: OpenAI, live: Live, server: Any, trained: Trained
 ) -> None:
     models = ["tiny", trained.model, trained.checkpoint]
     prompts = [f"What is {i} + {i}?" for i in range(7)]
@@ -346,6 +346,18 @@ def test_twenty_concurrent_streams_each_get_their_own_answer(
     assert not errors, errors
     assert {i: results[i] for i in range(20)} == {i: alone[cases[i]] for i in range(20)}
     assert len(set(alone.values())) > 1
+    # The server reports what it holds; admins see it beside the workers.
+    with live.client(live.dep.create_key("ops", admin=True)) as http:
+        held = wait_for(
+            lambda: [
+                s
+                for s in http.get("/workers").json()["inference_servers"]
+                if s["base_models"] == ["tiny"] and s["adapters"] >= 2
+            ],
+            timeout=30,
+            what="the server's heartbeat",
+        )
+    assert held[0]["url"] == server[1] and held[0]["status"] in ("idle", "busy")
 
 
 def test_a_corrupt_adapter_is_refused_and_the_server_carries_on(
