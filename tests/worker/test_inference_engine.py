@@ -271,3 +271,29 @@ def test_sampling_repeats_with_a_seed(engine: Engine, tiny_model: Path) -> None:
         runs.append(out.text)
     assert runs[0] == runs[1]
     assert runs[0] != runs[2]
+
+
+def test_base_models_and_adapters_are_evicted_least_recently_used(
+    tiny_model: Path, tiny_plain_model: Path, adapters: list[Path]
+) -> None:
+    """A memory bound that fits one tiny model, two adapters per base: the least recently used
+    go, come back on demand, and answer as before."""
+    engine = Engine(memory_bytes=700_000, max_adapters=2, batch_wait_s=0).start()
+    try:
+        prompt = completion_prompt_ids(AutoTokenizer.from_pretrained(tiny_model), "Hello")
+        first: dict[Path, str] = {}
+        for adapter in [adapters[0], adapters[1], adapters[2], adapters[0]]:
+            req, out = request(tiny_model, prompt, adapter, n=6)
+            run_until_done(engine, [req])
+            assert out.error is None
+            assert out.text == first.setdefault(adapter, out.text)
+        assert engine.held() == (["tiny"], 2)
+        plain = completion_prompt_ids(AutoTokenizer.from_pretrained(tiny_plain_model), "Hello")
+        req, out = request(tiny_plain_model, plain, n=4)
+        run_until_done(engine, [req])
+        assert out.error is None and engine.held() == (["tiny-plain"], 0)
+        req, out = request(tiny_model, prompt, adapters[1], n=6)
+        run_until_done(engine, [req])
+        assert out.text == first[adapters[1]] and engine.held() == (["tiny"], 1)
+    finally:
+        engine.stop()
