@@ -347,7 +347,7 @@ def test_twenty_concurrent_streams_each_get_their_own_answer(
     assert {i: results[i] for i in range(20)} == {i: alone[cases[i]] for i in range(20)}
     assert len(set(alone.values())) > 1
     # The server reports what it holds; admins see it beside the workers.
-    with live.client(live.dep.create_key("ops", admin=True)) as http:
+    with live.dep.client(live.dep.create_key("ops", admin=True)) as http:
         held = wait_for(
             lambda: [
                 s

@@ -26,6 +26,9 @@ from worker.training.data import (
     tokenize_examples,
 )
 
+# One engine (and one set of adapters) for the module, on one xdist worker.
+pytestmark = pytest.mark.xdist_group(__name__)
+
 MESSAGES = [
     Message("system", "You are terse.", False),
     Message("user", "What is the capital of France?", False),
