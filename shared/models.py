@@ -322,3 +322,27 @@ class GangMember(Base):
     joined_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     lease_expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
     left_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
+class InferenceServer(Base):
+    """A ``lorafleet inference`` process as it last reported itself (``shared.services.inference``).
+
+    The API reads this table to find a server for a request: no URL to configure. ``token`` is the
+    bearer secret the server generated at start and expects on every request, so the only way to
+    reach its adapters is through the API's authorisation (or with database access).
+    """
+
+    __tablename__ = "inference_servers"
+
+    id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    url: Mapped[str] = mapped_column(String(1024))
+    hostname: Mapped[str] = mapped_column(String(255))
+    token: Mapped[str] = mapped_column(String(128))
+    device: Mapped[str] = mapped_column(String(128))
+    # Base models it holds loaded right now (a request goes to a server that has its base).
+    base_models: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
+    adapters: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    status: Mapped[str] = mapped_column(String(16), default="idle")
+    version: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    last_heartbeat: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

@@ -341,10 +341,31 @@ class WorkerObject(BaseModel):
     )
 
 
+class InferenceServerObject(BaseModel):
+    """A registered ``lorafleet inference`` server as ``GET /workers`` shows it."""
+
+    model_config = ROWS
+
+    id: str = Field(description="The server's id (process and host).")
+    url: str = Field(description="Where the API reaches it.")
+    hostname: str = Field(description="Host (or container) it runs on.")
+    device: str = Field(description="Device and dtype it computes in (`cpu float32`, ...).")
+    base_models: list[str] = Field(default_factory=list, description="Base models it holds.")
+    adapters: int = Field(ge=0, description="Adapters attached to them.")
+    status: Literal["idle", "busy", "offline"] = Field(
+        description="`offline` also when the last heartbeat is older than 3 leases."
+    )
+    last_heartbeat: datetime = Field(description="When it last reported (UTC).")
+    version: str | None = Field(default=None, description="lorafleet version it runs.")
+
+
 class WorkerList(BaseModel):
     """All registered workers, most recently seen first."""
 
     data: list[WorkerObject] = Field(description="Workers.")
+    inference_servers: list[InferenceServerObject] = Field(
+        default_factory=list, description="Inference servers (`lorafleet inference`)."
+    )
 
 
 class BaseModelObject(BaseModel):
