@@ -21,6 +21,7 @@ attached with peft's ``load_adapter`` (kept up to ``max_adapters`` per base, LRU
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import re
@@ -110,7 +111,6 @@ class Loaded:
     # the active adapter (peft's ordinary forward). Read by the pre-forward hooks below.
     row_adapters: list[str] | None = None
     active: str | None = None  # the adapter peft's ordinary forward applies
-    _hooked: set[int] = field(default_factory=set)
 
     def route(self, names: list[str]) -> None:
         """Make the next forward apply ``names[i]`` to row ``i``.
@@ -134,10 +134,10 @@ class Loaded:
         """Install the row-routing hook on LoRA layers that have none yet (an adapter with other
         target modules than the ones before creates new layers)."""
         for module in self.model.modules():
-            if isinstance(module, LoraLayer) and id(module) not in self._hooked:
+            if isinstance(module, LoraLayer) and not getattr(module, "_lorafleet_routed", False):
                 assert isinstance(module, torch.nn.Module)
                 module.register_forward_pre_hook(self._pass_names, with_kwargs=True)
-                self._hooked.add(id(module))
+                setattr(module, "_lorafleet_routed", True)  # noqa: B010 (nn.Module typing)
 
     def _pass_names(
         self, _module: Any, args: Any, kwargs: dict[str, Any]
@@ -589,6 +589,7 @@ class Engine:
         ):
             with self._models_lock:
                 evicted, _ = self.models.popitem(last=False)
+            gc.collect()  # the routing hooks make a reference cycle: free the weights now
             log.info("evicting base model %s (memory bound %d bytes)", evicted, self.memory_bytes)
         if nbytes > self.memory_bytes:
             log.warning(
