@@ -3,15 +3,18 @@ through the page's form trains on the tiny model, finishes, answers a question i
 box (streamed from a live inference server), and its adapter downloads; the fleet view for
 admins; the key form.
 
-Leaves a screenshot of the job page in ``docs/screenshot.png`` and of the form in
-``docs/new-job.png``.
+With ``LORAFLEET_UPDATE_SCREENSHOTS=1`` it refreshes ``docs/screenshot.png`` (the job page) and
+``docs/new-job.png`` (the form); otherwise the screenshots go to pytest's temporary folder, so a
+test run never changes tracked files.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import tarfile
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,8 +31,13 @@ from selenium.common.exceptions import StaleElementReferenceException  # noqa: E
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import Select  # noqa: E402
 
-SCREENSHOT = ROOT / "docs" / "screenshot.png"
-FORM_SCREENSHOT = ROOT / "docs" / "new-job.png"
+_SHOTS = (
+    ROOT / "docs"
+    if os.environ.get("LORAFLEET_UPDATE_SCREENSHOTS") == "1"
+    else Path(tempfile.mkdtemp(prefix="lorafleet-screens-"))
+)
+SCREENSHOT = _SHOTS / "screenshot.png"
+FORM_SCREENSHOT = _SHOTS / "new-job.png"
 
 
 @pytest.fixture(scope="module")
