@@ -631,7 +631,15 @@ class JobRunner:
             {"node": self.gang.slot, "code": failure.code},
         )
         self._settle()
-        return "member failed"
+        # Node 0 normally sees the same failure in its own ranks at once and decides (a user
+        # error fails the job, anything else requeues the gang). If it has not within a lease,
+        # its ranks may be waiting for ours at the rendezvous: decide here instead.
+        deadline = time.monotonic() + self.settings.lease_seconds
+        while time.monotonic() < deadline:
+            if self.keeper.lost.is_set():  # the job moved on without us: done
+                return "member failed"
+            time.sleep(min(0.5, self.keeper.period))
+        return self._fail(failure, result)
 
     def _classify(self, result: RunResult) -> Failure:
         rank = result.failed_rank if result.failed_rank is not None else 0

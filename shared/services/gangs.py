@@ -43,14 +43,15 @@ from typing import Any
 from sqlalchemy import ColumnElement, delete, select, update
 from sqlalchemy.orm import Session
 
-from shared.models import GangMember, Job, Worker, utcnow
+from shared.config import get_settings
+from shared.models import GangMember, Job, utcnow
 from shared.routing import Capacity, fits, node_ranks
+from shared.services.fleet import fleet_capacities
 from shared.services.transitions import rowcount, transition
 from shared.spec import Resources
-from shared.states import QUEUED, RUNNING, WorkerStatus
+from shared.states import QUEUED, RUNNING
 
 FORMING = "forming"
-STALE_LEASES = 3  # as shared.services.fleet: a worker silent this many leases is not live
 
 
 @dataclass(frozen=True)
@@ -135,17 +136,10 @@ def _lock(session: Session, job_id: str, *where: ColumnElement[bool]) -> bool:
     return False
 
 
-def _live_fitting(
-    session: Session, gpus_required: int, gpu_type: str | None, lease_s: float
-) -> int:
-    """Live workers (heartbeat within STALE_LEASES leases, not offline) that fit the job."""
-    cutoff = utcnow() - timedelta(seconds=STALE_LEASES * lease_s)
-    rows = session.execute(
-        select(Worker.gpus, Worker.gpu_type).where(
-            Worker.status != WorkerStatus.OFFLINE.value, Worker.last_heartbeat >= cutoff
-        )
-    ).all()
-    return sum(1 for gpus, kind in rows if fits(gpus_required, gpu_type, Capacity(gpus, kind)))
+def _live_fitting(session: Session, gpus_required: int, gpu_type: str | None) -> int:
+    """Workers that could take a node of the job now (the fleet as submission sees it)."""
+    fleet = fleet_capacities(session, get_settings()) or []
+    return sum(1 for worker in fleet if fits(gpus_required, gpu_type, worker))
 
 
 def join(
@@ -186,7 +180,7 @@ def join(
     )
     taken = {slot for (slot,) in session.execute(select(GangMember.slot).where(*here))}
     if len(taken) >= job.nodes or (
-        not taken and _live_fitting(session, job.gpus_required, job.gpu_type, lease_s) < job.nodes
+        not taken and _live_fitting(session, job.gpus_required, job.gpu_type) < job.nodes
     ):
         session.rollback()
         return None

@@ -43,7 +43,7 @@ from tests.e2e.live import (
 pytestmark = pytest.mark.xdist_group("gang-" + __name__)
 
 ROWS = chat_rows(48)
-BODY = {"max_steps": 16, "checkpoint_every_steps": 4, "batch_size": 2}
+BODY = {"max_steps": 32, "checkpoint_every_steps": 8, "batch_size": 2}
 GANG = {
     "LORAFLEET_WORKER_PROCS": "1",
     "LORAFLEET_WORKER_ADDRESS": "127.0.0.1",
@@ -226,15 +226,16 @@ def _timeline(http: httpx.Client, job_id: str) -> str:
     )
 
 
-def _spare_worker(dep: Deployment, admin: httpx.Client, name: str) -> None:
-    """One more idle worker, registered before the fault, so recovery does not wait for it."""
-    before = len([w for w in _workers(admin) if w["status"] != "offline"])
-    dep.start_worker(name)
+def _spare_workers(dep: Deployment, admin: httpx.Client, *names: str) -> None:
+    """More idle workers, registered before the faults, so recovery does not wait for them."""
+    before = {w["id"] for w in _workers(admin)}
+    for name in names:
+        dep.start_worker(name)
     wait_for(
-        lambda: len([w for w in _workers(admin) if w["status"] != "offline"]) > before,
+        lambda: len([w for w in _workers(admin) if w["id"] not in before]) == len(names),
         120,
         0.5,
-        f"{name} to register",
+        f"{', '.join(names)} to register",
     )
 
 
@@ -264,11 +265,12 @@ def test_killed_then_frozen_member_the_gang_resumes_each_time(
     The adapter equals the uninterrupted 2-process reference.
     """
     dep, admin = fleet
-    _spare_worker(dep, admin, "worker-c")  # three workers: a gang of two can re-form at once
+    # Four workers: after each fault a gang of two re-forms at once.
+    _spare_workers(dep, admin, "worker-c", "worker-d")
     with dep.client() as http:
         body = {**job_body(upload(http, ROWS), **BODY), "resources": {"nodes": 2}}
         job_id = http.post("/jobs", json=body).json()["id"]
-        wait_for(lambda: _step(http, job_id) >= 6, 240, 0.1, "step 6")
+        wait_for(lambda: _step(http, job_id) >= 10, 240, 0.1, "step 10")
         first = http.get(f"/jobs/{job_id}").json()["workers"]
         killed, survivor = _node(dep, "0"), _node(dep, "1")
         ranks = {"killed": descendants(killed.pid), "survivor": descendants(survivor.pid)}
@@ -277,13 +279,12 @@ def test_killed_then_frozen_member_the_gang_resumes_each_time(
         killed_at = time.monotonic()
         wait_for(lambda: not alive(ranks["killed"]), 15, 0.2, "node 0's ranks to die with it")
         wait_for(lambda: not alive(ranks["survivor"]), 60, 0.2, "node 1's ranks to end")
-        _spare_worker(dep, admin, "worker-d")  # replaces the dead one while gang 2 trains
         resumed = wait_for(lambda: _resumed(http, job_id, 2), 240, 0.3, "gang 2 to resume")
         after_kill = time.monotonic() - killed_at
         assert first[0] not in http.get(f"/jobs/{job_id}").json()["workers"]
 
         step = int(resumed.split()[3])
-        wait_for(lambda: _step(http, job_id) >= step + 3, 240, 0.1, f"step {step + 3}")
+        wait_for(lambda: _step(http, job_id) > step, 240, 0.1, f"a step past {step}")
         frozen = tree(_node(dep, "1").pid)
         signal_tree(frozen, signal.SIGSTOP)
         frozen_at = time.monotonic()
@@ -297,7 +298,12 @@ def test_killed_then_frozen_member_the_gang_resumes_each_time(
         assert final["attempts"] == 3 and len(final["workers"]) == 2
         steps = [int(resumed.split()[3]), int(resumed_again.split()[3])]
         assert all(n % BODY["checkpoint_every_steps"] == 0 for n in steps), steps
-        assert sum("gang member lost" in m for m in _events(http, job_id)) == 2
+        requeued = [
+            m
+            for m in _events(http, job_id)
+            if "gang member lost" in m or "retrying from the last checkpoint" in m
+        ]
+        assert len(requeued) == 2, requeued
         time.sleep(8)  # longer than a lease: nothing of the thawed worker may change the outcome
         again = http.get(f"/jobs/{job_id}").json()
         assert again["finished_at"] == final["finished_at"] and again["status"] == "succeeded"
