@@ -207,6 +207,7 @@ class Outbox:
         except LeaseLost:
             log.warning("job %s: lease lost; dropping unwritten records", self.lease.job_id)
             self.lost = True
+            self.discard()
             return False
         except Exception as exc:  # database or storage unreachable: keep it for later
             if self.outage_started is None:
@@ -232,6 +233,15 @@ class Outbox:
             )
         self.backoff = 0.0
         return True
+
+    def discard(self) -> None:
+        """The lease is gone: remove what this attempt put in storage but never committed (an
+        upload that failed half-way, or finished after a freeze). The prefixes carry the
+        attempt's epoch, so nothing of the live attempt can be among them."""
+        for upload in self.uploads:
+            if upload.prefix:
+                _delete_prefix(self.storage, upload.prefix)
+        self.uploads.clear()
 
     def _write_all(self) -> None:
         while self.events:
@@ -581,6 +591,7 @@ class JobRunner:
         self._keep_logs(result)
         if result.outcome == Outcome.LOST or self.outbox.lost:
             log.warning("job %s is no longer ours; dropped", self.job_id)
+            self.outbox.discard()
             return "lost"
         if not self.lease.leads:
             return self._conclude_member(result)

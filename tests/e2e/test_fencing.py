@@ -7,6 +7,7 @@ PostgreSQL (a schema of the shared server) and a private Redis broker.
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 from pathlib import Path
@@ -79,11 +80,22 @@ def test_frozen_worker_thawed_late_harms_nothing(
         body = job_body(upload(http, ROWS), max_steps=40, checkpoint_every_steps=5, batch_size=2)
         job_id = http.post("/jobs", json=body).json()["id"]
         worker_a = dep.start_worker("worker-a")
-        wait_for(lambda: _step(http, job_id) >= 12, 240, 0.1, "step 12 on worker A")
+        wait_for(
+            lambda: (
+                _step(http, job_id) >= 12
+                and any(s >= 10 for s, _, _ in _checkpoint_rows(pg_schema, job_id))
+            ),
+            240,
+            0.1,
+            "step 12 and checkpoint 10 committed on worker A",
+        )
         frozen = tree(worker_a.pid)
         assert len(frozen) > 1, "worker A should have training processes"
         signal_tree(frozen, signal.SIGSTOP)
         frozen_at = time.monotonic()
+        # What B must resume from: A's newest checkpoint committed before the freeze (one whose
+        # upload was still in flight is not committed and must not be used).
+        committed = max(s for s, e, _ in _checkpoint_rows(pg_schema, job_id) if e == 1)
         dep.start_worker("worker-b")  # same data dir, same host
         resumed = wait_for(lambda: _resumed(http, job_id, 2), 180, 0.3, "B to resume")
         resumed_after = time.monotonic() - frozen_at
@@ -102,7 +114,7 @@ def test_frozen_worker_thawed_late_harms_nothing(
         manifest = final.get("manifest") or {}
         assert manifest.get("steps", 40) == 40
         step = int(resumed.split()[3])
-        assert 10 <= step <= 15
+        assert step == committed >= 10, (step, committed)
         assert all(epoch == 2 for _, epoch, _ in _checkpoint_rows(pg_schema, job_id))
         print(f"\nfreeze at step >=12 -> B resumed from step {step} after {resumed_after:.1f}s")
 
@@ -141,37 +153,49 @@ def test_upload_frozen_mid_way_is_never_used(
                 "worker-a", {"LORAFLEET_S3_ENDPOINT_URL": f"http://127.0.0.1:{proxy_a.port}"}
             )
             wait_for(
-                lambda: any(s == 5 for s, _, _ in _checkpoint_rows(pg_schema, job_id)),
+                lambda: any(e == 1 for _, e, _ in _checkpoint_rows(pg_schema, job_id)),
                 240,
                 0.2,
-                "checkpoint 5 committed by A",
+                "a checkpoint committed by A",
             )
             proxy_a.hold()  # A's next upload hangs half-way
+            before = max(s for s, e, _ in _checkpoint_rows(pg_schema, job_id) if e == 1)
             progress = list((tmp_path / "data" / "work" / job_id).glob("*-1/progress.jsonl"))
             assert progress, "A's attempt folder carries its epoch"
-            wait_for(
-                lambda: (
-                    '"type": "checkpoint", "time"' in progress[0].read_text()
-                    and '"step": 10' in progress[0].read_text()
-                ),
-                120,
-                0.1,
-                "A to save checkpoint 10",
-            )
+
+            def saved_after_hold() -> int | None:
+                steps = [
+                    int(record["step"])
+                    for line in progress[0].read_text().splitlines()
+                    if line.strip()
+                    for record in [json.loads(line)]
+                    if record.get("type") == "checkpoint" and int(record["step"]) > before
+                ]
+                return max(steps) if steps else None
+
+            held = wait_for(saved_after_hold, 120, 0.1, "A to save a checkpoint after the hold")
             time.sleep(1.0)  # the upload is in flight, held by the proxy
             frozen = tree(worker_a.pid)
             signal_tree(frozen, signal.SIGSTOP)
+            committed = max(s for s, e, _ in _checkpoint_rows(pg_schema, job_id) if e == 1)
+            assert committed < held, (committed, held)  # the held upload never committed
             dep.start_worker(
                 "worker-b", {"LORAFLEET_S3_ENDPOINT_URL": f"http://127.0.0.1:{proxy_b.port}"}
             )
             resumed = wait_for(lambda: _resumed(http, job_id, 2), 180, 0.3, "B to resume")
-            assert resumed.startswith("resumed from step 5 "), resumed  # not A's step 10
+            assert resumed.startswith(f"resumed from step {committed} "), (resumed, held)
             proxy_a.release()
             signal_tree(frozen, signal.SIGCONT)  # A's upload now completes, late
             final = wait_final(http, job_id, timeout=300)
             assert final["status"] == "succeeded", final
             rows = _checkpoint_rows(pg_schema, job_id)
-            assert rows and all(epoch == 2 and "-e2/" in key for _, epoch, key in rows), rows
+            # B committed its own; of A's only those committed before the freeze may remain
+            # (kept until pruned), never the late one.
+            assert any(epoch == 2 for _, epoch, _ in rows), rows
+            assert all(
+                f"-e{epoch}/" in key and (epoch == 2 or step <= committed)
+                for step, epoch, key in rows
+            ), rows
             client = boto3.client(
                 "s3",
                 endpoint_url=f"http://127.0.0.1:{s3_port}",
@@ -182,7 +206,8 @@ def test_upload_frozen_mid_way_is_never_used(
 
             def late_objects() -> list[str]:
                 listed = client.list_objects_v2(
-                    Bucket="lorafleet", Prefix=f"artifacts/jobs/{job_id}/checkpoints/step_10-e1/"
+                    Bucket="lorafleet",
+                    Prefix=f"artifacts/jobs/{job_id}/checkpoints/step_{held}-e1/",
                 )
                 return [o["Key"] for o in listed.get("Contents", [])]
 

@@ -15,7 +15,7 @@ import pytest
 from tests.e2e.live import chat_rows, deployment, job_body, upload, wait_for
 from tests.e2e.servers import TcpProxy, moto_s3, postgres_available, private_postgres, private_redis
 
-ROWS = chat_rows(60)
+ROWS = chat_rows(200)
 LEASE = "10"  # the outages below last a few seconds: well inside one lease
 S3_ENV = {
     "AWS_ACCESS_KEY_ID": "test",
@@ -40,24 +40,36 @@ def _step(http: httpx.Client, job_id: str) -> int:
 
 def _fault_and_recover(
     http: httpx.Client, job_id: str, at_step: int, fault: Callable[[], float], what: str
-) -> None:
-    """Inject ``fault`` once training passed ``at_step``; training must go on right after."""
+) -> int:
+    """Inject ``fault`` once training passed ``at_step``; training must go on right after.
+    Returns the step at which the fault was injected (the next fault goes after it)."""
     wait_for(lambda: _step(http, job_id) >= at_step, 240, 0.1, f"step {at_step}")
     before = _step(http, job_id)
     down = fault()
     back = time.monotonic()
-    wait_for(lambda: _step(http, job_id) > before, 120, 0.2, f"progress after the {what}")
+    # Training goes on during the outage (its writes wait in the outbox): what must show is a
+    # newer step written after the server came back.
+    after = wait_for(
+        lambda: _step(http, job_id) > before and _step(http, job_id),
+        120,
+        0.2,
+        f"progress after the {what}",
+    )
     print(
         f"\n{what}: down {down:.1f}s at step {before}; progress visible again "
         f"{time.monotonic() - back:.1f}s after it came back"
     )
+    return int(after)
 
 
 @pytest.mark.skipif(not postgres_available(), reason="needs PostgreSQL 15 binaries for initdb")
 def test_database_broker_and_storage_outages_cost_nothing(tiny_dir: Path, tmp_path: Path) -> None:
     """One job, three outages in a row (PostgreSQL restarted, Redis restarted, S3 unreachable
     for 6 s): it keeps training on its first attempt and succeeds with every step recorded."""
-    steps = 48
+    # Long enough that all three faults land mid-run (they take ~25 s in all): with one thread
+    # per process the tiny model ran 400 steps of 2 x 128 tokens in 10 s, and training goes on
+    # during each outage (here 600 steps of 8 x 128 took 25 s, the last fault at step 270).
+    steps = 1000
     with moto_s3() as (storage_url, s3_port), private_postgres() as pg, private_redis() as redis:
         proxy = TcpProxy(s3_port)
 
@@ -81,12 +93,18 @@ def test_database_broker_and_storage_outages_cost_nothing(tiny_dir: Path, tmp_pa
             dep.key = dep.create_key("ops")
             dep.start_api()
             with dep.client() as http:
-                body = job_body(upload(http, ROWS), max_steps=steps, checkpoint_every_steps=5)
+                body = job_body(
+                    upload(http, ROWS), max_steps=steps, checkpoint_every_steps=25, batch_size=8
+                )
                 job_id = http.post("/jobs", json=body).json()["id"]
                 dep.start_worker()
-                _fault_and_recover(http, job_id, 8, lambda: pg.restart(2.0), "PostgreSQL restart")
-                _fault_and_recover(http, job_id, 20, lambda: redis.restart(2.0), "Redis restart")
-                _fault_and_recover(http, job_id, 32, storage_outage, "storage outage")
+                at = _fault_and_recover(
+                    http, job_id, 8, lambda: pg.restart(2.0), "PostgreSQL restart"
+                )
+                at = _fault_and_recover(
+                    http, job_id, at + 5, lambda: redis.restart(2.0), "Redis restart"
+                )
+                _fault_and_recover(http, job_id, at + 5, storage_outage, "storage outage")
 
                 def final() -> dict[str, Any] | None:
                     job = _get(http, f"/jobs/{job_id}")
