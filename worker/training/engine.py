@@ -572,11 +572,14 @@ class LoraTrainer:
     def _setup_parallel(self) -> None:
         """Wrap the loss module for data parallelism: DDP, or FSDP2 shards filled from rank 0."""
         if self.strategy == "fsdp":
-            shard_model(
-                self.loss_module,
-                cast(PreTrainedModel, self.peft_model.get_base_model()),
-                device_mesh(self.device, self.dist.world_size),
-            )
+            try:
+                shard_model(
+                    self.loss_module,
+                    cast(PreTrainedModel, self.peft_model.get_base_model()),
+                    device_mesh(self.device, self.dist.world_size),
+                )
+            except ValueError as exc:  # no decoder layers to shard: the job's setting to change
+                raise TrainingError(f"training.strategy fsdp: {exc}") from None
             whole = self.source.state_dict() if self.source is not None else None
             fill_from_rank0(self.peft_model, self.loss_module, whole, self.device)
             self.source = whole = None  # rank 0's whole copy is gone before the first step
