@@ -25,6 +25,7 @@ from shared.errors import (
     QuotaExceeded,
     TooLarge,
     Unauthorized,
+    Unavailable,
 )
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ STATUS: dict[type[LorafleetError], int] = {
     QuotaExceeded: 429,
     Unauthorized: 401,
     Forbidden: 403,
+    Unavailable: 503,
 }
 
 

@@ -23,6 +23,7 @@ from api.routes import (
     files,
     fleet,
     health,
+    inference,
     jobs,
     keys,
     metrics,
@@ -39,7 +40,8 @@ job needs (`POST /estimate`), submit it (`POST /jobs`), follow it (`GET /jobs/{i
 
 Authenticate with an API key (`lorafleet keys create --owner NAME`): press **Authorize** and paste
 it. Every error answers `{"detail": message, "error": {"code", "message", "param"}}`; `param`
-names the field to fix. The OpenAI fine-tuning API is served under `/v1` for the `openai` SDK."""
+names the field to fix. The OpenAI fine-tuning API is served under `/v1` for the `openai` SDK, and
+so is inference: `POST /v1/chat/completions` with `model` set to a job's `fine_tuned_model`."""
 
 
 def prepare_database() -> None:
@@ -70,6 +72,8 @@ def create_app() -> FastAPI:
         app.include_router(module.router)
     app.include_router(checkpoints.router)
     app.include_router(downloads.router)
+    # Before the /v1 facade: its last route is a catch-all for unknown /v1 paths.
+    app.include_router(inference.router)
     app.include_router(openai_compat.router)
     app.include_router(web.router)
     app.include_router(docs.router)

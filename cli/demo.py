@@ -1,9 +1,10 @@
 """``make demo``: the whole user path on the embedded defaults, from a fresh clone.
 
-Builds the demo model if missing, starts API + worker (``lorafleet up``), creates an API key,
-submits the sample dataset over HTTP, follows progress, downloads and verifies the adapter, loads
-it with peft, prints its path on the last line, and stops what it started. Exit 0 only if all of
-that worked.
+Builds the demo model if missing, starts API + worker + inference server (``lorafleet up``),
+creates an API key, submits the sample dataset over HTTP, follows progress, downloads and verifies
+the adapter, loads it with peft, asks the trained model one question of the sample through
+``/v1/chat/completions`` and prints the answer, prints the adapter's path on the last line, and
+stops what it started. Exit 0 only if all of that worked.
 """
 
 from __future__ import annotations
@@ -120,15 +121,41 @@ def main() -> int:
             if final["status"] != "succeeded":
                 raise RuntimeError(f"job ended {final['status']}: {json.dumps(final.get('error'))}")
             folder = download_adapter(http, job["id"], Path("adapters"))
-        _check_adapter(folder, model_dir)
+            _check_adapter(folder, model_dir)
+            say("adapter verified: peft loads it on the base model")
+            question, answer = _ask(http, final["fine_tuned_model"], proc)
+            say(f"asked {final['fine_tuned_model']}: {question}")
+            print(f"answer: {answer}", flush=True)
     except Exception as exc:
         say(f"FAILED: {exc}")
         return 1
     finally:
         _stop(proc)
-    say("adapter verified: peft loads it on the base model")
     print(folder.resolve())
     return 0
+
+
+def _ask(
+    http: httpx.Client, model: str, proc: subprocess.Popen[bytes], timeout: float = 180
+) -> tuple[str, str]:
+    """Ask ``model`` the first question of the sample (greedy) through the API; the inference
+    server ``lorafleet up`` started may still be loading, so 503 is retried until ``timeout``."""
+    with open(SAMPLE, encoding="utf-8") as stream:
+        messages = json.loads(stream.readline())["messages"]
+    prompt = [m for m in messages if m["role"] != "assistant"]
+    body = {"model": model, "messages": prompt, "temperature": 0, "max_tokens": 32}
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"lorafleet up exited with {proc.returncode}")
+        response = http.post("/v1/chat/completions", json=body)
+        if response.status_code != 503 or time.monotonic() > deadline:
+            break
+        time.sleep(1.0)
+    if response.status_code != 200:
+        raise RuntimeError(f"POST /v1/chat/completions: {response.status_code} {response.text}")
+    answer = response.json()["choices"][0]["message"]["content"]
+    return prompt[-1]["content"], answer
 
 
 def _check_adapter(folder: Path, model_dir: Path) -> None:

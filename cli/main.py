@@ -23,6 +23,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from cli import chat as chat_cmds
 from cli import client as client_cmds
 from cli import resources
 from cli.client import example
@@ -68,6 +69,7 @@ keys_app = typer.Typer(help="API keys.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 app.add_typer(keys_app, name="keys")
 client_cmds.register(app)
+chat_cmds.register(app)
 resources.register(app, models_app, keys_app)
 
 
@@ -145,12 +147,37 @@ def worker(
     os.execv(sys.executable, args)
 
 
-@app.command(epilog=example("lorafleet up --port 8000"))
+@app.command(epilog=example("lorafleet inference --host 0.0.0.0 --port 8100"))
+def inference(
+    host: Annotated[str, typer.Option(help="Bind address.")] = "127.0.0.1",
+    port: Annotated[int | None, typer.Option(help="Port (default: a free one).")] = None,
+    advertise_url: Annotated[
+        str | None,
+        typer.Option(help="URL the API reaches this server at (default http://HOST:PORT)."),
+    ] = None,
+) -> None:
+    """Run an inference server: OpenAI-compatible completions of base models and adapters.
+
+    It registers itself in the database, so the API finds it with no further setting.
+    """
+    from worker.inference.main import serve as serve_inference
+
+    serve_inference(host, port, advertise_url)
+
+
+@app.command(epilog=example("lorafleet up --port 8000", "lorafleet up --no-inference"))
 def up(
     host: Annotated[str, typer.Option(help="Bind address.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port.")] = 8000,
+    with_inference: Annotated[
+        bool,
+        typer.Option(
+            "--inference/--no-inference",
+            help="Also start an inference server (`lorafleet inference`, on a free port).",
+        ),
+    ] = True,
 ) -> None:
-    """API + one worker together on this machine (laptop mode). Ctrl-C stops both."""
+    """API + one worker + an inference server on this machine (laptop mode). Ctrl-C stops all."""
     from shared.db import upgrade_to_head
 
     settings = get_settings()
@@ -158,14 +185,22 @@ def up(
     upgrade_to_head()
     exe = [sys.executable, "-m", "cli"]
     api = subprocess.Popen([*exe, "serve", "--host", host, "--port", str(port)])
-    worker_proc = subprocess.Popen([*exe, "worker"])
-    err.print(f"lorafleet up: API on http://{host}:{port}, worker pid {worker_proc.pid}")
+    # Helpers that are replaced when they die: a job resumes from the database lease and its
+    # last checkpoint; an inference server registers again under a new URL.
+    helpers = {"worker": [*exe, "worker"]}
+    if with_inference:
+        helpers["inference server"] = [*exe, "inference"]
+    procs = {name: subprocess.Popen(args) for name, args in helpers.items()}
+    err.print(
+        f"lorafleet up: API on http://{host}:{port}, "
+        + ", ".join(f"{name} pid {proc.pid}" for name, proc in procs.items())
+    )
     stopping = False
 
     def stop(*_: Any) -> None:
         nonlocal stopping
         stopping = True
-        for proc in (api, worker_proc):
+        for proc in (api, *procs.values()):
             if proc.poll() is None:
                 proc.terminate()
 
@@ -174,18 +209,17 @@ def up(
     code = 0
     try:
         while not stopping and api.poll() is None:
-            if worker_proc.poll() is not None and not stopping:
-                # A worker that died (OOM, kill -9) is replaced; its job resumes from the
-                # database lease and its last checkpoint.
-                err.print(f"worker exited ({worker_proc.returncode}); starting a new one")
-                time.sleep(1.0)
-                worker_proc = subprocess.Popen([*exe, "worker"])
+            for name, proc in list(procs.items()):
+                if proc.poll() is not None and not stopping:
+                    err.print(f"{name} exited ({proc.returncode}); starting a new one")
+                    time.sleep(1.0)
+                    procs[name] = subprocess.Popen(helpers[name])
             time.sleep(0.5)
         code = api.returncode or 0
     finally:
         stop()
         deadline = time.monotonic() + 60
-        for proc in (api, worker_proc):
+        for proc in (api, *procs.values()):
             try:
                 proc.wait(timeout=max(1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
@@ -197,7 +231,10 @@ def up(
 def train(
     spec_file: Annotated[Path, typer.Argument(help="Job body JSON; files are local paths.")],
     out: Annotated[Path, typer.Option("--out", help="Adapter output folder.")],
-    nproc: Annotated[int | None, typer.Option(help="DDP processes (default: GPUs, or 1).")] = None,
+    nproc: Annotated[
+        int | None,
+        typer.Option(help="Processes, DDP or FSDP by training.strategy (default: GPUs, or 1)."),
+    ] = None,
     resume_from: Annotated[Path | None, typer.Option(help="A step_N checkpoint folder.")] = None,
     checkpoint_dir: Annotated[Path | None, typer.Option(help="Default OUT/checkpoints.")] = None,
     json_output: Annotated[
@@ -307,6 +344,7 @@ def _print_record(record: Any) -> None:
         line = (
             f"step {record.step}/{record.total_steps}  loss {loss}"
             + (f"  eval {record.eval_loss:.4f}" if record.eval_loss is not None else "")
+            + (f"  gnorm {record.grad_norm:.3f}" if record.grad_norm is not None else "")
             + dpo
             + f"  lr {record.learning_rate or 0:.2e}  {record.tokens_per_second or 0:,.0f} tok/s"
             + f"  eta {record.eta_seconds or 0:.0f}s"

@@ -49,6 +49,25 @@ class Settings(BaseSettings):
     )
     worker_gpu_type: str | None = Field(None, description="Override the detected GPU type label.")
     lease_seconds: float = Field(30.0, gt=0, description="A running job's lease.")
+    gang_wait_seconds: float = Field(
+        120.0,
+        gt=0,
+        description="How long a worker holds a seat in a multi-node job's gang that is not full "
+        "yet; then it gives the seat back and takes other work once before trying again.",
+    )
+    worker_address: str | None = Field(
+        None,
+        max_length=255,
+        description="Address the other workers of a gang reach this worker at (the rendezvous "
+        "host when it is node 0); default: this host name's address.",
+    )
+    rendezvous_port: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        description="TCP port this worker hosts a gang's rendezvous on when it is node 0; "
+        "0: a free port picked at each join (open a fixed one in firewalls).",
+    )
     requeue_grace_seconds: float = Field(
         60.0, gt=0, description="A queued job older than this with no claim is re-published."
     )
@@ -99,6 +118,48 @@ class Settings(BaseSettings):
         ge=0,
         description="How long submit waits for the model hub to confirm a hub id exists; 0 skips "
         "the check (the worker still checks it first). HF_ENDPOINT / HF_HUB_OFFLINE apply.",
+    )
+    # Inference (issue 13): `lorafleet inference` servers register themselves in the database.
+    inference_url: str | None = Field(
+        None,
+        description="An external OpenAI-compatible server (vLLM with --enable-lora) the API "
+        "proxies /v1/chat/completions and /v1/completions to, instead of a registered "
+        "`lorafleet inference` server.",
+    )
+    inference_api_key: str | None = Field(
+        None,
+        description="Bearer key sent to LORAFLEET_INFERENCE_URL; a `lorafleet inference` server "
+        "given this key accepts it (otherwise it makes its own and registers it).",
+    )
+    inference_max_tokens: int = Field(
+        1024, ge=1, le=1_000_000, description="Ceiling of max_tokens per completion request."
+    )
+    inference_memory_bytes: int | None = Field(
+        None,
+        gt=0,
+        description="Memory the inference server's loaded base models may take together (least "
+        "recently used evicted); default half the RAM on CPU, 80% of the GPU's memory.",
+    )
+    inference_max_batch: int = Field(
+        32, ge=1, le=1024, description="Most requests the inference server decodes in one batch."
+    )
+    inference_batch_wait_ms: float = Field(
+        10.0,
+        ge=0,
+        le=10_000,
+        description="How long a new batch waits for more requests to join it.",
+    )
+    inference_max_adapters: int = Field(
+        64, ge=1, le=10_000, description="Adapters kept attached per base model (LRU)."
+    )
+    inference_dtype: str = Field(
+        "auto",
+        pattern="^(auto|float32|bfloat16|float16)$",
+        description="Weights' dtype on the inference server: auto = bfloat16 on GPU, float32 on "
+        "CPU.",
+    )
+    inference_timeout_seconds: float = Field(
+        300.0, gt=0, description="How long the API waits for an inference server's answer."
     )
     sync_db_echo: bool = False
 

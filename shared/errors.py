@@ -60,3 +60,9 @@ class Forbidden(LorafleetError):
     """Valid credentials that may not do this (admin-only route, auth-disabled off loopback)."""
 
     code = "forbidden"
+
+
+class Unavailable(LorafleetError):
+    """A service the request needs is not running or not reachable (an inference server)."""
+
+    code = "unavailable"

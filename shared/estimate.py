@@ -38,6 +38,23 @@ micro-step = batch_size * max_seq_length (packing fills rows, so this is also th
                      context when a GPU is given.
 - ``total``        = the sum of all the above; ``fits`` = total <= gpu_memory_bytes.
 
+Strategies (``training.strategy``; both are always reported under ``strategies``, and
+``memory_bytes``/``fits`` are those of the one the job runs with, ``strategy``). The terms above
+are DDP's: every process holds a whole replica. Under FSDP2 over ``W`` processes the frozen base,
+the adapters, their gradients and the optimizer state are sharded, while the activations, the
+backward and the logits (one process's batch) stay what they are:
+
+- ``weights``      = P * w / W, plus what is gathered at once: the unsharded root (LM head, or the
+                     tied embedding: the loss runs it once per chunk, so it stays gathered for the
+                     whole step) and two decoder layers (the one computing and the one prefetched).
+- ``lora_weights`` = 4T / W, + 2T under bf16/fp16 (autocast's copies are made of the gathered
+                     adapters of every layer and live until the step's forward ends).
+- ``gradients``    = 4T / W sharded + 4T unsharded (accumulated between reductions).
+- ``optimizer``    = 8T / W.
+
+``auto`` picks DDP when a whole replica fits one device (``choose_strategy``): DDP is faster
+then, since FSDP re-gathers the frozen base at every micro-step. One process never shards.
+
 Precision by GPU: ``auto`` trains in bf16 only where the GPU supports it (compute capability >= 8.0:
 A100, H100, L4, RTX 30xx...); the engine loads fp32 weights and trains without autocast on older
 ones (V100, T4, P100, RTX 20xx...), so there weights and activations count 4 bytes a value. The
@@ -66,6 +83,8 @@ from shared.spec import JobSpec
 __all__ = [
     "CUDA_CONTEXT_BYTES",
     "LOSS_CHUNK_TOKENS",
+    "STRATEGIES",
+    "choose_strategy",
     "estimate",
     "gpu_supports_bf16",
     "resolve_precision",
@@ -98,6 +117,43 @@ def resolve_precision(precision: str, on_gpu: bool, gpu_type: str | None = None)
     if precision == "auto":
         return "bf16" if on_gpu and gpu_supports_bf16(gpu_type) else "fp32"
     return precision
+
+
+STRATEGIES = ("ddp", "fsdp")
+
+
+def choose_strategy(
+    requested: str, world_size: int, ddp_bytes: int, limit_bytes: float | None
+) -> str:
+    """The strategy a job runs with: ``requested`` unless it is ``auto``, then DDP when a whole
+    replica (``ddp_bytes`` per process) fits ``limit_bytes`` (one process's memory; None: no
+    known limit), else FSDP. One process never shards: there is nothing to shard over.
+
+    The engine makes the same call at start with its devices' real memory, so the job object
+    and ``POST /estimate`` agree with what ran whenever the fleet's registration is current.
+    """
+    if world_size <= 1:
+        return "ddp"
+    if requested in STRATEGIES:
+        return requested
+    if limit_bytes is None or ddp_bytes <= limit_bytes:
+        return "ddp"
+    return "fsdp"
+
+
+def _fsdp_gathered_parameters(info: ModelInfo) -> int:
+    """Parameters FSDP holds unsharded at the peak: the root (LM head or the tied embedding,
+    gathered for the whole step) and two decoder layers (computing + prefetched)."""
+    embedding = info.vocab_size * info.hidden_size
+    head = 0 if info.tie_word_embeddings else embedding
+    layers = max(info.total_parameters - embedding - head, 0)
+    return embedding + 2 * math.ceil(layers / max(info.num_layers, 1))
+
+
+def _with_overhead(memory: dict[str, int], on_gpu: bool) -> dict[str, int]:
+    subtotal = sum(memory.values())
+    overhead = int(subtotal * _SLACK) + (CUDA_CONTEXT_BYTES if on_gpu else 0)
+    return {**memory, "overhead": overhead, "total": subtotal + overhead}
 
 
 def row_width(spec: JobSpec) -> int:
@@ -138,14 +194,18 @@ def estimate(
     dataset_tokens: int | None = None,
     base_weight_bytes: float | None = None,
     gpu_type: str | None = None,
+    cpu_memory_per_process: int | None = None,
 ) -> dict[str, Any]:
     """Estimate parameters, per-device memory and steps of ``spec`` on ``info``.
 
     ``gpu_memory_bytes`` is one device's memory; ``None`` means a CPU run (``fits`` is then
-    ``None``: there is no hard limit to check). ``dataset_rows``/``dataset_tokens`` (from the
-    uploaded file's summary) add ``tokens_per_epoch`` and step counts. Raises ``ValueError``
-    when ``target_modules`` match nothing in the model. ``gpu_type`` (the worker's registered
-    GPU name) decides what ``auto`` precision means there (see the module doc).
+    ``None``: the caller judges the host's RAM, shared by all processes, see
+    ``shared.services.fleet.judge``). ``cpu_memory_per_process`` is that RAM's share per
+    process on a CPU run: ``auto`` strategy compares a replica with it. ``dataset_rows``/
+    ``dataset_tokens`` (from the uploaded file's summary) add ``tokens_per_epoch`` and step
+    counts. Raises ``ValueError`` when ``target_modules`` match nothing in the model.
+    ``gpu_type`` (the worker's registered GPU name) decides what ``auto`` precision means there
+    (see the module doc).
     """
     if world_size < 1:
         raise ValueError(f"world_size must be at least 1, got {world_size}")
@@ -178,11 +238,7 @@ def estimate(
     # (worker/training/attention.py), whose kernels keep only outputs and log-sum-exps.
     logits = min(tokens, LOSS_CHUNK_TOKENS) * info.vocab_size * 4 * 2
 
-    memory = {
-        "weights": int(info.total_parameters * w_bytes),
-        "lora_weights": (6 if half else 4) * trainable,
-        "gradients": 4 * trainable * (2 if world_size > 1 else 1),
-        "optimizer": 8 * trainable,
+    batch_terms = {
         "activations": activations,
         # While a layer's backward runs, the gradients of its intermediates coexist with the
         # activations still saved below it: about one layer's worth. Measured on CPU (whole run,
@@ -190,9 +246,42 @@ def estimate(
         "backward": int(tokens * act_bytes * per_layer),
         "logits": logits,
     }
-    subtotal = sum(memory.values())
-    memory["overhead"] = int(subtotal * _SLACK) + (CUDA_CONTEXT_BYTES if on_gpu else 0)
-    memory["total"] = subtotal + memory["overhead"]
+    ddp = _with_overhead(
+        {
+            "weights": int(info.total_parameters * w_bytes),
+            "lora_weights": (6 if half else 4) * trainable,
+            "gradients": 4 * trainable * (2 if world_size > 1 else 1),
+            "optimizer": 8 * trainable,
+            **batch_terms,
+        },
+        on_gpu,
+    )
+    if world_size > 1:
+        shard = world_size
+        fsdp = _with_overhead(
+            {
+                "weights": int(
+                    (info.total_parameters / shard + _fsdp_gathered_parameters(info)) * w_bytes
+                ),
+                "lora_weights": math.ceil(4 * trainable / shard) + (2 * trainable if half else 0),
+                "gradients": math.ceil(4 * trainable / shard) + 4 * trainable,
+                "optimizer": math.ceil(8 * trainable / shard),
+                **batch_terms,
+            },
+            on_gpu,
+        )
+    else:
+        fsdp = ddp  # one process: FSDP would hold everything, as DDP does (and is not used)
+    limit = gpu_memory_bytes if on_gpu else cpu_memory_per_process
+    strategy = choose_strategy(t.strategy, world_size, ddp["total"], limit)
+    memory = ddp if strategy == "ddp" else fsdp
+    strategies = {
+        name: {
+            "memory_bytes": table,
+            "fits": table["total"] <= limit if limit is not None else None,
+        }
+        for name, table in (("ddp", ddp), ("fsdp", fsdp))
+    }
 
     warnings: list[str] = []
     limit = info.max_position_embeddings
@@ -219,18 +308,27 @@ def estimate(
         fits = memory["total"] <= gpu_memory_bytes
         need, have = memory["total"] / _GIB, gpu_memory_bytes / _GIB
         if fits:
-            reason = f"needs about {need:.2f} GiB per device of {have:.2f} GiB"
+            reason = f"needs about {need:.2f} GiB per device of {have:.2f} GiB ({strategy})"
+        elif strategy == "ddp" and strategies["fsdp"]["fits"] and world_size > 1:
+            sharded = fsdp["total"] / _GIB
+            reason = (
+                f"needs about {need:.2f} GiB per device with training.strategy ddp but the GPU "
+                f"has {have:.2f} GiB; fsdp over {world_size} processes needs about "
+                f"{sharded:.2f} GiB: set training.strategy to fsdp or auto"
+            )
         else:
             biggest = max(("activations", "logits", "weights"), key=lambda k: memory[k])
             hint = {
                 "activations": "lower training.batch_size or max_seq_length, "
                 "or set training.gradient_checkpointing",
                 "logits": "lower training.batch_size or max_seq_length",
-                "weights": "use a GPU with more memory or a smaller base model",
+                "weights": "use a GPU with more memory or a smaller base model, or shard it "
+                "over more GPUs (resources.gpus) with training.strategy fsdp or auto",
             }[biggest]
             reason = (
-                f"needs about {need:.2f} GiB per device but the GPU has {have:.2f} GiB; "
-                f"largest part: {biggest} ({memory[biggest] / _GIB:.2f} GiB): {hint}"
+                f"needs about {need:.2f} GiB per device ({strategy}) but the GPU has "
+                f"{have:.2f} GiB; largest part: {biggest} ({memory[biggest] / _GIB:.2f} GiB): "
+                f"{hint}"
             )
 
     total_params = info.total_parameters
@@ -242,6 +340,8 @@ def estimate(
             "trainable_percent": round(100 * trainable / total_params, 4) if total_params else 0,
         },
         "memory_bytes": memory,
+        "strategy": strategy,
+        "strategies": strategies,
         "precision": precision,
         "method": spec.method.type,
         "world_size": world_size,

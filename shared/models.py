@@ -160,9 +160,15 @@ class Job(Base):
     gpu_type: Mapped[str | None] = mapped_column(String(64), nullable=True)
     # +1 at every claim, never decremented: the fencing token of an attempt (runs.Lease).
     lease_epoch: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # Routing copy of spec.resources.nodes: workers that train the job together (a gang, see
+    # shared.services.gangs); gpus_required is then per node.
+    nodes: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
     # Set when the owner deleted a final job: its artifacts are gone from storage, the row stays
     # as a tombstone (ids are never reused, and a webhook or a log line naming it still resolves).
     deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # ddp or fsdp: what training.strategy resolved to when the latest run started (engine's
+    # Started record); null until then.
+    strategy: Mapped[str | None] = mapped_column(String(8), nullable=True)
 
     # Views of the spec and state that the public schemas read (``from_attributes``).
     @property
@@ -286,3 +292,57 @@ class Worker(Base):
     gpu_uuids: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
     # Per device, as of the last heartbeat: index, uuid, memory used/total, utilisation.
     gpu_stats: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON, nullable=True)
+
+
+class GangMember(Base):
+    """A worker's seat in the gang of one attempt of a multi-node job (``shared.services.gangs``).
+
+    ``epoch`` is the attempt's ``jobs.lease_epoch`` (while the gang forms: the epoch its start
+    will set), ``slot`` the node rank. Slot 0's worker hosts the rendezvous at ``host:port``.
+    A seat has its own lease: the reaper requeues the whole gang when one member stops renewing.
+    Seats of a gang that never started are deleted when their worker leaves; those of a started
+    gang stay as its record (``left_at`` set when the member's run ended).
+    """
+
+    __tablename__ = "gang_members"
+    __table_args__ = (
+        UniqueConstraint("job_id", "epoch", "slot"),
+        UniqueConstraint("job_id", "epoch", "worker_id"),
+        Index(None, "worker_id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(String(40), ForeignKey("jobs.id", ondelete="CASCADE"))
+    epoch: Mapped[int] = mapped_column(Integer)
+    slot: Mapped[int] = mapped_column(Integer)
+    worker_id: Mapped[str] = mapped_column(String(255))
+    host: Mapped[str] = mapped_column(String(255))
+    port: Mapped[int] = mapped_column(Integer)
+    ranks: Mapped[int] = mapped_column(Integer)
+    joined_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    lease_expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    left_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
+class InferenceServer(Base):
+    """A ``lorafleet inference`` process as it last reported itself (``shared.services.inference``).
+
+    The API reads this table to find a server for a request: no URL to configure. ``token`` is the
+    bearer secret the server generated at start and expects on every request, so the only way to
+    reach its adapters is through the API's authorisation (or with database access).
+    """
+
+    __tablename__ = "inference_servers"
+
+    id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    url: Mapped[str] = mapped_column(String(1024))
+    hostname: Mapped[str] = mapped_column(String(255))
+    token: Mapped[str] = mapped_column(String(128))
+    device: Mapped[str] = mapped_column(String(128))
+    # Base models it holds loaded right now (a request goes to a server that has its base).
+    base_models: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
+    adapters: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    status: Mapped[str] = mapped_column(String(16), default="idle")
+    version: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    last_heartbeat: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

@@ -105,9 +105,16 @@ def reset_publisher() -> None:
     _publisher.cache_clear()
 
 
-def publish_job(job_id: str, queue: str = DEFAULT_QUEUE, priority: int = 0) -> None:
-    """Send the job id to the workers. Call only after the job row is committed."""
-    _publisher().send_task(TRAIN_TASK, args=[job_id], queue=queue, retry=True)
+def publish_job(
+    job_id: str, queue: str = DEFAULT_QUEUE, priority: int = 0, tokens: int = 1
+) -> None:
+    """Send the job id to the workers. Call only after the job row is committed.
+
+    ``tokens``: how many workers to wake (one per node of a multi-node job: each of its workers
+    claims a seat of the gang). A token that finds nothing to do is dropped by its worker.
+    """
+    for _ in range(max(1, tokens)):
+        _publisher().send_task(TRAIN_TASK, args=[job_id], queue=queue, retry=True)
 
 
 _JOB_ID = re.compile(rb"ftjob-[0-9a-f]+")

@@ -167,6 +167,11 @@ class JobObject(BaseModel):
     trained_tokens: int | None = Field(
         default=None, ge=0, description="Tokens trained on (with loss)."
     )
+    strategy: Literal["ddp", "fsdp"] | None = Field(
+        default=None,
+        description="The strategy the latest run trains with: what training.strategy (auto by "
+        "default) resolved to on its worker's devices. Null until a run starts.",
+    )
     fine_tuned_model: str | None = Field(
         None,
         description="`ft:<base>:<owner>:<suffix>:<job id>` once the job succeeded "
@@ -179,6 +184,12 @@ class JobObject(BaseModel):
         ge=1,
         description="While queued: 1 = the next job a free worker takes (priority, then "
         "fair share between owners, then age). Null once running or final.",
+    )
+    workers: list[str] = Field(
+        default_factory=list,
+        description="Ids of the workers training it, by node rank (resources.nodes > 1: the "
+        "gang's members; node 0 hosts the rendezvous and reports progress). While a gang "
+        "forms: the workers holding seats so far. Empty when no worker has it.",
     )
 
     @field_validator("progress", mode="before")
@@ -330,10 +341,31 @@ class WorkerObject(BaseModel):
     )
 
 
+class InferenceServerObject(BaseModel):
+    """A registered ``lorafleet inference`` server as ``GET /workers`` shows it."""
+
+    model_config = ROWS
+
+    id: str = Field(description="The server's id (process and host).")
+    url: str = Field(description="Where the API reaches it.")
+    hostname: str = Field(description="Host (or container) it runs on.")
+    device: str = Field(description="Device and dtype it computes in (`cpu float32`, ...).")
+    base_models: list[str] = Field(default_factory=list, description="Base models it holds.")
+    adapters: int = Field(ge=0, description="Adapters attached to them.")
+    status: Literal["idle", "busy", "offline"] = Field(
+        description="`offline` also when the last heartbeat is older than 3 leases."
+    )
+    last_heartbeat: datetime = Field(description="When it last reported (UTC).")
+    version: str | None = Field(default=None, description="lorafleet version it runs.")
+
+
 class WorkerList(BaseModel):
     """All registered workers, most recently seen first."""
 
     data: list[WorkerObject] = Field(description="Workers.")
+    inference_servers: list[InferenceServerObject] = Field(
+        default_factory=list, description="Inference servers (`lorafleet inference`)."
+    )
 
 
 class BaseModelObject(BaseModel):

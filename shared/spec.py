@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 _MODULE_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
 # The suffix becomes part of a colon-separated model name (shared.model_names): no colons.
 SUFFIX_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
+MAX_NODES = 64  # workers one job may span (resources.nodes)
 
 
 class LoraSettings(BaseModel):
@@ -82,6 +83,14 @@ class TrainingSettings(BaseModel):
     gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto: bf16 autocast on GPUs that support it, fp32 on CPU."
+    )
+    strategy: Literal["auto", "ddp", "fsdp"] = Field(
+        "auto",
+        description="How the job's processes share the model. ddp: each holds a whole replica "
+        "(fastest when it fits one device). fsdp: FSDP2 shards the frozen base, adapters and "
+        "optimizer state over the processes, for a base model too large for one device (slower: "
+        "every micro-step re-gathers the base). auto: ddp when POST /estimate says a replica "
+        "fits one device, else fsdp. One process always trains as ddp (nothing to shard).",
     )
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Seeds data order, init and dropout.")
     checkpoint_every_steps: int | None = Field(
@@ -177,6 +186,21 @@ class Resources(BaseModel):
     gpu_type: str | None = Field(
         None, max_length=64, description="Only workers whose GPU type contains this string."
     )
+    nodes: int = Field(
+        1,
+        ge=1,
+        le=MAX_NODES,
+        description="Workers the job trains on at once, as one world (a gang, torch's "
+        "rendezvous): each contributes gpus_per_node ranks (a CPU worker LORAFLEET_WORKER_PROCS). "
+        "A `gpus` count larger than any one worker is split into nodes at submit.",
+    )
+    gpus_per_node: int | None = Field(
+        None,
+        ge=1,
+        le=1024,
+        description="GPUs each node trains on (a worker needs at least this many); null: "
+        "gpus / nodes when gpus is a count, else every GPU of each worker.",
+    )
 
     @field_validator("gpus")
     @classmethod
@@ -184,6 +208,34 @@ class Resources(BaseModel):
         if isinstance(value, int) and not 0 <= value <= 1024:
             raise ValueError("gpus must be between 0 and 1024 or 'all'")
         return value
+
+    @model_validator(mode="after")
+    def _check_split(self) -> Resources:
+        gpus, nodes, per_node = self.gpus, self.nodes, self.gpus_per_node
+        if gpus == 0 and per_node is not None:
+            raise ValueError(
+                "resources.gpus 0 (any worker, CPU included) contradicts "
+                f"resources.gpus_per_node {per_node}; leave gpus out or set it to 'all'"
+            )
+        if isinstance(gpus, int) and gpus > 0:
+            if per_node is not None and gpus != nodes * per_node:
+                raise ValueError(
+                    f"resources.gpus {gpus} must equal resources.nodes {nodes} x "
+                    f"resources.gpus_per_node {per_node} (or leave resources.gpus out)"
+                )
+            if per_node is None and gpus % nodes:
+                raise ValueError(
+                    f"resources.gpus {gpus} cannot be split evenly over resources.nodes "
+                    f"{nodes}; set resources.gpus_per_node"
+                )
+        return self
+
+    @property
+    def node_gpus(self) -> int:
+        """GPUs one node needs (and trains on); 0: any worker, every device it has."""
+        if self.gpus_per_node is not None:
+            return self.gpus_per_node
+        return self.gpus // self.nodes if isinstance(self.gpus, int) else 0
 
 
 JOB_EXAMPLE: dict[str, Any] = {

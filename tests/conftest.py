@@ -25,6 +25,12 @@ from shared.db import dispose_engines, session_factory, upgrade_to_head
 from shared.queueing import reset_publisher
 from shared.storage import Storage, storage_from_settings
 
+# Tests run in parallel (-n 3 on 2 cores) beside training subprocesses and live servers: one
+# OpenMP thread per process. More threads than cores spin-wait on each other (measured: a 30-step
+# engine test took 43 s with the default threads on a loaded 2-core host, 1.5 s with one). Set
+# before torch is imported anywhere; subprocesses inherit it (the engine treats it as a cap).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 # No test may talk to the model hub (traffic off this machine is forbidden here): submit-time hub
 # checks and workers stay offline unless a test points HF_ENDPOINT at a loopback fake hub.
 os.environ["HF_HUB_OFFLINE"] = "1"

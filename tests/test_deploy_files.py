@@ -70,6 +70,19 @@ def test_commands(compose: dict[str, Any]) -> None:
     assert "lorafleet" in " ".join(services["minio-init"]["command"])
 
 
+def test_inference_service_serves_on_a_gpu_with_the_shared_settings(
+    compose: dict[str, Any],
+) -> None:
+    inference = compose["services"]["inference"]
+    assert inference["command"][:2] == ["lorafleet", "inference"]
+    assert "0.0.0.0" in inference["command"]
+    assert _env(inference) == _env(compose["services"]["api"])
+    devices = inference["deploy"]["resources"]["reservations"]["devices"]
+    assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+    assert any(str(m).endswith(":/models") for m in inference["volumes"])
+    assert "8100" in " ".join(inference["healthcheck"]["test"])
+
+
 def test_worker_gets_gpus_and_scales(compose: dict[str, Any]) -> None:
     worker = compose["services"]["worker"]
     devices = worker["deploy"]["resources"]["reservations"]["devices"]

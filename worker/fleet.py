@@ -22,8 +22,9 @@ from shared.db import session_scope
 from shared.queueing import pending_job_ids, publish_job
 from shared.routing import Capacity
 from shared.services import fleet as fleet_service
-from shared.services import runs, webhooks
+from shared.services import gangs, runs, webhooks
 from shared.services.fleet import DeviceTaken, stale_after
+from shared.services.gangs import NodeOffer
 from shared.states import WorkerStatus
 from worker.gpus import gpu_stats, gpu_uuids
 from worker.host_memory import host_memory_bytes
@@ -128,32 +129,61 @@ def reap_once() -> None:
         log.warning("worker %s sent no heartbeat for %.0f s: offline", wid, stale_after(settings))
     with session_scope() as session:
         changed = runs.reap_expired(session, now)
+    with session_scope() as session:
+        gangs.purge_forming(session, now)  # seats of workers that died waiting for a gang
     for job_id, status in changed:
         log.warning("job %s lost its worker: now %s", job_id, status)
         if status == "queued":
-            publish_job(job_id, queue_of(job_id))
+            wake(job_id)
         else:  # failed (out of attempts) or cancelled: final without a worker to announce it
             webhooks.notify_final(job_id)
     with session_scope() as session:
         stale = runs.stale_queued(session, now - timedelta(seconds=settings.requeue_grace_seconds))
-        republish = [(job.id, job.queue) for job in stale]
+        republish = [(job.id, job.queue, job.nodes) for job in stale]
     if republish:
-        queues = tuple({queue for _, queue in republish})
+        queues = tuple({queue for _, queue, _ in republish})
         pending = pending_job_ids(settings, queues)
         if pending is not None:
-            republish = [(job_id, queue) for job_id, queue in republish if job_id not in pending]
-    for job_id, queue in republish:
+            republish = [r for r in republish if r[0] not in pending]
+    for job_id, queue, nodes in republish:
         log.info("re-publishing queued job %s", job_id)
-        publish_job(job_id, queue)
+        publish_job(job_id, queue, tokens=nodes)
 
 
-def queue_of(job_id: str) -> str:
-    """The broker queue a job is published on."""
+def wake(job_id: str) -> None:
+    """Publish a queued job's wake-up tokens: one per node (each of a gang's workers needs one)."""
     from shared.models import Job
 
     with session_scope() as session:
         job = session.get(Job, job_id)
-        return job.queue if job is not None else "lorafleet"
+        queue, nodes = (job.queue, job.nodes) if job is not None else ("lorafleet", 1)
+    publish_job(job_id, queue, tokens=nodes)
+
+
+def node_offer() -> NodeOffer:
+    """What this worker brings to a gang: its address, a rendezvous port, its ranks."""
+    from worker.training.launch import free_port
+
+    settings = get_settings()
+    offer = routing_capacity()
+    return NodeOffer(
+        host=worker_address(),
+        port=settings.rendezvous_port or free_port(""),
+        gpus=offer.gpus,
+        cpu_procs=settings.worker_procs,
+    )
+
+
+def worker_address() -> str:
+    """How the other workers of a gang reach this one: ``LORAFLEET_WORKER_ADDRESS``, else the
+    address this host's name resolves to (what other hosts usually resolve it to as well)."""
+    configured = get_settings().worker_address
+    if configured:
+        return configured
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"
 
 
 def _loop(interval: float, action: object) -> None:

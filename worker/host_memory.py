@@ -39,3 +39,25 @@ def host_memory_bytes() -> int | None:
     """The smaller of physical RAM and the cgroup limit (an unlimited cgroup reads huge)."""
     known = [v for v in (_physical(), _cgroup_limit()) if v]
     return min(known) if known else None
+
+
+OOM_EVENT_FILES = (
+    Path("/sys/fs/cgroup/memory.events"),  # v2: "oom_kill N"
+    Path("/sys/fs/cgroup/memory/memory.oom_control"),  # v1: "oom_kill N" (kernel >= 4.13)
+)
+
+
+def oom_kills() -> int | None:
+    """How many processes the kernel's OOM killer has ended in this container's memory cgroup
+    so far, or None where the kernel does not say. A rank that died of SIGKILL while this count
+    grew was (almost surely) the OOM killer's victim, not an operator's."""
+    for path in OOM_EVENT_FILES:
+        try:
+            lines = path.read_text().splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            key, _, value = line.partition(" ")
+            if key == "oom_kill" and value.strip().isdigit():
+                return int(value)
+    return None

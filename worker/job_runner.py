@@ -32,19 +32,21 @@ from shared.config import Settings
 from shared.db import session_scope
 from shared.errors import InvalidInput
 from shared.models import File, Job, utcnow
-from shared.queueing import publish_job
-from shared.services import runs, webhooks
+from shared.routing import node_ranks
+from shared.services import gangs, runs, webhooks
 from shared.services.fleet import locate_base_model
+from shared.services.gangs import GangPlan
 from shared.services.init_adapters import find_adapter
 from shared.services.logs import logs_prefix
 from shared.services.runs import Lease, LeaseLost
 from shared.spec import JobSpec
 from shared.storage import Storage, storage_from_url
 from worker import fleet
+from worker.host_memory import oom_kills
 from worker.training import events
 from worker.training.checkpoints import CheckpointPolicy
 from worker.training.failures import Failure, FailureClass, classify, read_log
-from worker.training.launch import device_count
+from worker.training.launch import EXIT_PREEMPTED, Rendezvous, device_count
 from worker.training.run import MemoryGuard, Outcome, RunResult, StopRequest, TrainingRun
 
 log = logging.getLogger("lorafleet.runner")
@@ -179,6 +181,7 @@ class Outbox:
     events: list[tuple[str, str, dict[str, Any] | None, Any]] = field(default_factory=list)
     metrics: list[dict[str, Any]] = field(default_factory=list)
     progress: dict[str, Any] | None = None
+    strategy: str | None = None  # the run's, once it started (events.Started)
     uploads: list[_Upload] = field(default_factory=list)
     lost: bool = False
     retry_at: float = 0.0
@@ -191,7 +194,7 @@ class Outbox:
 
     @property
     def empty(self) -> bool:
-        return not (self.events or self.metrics or self.progress or self.uploads)
+        return not (self.events or self.metrics or self.progress or self.strategy or self.uploads)
 
     def pump(self, force: bool = False) -> bool:
         """Try the queued writes once (respecting backoff unless ``force``); True when empty."""
@@ -236,6 +239,10 @@ class Outbox:
             with session_scope() as session:
                 runs.add_event(session, self.lease, level, message, data, created_at=at)
             self.events.pop(0)
+        if self.strategy is not None:
+            with session_scope() as session:
+                runs.record_strategy(session, self.lease, self.strategy)
+            self.strategy = None
         if self.metrics:
             with session_scope() as session:
                 runs.add_metrics(session, self.lease, self.metrics)
@@ -281,10 +288,21 @@ def _delete_prefix(storage: Storage, prefix: str) -> None:
 
 
 class JobRunner:
-    """One attempt of one job on this worker."""
+    """One attempt of one job on this worker; with ``gang``, this worker's node of a multi-node
+    attempt (``shared.services.gangs``).
 
-    def __init__(self, lease: Lease, attempt: int, settings: Settings) -> None:
+    Every node fetches the inputs and the checkpoint and runs its ranks of the one world. Node 0
+    holds the job (its global rank 0 reports progress, saves checkpoints and the adapter) and sets
+    the outcome as a 1-node job's worker does. The other nodes decide nothing about the job: they
+    train, keep their seat's lease, stop when it is lost or a cancel comes, and hand the gang back
+    only when their own worker drains.
+    """
+
+    def __init__(
+        self, lease: Lease, attempt: int, settings: Settings, gang: GangPlan | None = None
+    ) -> None:
         self.lease = lease
+        self.gang = gang
         self.job_id = lease.job_id
         self.worker_id = lease.worker_id
         self.attempt = attempt
@@ -298,6 +316,7 @@ class JobRunner:
         self.outbox = Outbox(lease, self.storage, self.policy.keep)
         self._last_progress_write = 0.0
         self.guard: MemoryGuard | None = None
+        self._oom_kills_before: int | None = None
 
     # ------------------------------------------------------------------ retrying
     def _retry(self, what: str, action: Callable[[], T]) -> T | None:
@@ -451,6 +470,8 @@ class JobRunner:
                 f"resumed from step {record.step} (attempt {self.attempt})",
                 data={"step": record.step},
             )
+        elif isinstance(record, events.Started):
+            box.strategy = record.strategy
         elif isinstance(record, events.Step):
             box.metrics.append(record.metric_point())
             box.progress = record.snapshot()
@@ -483,11 +504,19 @@ class JobRunner:
             if outcome in ("succeeded", "failed", "cancelled"):  # this attempt ended the job
                 shutil.rmtree(job_cache_dir(self.settings.data_dir, self.job_id), True)
             self.keeper.stop()
+            if self.gang is not None:
+                self._retry("seat release", self._end_seat)
             shutil.rmtree(self.work, ignore_errors=True)  # our attempt's folder, nothing else
             try:
                 self.work.parent.rmdir()  # the job's folder, only if no other attempt uses it
             except OSError:
                 pass
+
+    def _end_seat(self) -> bool:
+        """Our node's run is over: the reaper must not take our silence for a lost member."""
+        with session_scope() as session:
+            gangs.end_run(session, self.job_id, self.lease.epoch, self.worker_id)
+        return True
 
     def _run(self) -> str:
         def read_spec() -> JobSpec:
@@ -514,11 +543,21 @@ class JobRunner:
             )
         resume = self._fetch_checkpoint()
         gpus = device_count()
-        nproc = ranks_for(spec, gpus, self.settings.worker_procs)
-        if resume is None:
+        gang = self.gang
+        nproc = gang.local_ranks if gang else ranks_for(spec, gpus, self.settings.worker_procs)
+        kind = "GPU" if gpus else "CPU"
+        if gang is not None:
+            first = gang.rank_offset
             self.outbox.event(
-                f"started on {self.worker_id} (attempt {self.attempt}, {nproc} "
-                f"{'GPU' if gpus else 'CPU'} process(es))"
+                f"node {gang.slot} of {gang.nodes} started on {self.worker_id} (attempt "
+                f"{self.attempt}, {nproc} {kind} process(es): ranks {first}-{first + nproc - 1} "
+                f"of {gang.world_size}; rendezvous {gang.master_addr}:{gang.master_port} id "
+                f"{gang.run_id})",
+                data={"node": gang.slot, "world_size": gang.world_size},
+            )
+        elif resume is None:
+            self.outbox.event(
+                f"started on {self.worker_id} (attempt {self.attempt}, {nproc} {kind} process(es))"
             )
         run = TrainingRun(
             spec=local_spec,
@@ -530,9 +569,11 @@ class JobRunner:
             checkpoint_dir=self.work / "checkpoints",
             policy=self.policy,
             data_cache_dir=job_cache_dir(self.settings.data_dir, self.job_id),
+            rendezvous=rendezvous_of(gang),
             init_adapter=init_adapter,
         )
         self.guard = MemoryGuard(memory_limit(self.settings))
+        self._oom_kills_before = oom_kills()
         result = run.run(on_record=self._handle, control=self._control, watchdog=self.guard)
         return self._conclude(run, result)
 
@@ -541,23 +582,56 @@ class JobRunner:
         if result.outcome == Outcome.LOST or self.outbox.lost:
             log.warning("job %s is no longer ours; dropped", self.job_id)
             return "lost"
+        if not self.lease.leads:
+            return self._conclude_member(result)
         if result.outcome == Outcome.CANCELLED:
             return "cancelled" if self._finish("cancelled") else "lost"
         if result.outcome == Outcome.SUCCEEDED:
             return self._succeed(run.out_dir, result)
         if result.outcome == Outcome.PREEMPTED:
-            if not self._settle():  # the drain checkpoint must be committed before release
-                return "lost"
-
-            def release() -> bool:
-                with session_scope() as session:
-                    return runs.release_job(session, self.lease, result.last_step)
-
-            if self._retry("release", release):
-                self._publish()
-            return "released"
+            return self._release(result.last_step)
         failure = self._classify(result)
         return self._fail(failure, result)
+
+    def _release(self, step: int | None) -> str:
+        if not self._settle():  # the drain checkpoint must be committed before release
+            return "lost"
+
+        def release() -> str | None:
+            with session_scope() as session:
+                return runs.release_job(session, self.lease, step)
+
+        status = self._retry("release", release)
+        if status == "queued":
+            self._publish()
+        elif status == "cancelled":
+            webhooks.notify_final(self.job_id, self.settings)
+            return status
+        return "released"
+
+    def _conclude_member(self, result: RunResult) -> str:
+        """How a gang node other than 0 ends: node 0 (or the reaper, when node 0 is gone) sets
+        the job's outcome; this node only says why its own ranks failed, if they did."""
+        assert self.gang is not None
+        if result.exit_code == 0:
+            self._settle()
+            return "member done"
+        if result.outcome == Outcome.CANCELLED:
+            return "cancelled"
+        if result.outcome == Outcome.PREEMPTED:
+            if result.exit_code == EXIT_PREEMPTED:  # every rank checkpointed: node 0 releases
+                return "released"
+            # This worker drains before training started (its ranks report no steps): hand the
+            # whole gang back now, no attempt spent; the others find their lease gone.
+            return self._release(None)
+        failure = self._classify(result)
+        self.outbox.event(
+            f"node {self.gang.slot} ({self.worker_id}) failed: {failure.message}",
+            "warning",
+            {"node": self.gang.slot, "code": failure.code},
+        )
+        self._settle()
+        return "member failed"
 
     def _classify(self, result: RunResult) -> Failure:
         rank = result.failed_rank if result.failed_rank is not None else 0
@@ -574,6 +648,16 @@ class JobRunner:
                 "shows what the job needs). Lower training.batch_size or "
                 "training.max_seq_length, or enable training.gradient_checkpointing.",
             )
+        if result.exit_code == -9 and self._oom_killer_struck():
+            return Failure(
+                "out_of_memory",
+                FailureClass.USER,
+                f"out of memory: the kernel's OOM killer ended rank {rank} (SIGKILL) while this "
+                "job trained; POST /estimate shows what the job needs. Lower "
+                "training.batch_size or training.max_seq_length, enable "
+                "training.gradient_checkpointing, or bound the worker below the host's memory "
+                "with LORAFLEET_WORKER_MEMORY_LIMIT_BYTES.",
+            )
         free = shutil.disk_usage(self.work).free
         if free < DISK_FULL_BYTES:  # the rank could not even write why it failed
             return Failure(
@@ -582,13 +666,19 @@ class JobRunner:
                 f"disk full: {free} bytes free under {self.work.parent} when rank {rank} failed "
                 f"(exit status {result.exit_code})",
             )
+        offset = self.gang.rank_offset if self.gang else 0
         return classify(
             result.exit_code,
             error.code if error else None,
             error.message if error else None,
-            result.failed_rank,
+            result.failed_rank + offset if result.failed_rank is not None else None,
             text,
         )
+
+    def _oom_killer_struck(self) -> bool:
+        """The cgroup's OOM-kill count grew during this attempt (see ``host_memory.oom_kills``)."""
+        before, after = self._oom_kills_before, oom_kills()
+        return before is not None and after is not None and after > before
 
     def _fail(self, failure: Failure, result: RunResult | None) -> str:
         log.error("job %s attempt %s: %s", self.job_id, self.attempt, failure.message)
@@ -606,14 +696,14 @@ class JobRunner:
         if status == "queued":
             self._publish()
             return "retrying"
-        if status == "failed":
+        if status in ("failed", "cancelled"):
             webhooks.notify_final(self.job_id, self.settings)
-            return "failed"
+            return status
         return "lost"
 
     def _publish(self) -> None:
         def publish() -> bool:
-            publish_job(self.job_id, fleet.queue_of(self.job_id))
+            fleet.wake(self.job_id)
             return True
 
         self._retry("publish", publish)
@@ -630,11 +720,12 @@ class JobRunner:
     def _keep_logs(self, result: RunResult) -> None:
         """Each attempt's rank logs (their last LOG_KEEP_BYTES) go to storage, whatever the end."""
         prefix = logs_prefix(self.job_id, self.lease.epoch)
-        for rank, path in enumerate(result.log_files):
+        offset = self.gang.rank_offset if self.gang else 0  # global ranks: one folder per attempt
+        for local, path in enumerate(result.log_files):
             if not path.exists():
                 continue
             text = read_log(path, LOG_KEEP_BYTES).encode()  # from memory: the disk may be full
-            key = f"{prefix}rank{rank}.log"
+            key = f"{prefix}rank{offset + local}.log"
             self._put_bytes(key, text)
 
     def _succeed(self, out_dir: Path, result: RunResult) -> str:
@@ -661,12 +752,22 @@ class InputError(ValueError):
 
 def ranks_for(spec: JobSpec, gpus: int, cpu_procs: int) -> int:
     """How many ranks a job trains with on this worker (``resources.gpus``: see docs/operators)."""
-    if not gpus:
-        return cpu_procs
-    wanted = spec.resources.gpus
-    if isinstance(wanted, int) and wanted > 0:
-        return min(gpus, wanted)
-    return gpus  # "all" or 0: every GPU this worker owns
+    return node_ranks(spec.resources, gpus, cpu_procs)
+
+
+def rendezvous_of(gang: GangPlan | None) -> Rendezvous | None:
+    """The launch's view of a started gang (None: a 1-node job, its ranks are the world)."""
+    if gang is None:
+        return None
+    return Rendezvous(
+        master_addr=gang.master_addr,
+        master_port=gang.master_port,
+        world_size=gang.world_size,
+        rank_offset=gang.rank_offset,
+        node_rank=gang.slot,
+        nnodes=gang.nodes,
+        run_id=gang.run_id,
+    )
 
 
 def memory_limit(settings: Settings) -> int:

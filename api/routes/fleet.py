@@ -7,8 +7,15 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query
 
 from api.deps import AdminKey, CurrentOwner, SessionDep, SettingsDep, StorageDep
-from shared.schemas import GpuDevice, QueueEntry, QueueList, WorkerList, WorkerObject
-from shared.services import fleet
+from shared.schemas import (
+    GpuDevice,
+    InferenceServerObject,
+    QueueEntry,
+    QueueList,
+    WorkerList,
+    WorkerObject,
+)
+from shared.services import fleet, inference
 from shared.services import jobs as job_service
 from shared.spec import EstimateRequest
 
@@ -17,7 +24,8 @@ router = APIRouter(tags=["fleet"])
 
 @router.get("/workers", response_model=WorkerList)
 def list_workers(_admin: AdminKey, session: SessionDep, settings: SettingsDep) -> WorkerList:
-    """Registered workers; silent ones (no heartbeat for 3 leases) show as ``offline``."""
+    """Registered workers and inference servers; silent ones (no heartbeat for 3 leases) show as
+    ``offline``."""
     return WorkerList(
         data=[
             WorkerObject.model_validate(w).model_copy(
@@ -30,7 +38,16 @@ def list_workers(_admin: AdminKey, session: SessionDep, settings: SettingsDep) -
                 }
             )
             for w, status in fleet.list_workers(session, settings)
-        ]
+        ],
+        inference_servers=[
+            InferenceServerObject.model_validate(server).model_copy(
+                update={
+                    "status": status,
+                    "base_models": (server.base_models or []) if status != "offline" else [],
+                }
+            )
+            for server, status in inference.list_inference_servers(session, settings)
+        ],
     )
 
 

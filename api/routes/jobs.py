@@ -28,6 +28,7 @@ from shared.schemas import (
     MetricPoint,
     Progress,
 )
+from shared.services import gangs
 from shared.services import jobs as job_service
 from shared.services import logs as log_service
 from shared.services.downloads import ready_adapter
@@ -66,8 +67,11 @@ IDEMPOTENCY_REUSED = error_doc(
 def _with_queue_positions(session: SessionDep, jobs: list[Job]) -> list[JobObject]:
     queued = [job.id for job in jobs if job.status == QUEUED.value]
     places = job_service.queue_positions(session, queued)
+    members = gangs.workers_of(session, jobs)
     return [
-        JobObject.model_validate(job).model_copy(update={"queue_position": places.get(job.id)})
+        JobObject.model_validate(job).model_copy(
+            update={"queue_position": places.get(job.id), "workers": members.get(job.id, [])}
+        )
         for job in jobs
     ]
 

@@ -263,5 +263,7 @@ def delete_model(
 def unknown(path: str) -> Any:
     """Unknown ``/v1`` routes answer in OpenAI's error shape too (last route of the router)."""
     raise NotFound(
-        f"no route /v1/{path} (lorafleet serves files and fine_tuning)", code="unknown_url"
+        f"no route /v1/{path} (lorafleet serves files, fine_tuning, models, chat/completions "
+        "and completions)",
+        code="unknown_url",
     )

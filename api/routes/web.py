@@ -19,7 +19,7 @@ router = APIRouter(include_in_schema=False)
 
 STATIC = Path(__file__).resolve().parent.parent / "static"
 # An allow-list, not a directory mount: nothing else under the package can be fetched.
-ASSETS = {"app.js": "text/javascript", "style.css": "text/css"}
+ASSETS = {"app.js": "text/javascript", "try.js": "text/javascript", "style.css": "text/css"}
 NO_CACHE = {"Cache-Control": "no-cache"}  # revalidate, so an upgrade shows up on reload
 
 

@@ -261,8 +261,14 @@ async function buildForm() {
   $("new-job").addEventListener("change", scheduleEstimate);
 }
 
+let filePickerFill = 0;
+
 async function fillFilePickers(selectTrain, selectValid) {
+  // Fills may overlap (view opened while an upload finishes): only the newest answer is applied,
+  // so a stale list can never drop a just-uploaded file and leave its picker without a selection.
+  const mine = ++filePickerFill;
   const page = await getJson("/files?limit=200");
+  if (mine !== filePickerFill) return;
   for (const [id, chosen] of [["train-pick", selectTrain], ["valid-pick", selectValid]]) {
     const select = $(id);
     const keep = chosen || select.value;

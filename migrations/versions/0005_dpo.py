@@ -1,7 +1,7 @@
 """DPO: the per-step metric series carries DPO's own numbers (train and eval).
 
 Revision ID: 0005_dpo
-Revises: 0004_product
+Revises: 0005_strategy
 Create Date: 2025-01-05
 
 ``job_metrics`` gains the rewards of the chosen and rejected answers, the reward accuracy and the
@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0005_dpo"
-down_revision: str | None = "0004_product"
+down_revision: str | None = "0005_strategy"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

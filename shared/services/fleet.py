@@ -14,6 +14,7 @@ accepted and queued: there is nothing to compare with yet.
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,7 @@ from shared.modelinfo import (
     resolve_target_modules,
 )
 from shared.models import File, Worker, utcnow
-from shared.routing import Capacity, fits, no_fit_reason, requirements
+from shared.routing import Capacity, fits, no_fit_reason, requirements, split_over_nodes
 from shared.services.files import check_method_fits_file
 from shared.services.transitions import rowcount
 from shared.spec import JobSpec
@@ -278,10 +279,13 @@ def judge(
     fit the host's RAM (``fits`` None when the worker did not report it).
     """
     gpus_required, _ = requirements(spec)
-    world = (
+    # Ranks on one node (what shares its memory) and in the whole world (what the steps count).
+    local = (
         _world_size(gpus_required, worker, settings) if worker is not None else gpus_required or 1
     )
+    world = local * spec.resources.nodes
     on_gpu = worker is not None and worker.gpus > 0
+    ram = worker.host_memory_bytes if worker is not None and not on_gpu else None
     answer = estimate(
         spec,
         info,
@@ -290,27 +294,28 @@ def judge(
         dataset_rows=dataset.get("dataset_rows"),
         dataset_tokens=dataset.get("dataset_tokens"),
         gpu_type=worker.gpu_type if on_gpu and worker is not None else None,
+        cpu_memory_per_process=ram // local if ram is not None else None,
     )
-    ram = worker.host_memory_bytes if worker is not None and not on_gpu else None
     if worker is None or (not on_gpu and ram is None):
         per = answer["memory_bytes"]["total"] / _GIB
         who = "no worker has registered yet" if worker is None else "the worker reported no RAM"
         answer["reason"] = f"{who}; the job needs about {per:.2f} GiB per training process"
     if ram is not None:
-        need = answer["memory_bytes"]["total"] * world
+        need = answer["memory_bytes"]["total"] * local
         answer["fits"] = need <= ram
         per, total, have = (answer["memory_bytes"]["total"] / _GIB, need / _GIB, ram / _GIB)
         if answer["fits"]:
             answer["reason"] = (
-                f"needs about {total:.2f} GiB of {have:.2f} GiB RAM ({world} x {per:.2f})"
+                f"needs about {total:.2f} GiB of {have:.2f} GiB RAM ({local} x {per:.2f}, "
+                f"{answer['strategy']})"
             )
         else:
             answer["reason"] = (
-                f"needs about {total:.2f} GiB of RAM ({world} training process(es) x "
-                f"{per:.2f} GiB) but the largest CPU worker has {have:.2f} GiB; lower "
-                "training.batch_size or training.max_seq_length, or set "
+                f"needs about {total:.2f} GiB of RAM ({local} training process(es) x "
+                f"{per:.2f} GiB, {answer['strategy']}) but the largest CPU worker has "
+                f"{have:.2f} GiB; lower training.batch_size or training.max_seq_length, or set "
                 "training.gradient_checkpointing"
-                + (", or run fewer processes per job (LORAFLEET_WORKER_PROCS)" if world > 1 else "")
+                + (", or run fewer processes per job (LORAFLEET_WORKER_PROCS)" if local > 1 else "")
             )
     return answer
 
@@ -326,6 +331,41 @@ def check_sequence_length(spec: JobSpec, info: ModelInfo) -> None:
             param="training.max_seq_length",
             code="sequence_too_long",
         )
+
+
+def too_few_nodes(spec: JobSpec, fitting: Sequence[Capacity]) -> tuple[str, str] | None:
+    """Why a gang of ``resources.nodes`` cannot ever form on the ``fitting`` workers, as
+    (param, message); None if it can.
+
+    Busy workers count: a job waits for them. Offline ones do not (unless the whole fleet is,
+    see :func:`fleet_capacities`).
+    """
+    res = spec.resources
+    if res.nodes <= len(fitting):
+        return None
+    per = res.node_gpus
+    what = f"with at least {per} GPU(s)" if per else "(any worker)"
+    gang = (
+        f"the job needs {res.nodes} workers at once (one gang) but only {len(fitting)} "
+        f"registered worker(s) {what} can take it"
+    )
+    largest = max((w.gpus for w in fitting), default=0)
+    if isinstance(res.gpus, int) and res.gpus > largest and res.gpus_per_node == per:
+        return (
+            "resources.gpus",
+            f"resources.gpus: {res.gpus} GPUs requested but the largest worker has {largest}; "
+            f"split into {res.nodes} nodes of {per} GPUs, {gang}",
+        )
+    return (
+        "resources.nodes",
+        f"resources.nodes: {gang}; lower resources.nodes (or resources.gpus_per_node) or "
+        "start more workers",
+    )
+
+
+def with_nodes(session: Session, spec: JobSpec, settings: Settings) -> JobSpec:
+    """``spec`` with a ``gpus`` count larger than any worker split into nodes (routing rule)."""
+    return split_over_nodes(spec, fleet_capacities(session, settings) or [])
 
 
 def check_job_fits(
@@ -351,9 +391,12 @@ def check_job_fits(
     refused = no_fit_reason(gpus_required, gpu_type, fleet)
     if refused is not None:
         raise InvalidInput(refused[1], param=refused[0], code="no_worker_fits")
+    candidates = [w for w in fleet if fits(gpus_required, gpu_type, w)]
+    gang = too_few_nodes(spec, candidates)
+    if gang is not None:
+        raise InvalidInput(gang[1], param=gang[0], code="not_enough_workers")
     if info is None:
         return
-    candidates = [w for w in fleet if fits(gpus_required, gpu_type, w)]
     if any(_memory_limit(w) is None for w in candidates):
         return
     reasons = []
@@ -420,6 +463,7 @@ def estimate_job(
     (one GPU's memory), else the CPU worker with the most RAM (all its training processes
     together); null when no worker reported its memory, or none is registered.
     """
+    spec = with_nodes(session, spec, settings)
     info = model_info(spec, settings)
     if info is None:
         raise InvalidInput(
@@ -454,10 +498,14 @@ def estimate_job(
         "gpu_memory_bytes": target.gpu_memory_bytes if target and target.gpus else None,
         "host_memory_bytes": target.host_memory_bytes if target and not target.gpus else None,
     }
+    answer["fleet"]["nodes"] = spec.resources.nodes
     refused = no_fit_reason(gpus_required, gpu_type, fleet) if fleet else None
     if refused is not None:
         answer["fits"] = False
         answer["reason"] = refused[1]
+    elif fleet and (gang := too_few_nodes(spec, routable)) is not None:
+        answer["fits"] = False
+        answer["reason"] = gang[1]
     return answer
 
 
@@ -478,4 +526,6 @@ __all__ = [
     "model_info",
     "register_worker",
     "stale_after",
+    "too_few_nodes",
+    "with_nodes",
 ]

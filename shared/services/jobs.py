@@ -26,7 +26,7 @@ from shared.models import Checkpoint, File, Job, JobEvent, JobMetric, utcnow
 from shared.queueing import DEFAULT_QUEUE, publish_job
 from shared.routing import requirements
 from shared.services.files import check_method_fits_file
-from shared.services.fleet import check_job_fits, model_info, with_default_targets
+from shared.services.fleet import check_job_fits, model_info, with_default_targets, with_nodes
 from shared.services.init_adapters import check_init_adapter
 from shared.services.transitions import rowcount, transition
 from shared.spec import JobSpec
@@ -108,7 +108,7 @@ def create_job(
     # (models_dir/org/name), allowed hub ids and patterns such as "my-org/*"; paths refused.
     _check_webhook(spec.webhook_url, settings)
     info = model_info(spec, settings)
-    spec = with_default_targets(spec, info)
+    spec = with_nodes(session, with_default_targets(spec, info), settings)
     check_init_adapter(session, owner, spec)
     # target_modules, routing and memory against the registered fleet: refuse now what could
     # never run, with the reason, instead of a job that waits forever or fails on a worker.
@@ -145,6 +145,7 @@ def create_job(
         webhook_url=spec.webhook_url,
         gpus_required=gpus_required,
         gpu_type=gpu_type,
+        nodes=spec.resources.nodes,
     )
     session.add(job)
     session.add(JobEvent(job_id=job.id, level="info", message="job created", created_at=now))
@@ -158,7 +159,7 @@ def create_job(
         return _replay(existing, digest)
 
     try:
-        publish_job(job.id, job.queue, job.priority)
+        publish_job(job.id, job.queue, job.priority, tokens=job.nodes)
     except Exception:  # the reaper re-publishes queued jobs without a live message
         log.exception("publishing job %s failed; it stays queued for the reaper", job.id)
     return job, True

@@ -8,16 +8,17 @@ zero rows updated and drops out.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, case, delete, func, literal, select, update
+from sqlalchemy import ColumnElement, case, delete, func, literal, or_, select, update
 from sqlalchemy.orm import Session
 
-from shared.models import Checkpoint, Job, JobEvent, JobMetric, utcnow
+from shared.models import Checkpoint, GangMember, Job, JobEvent, JobMetric, utcnow
 from shared.routing import Capacity, fits
+from shared.services import gangs
 from shared.services.transitions import rowcount, transition
 from shared.spec import DPO_METRICS, EVAL_DPO_METRICS
 from shared.states import CANCELLED, FAILED, FINAL, QUEUED, RUNNING, SUCCEEDED, JobStatus
@@ -39,25 +40,43 @@ class LeaseLost(Exception):
 @dataclass(frozen=True)
 class Lease:
     """One attempt's right to write: (job, worker, epoch). ``epoch`` is ``jobs.lease_epoch`` as
-    the claim set it; it only grows, so a thawed or late worker can never pass for the live one."""
+    the claim set it; it only grows, so a thawed or late worker can never pass for the live one.
+
+    ``slot``: the node rank of a gang member (``shared.services.gangs``), None for a 1-node job.
+    Slot 0 is the job's ``worker_id`` (it reports progress and sets the outcome); the others
+    hold the attempt through their seat of the same epoch.
+    """
 
     job_id: str
     worker_id: str
     epoch: int
+    slot: int | None = None
 
     @classmethod
     def of(cls, job: Job) -> Lease:
         assert job.worker_id is not None, "a lease exists only for a claimed job"
         return cls(job.id, job.worker_id, job.lease_epoch)
 
+    @property
+    def leads(self) -> bool:
+        """Whether this attempt's worker is the job's own (1-node job, or gang slot 0)."""
+        return not self.slot
+
     def holds(self) -> list[ColumnElement[bool]]:
         """The WHERE clause of every write of this attempt."""
-        return [
+        held = [
             Job.id == self.job_id,
-            Job.worker_id == self.worker_id,
             Job.lease_epoch == self.epoch,
             Job.status == RUNNING.value,
         ]
+        if self.leads:
+            return [*held, Job.worker_id == self.worker_id]
+        seated = select(GangMember.id).where(
+            GangMember.job_id == self.job_id,
+            GangMember.epoch == self.epoch,
+            GangMember.worker_id == self.worker_id,
+        )
+        return [*held, seated.exists()]
 
 
 def claim_job(session: Session, job_id: str, worker_id: str, lease_s: float) -> Job | None:
@@ -93,7 +112,9 @@ def claim_next(
     lease_s: float,
     preferred_job_id: str | None = None,
     scan: int = 50,
-) -> Job | None:
+    offer: gangs.NodeOffer | None = None,
+    skip: Collection[str] = (),
+) -> Job | gangs.Seat | None:
     """Claim the best queued job this worker can run; None when nothing fits.
 
     The broker message is only a wake-up token: whichever job it names, the database picks the
@@ -102,6 +123,11 @@ def claim_next(
     owner's backlog cannot starve the others), then age (oldest first); ``preferred_job_id``, the
     job the message named, only breaks exact ties. Each candidate is taken with the same
     conditional UPDATE as :func:`claim_job`; losing a race to another worker moves on to the next.
+
+    A multi-node job is not claimed but joined: the worker gets a :class:`gangs.Seat` in its gang
+    (or in the earliest forming gang it fits, :func:`gangs.join_first`), and the job runs once
+    every seat is taken. Only callers that bring an ``offer`` (where the rendezvous would be)
+    join gangs. ``skip``: jobs to pass over (a gang this worker just gave up waiting for).
     """
     running = (
         select(Job.owner.label("owner"), func.count().label("n"))
@@ -111,7 +137,7 @@ def claim_next(
     )
     load = func.coalesce(running.c.n, 0)
     query = (
-        select(Job.id, Job.gpus_required, Job.gpu_type)
+        select(Job.id, Job.gpus_required, Job.gpu_type, Job.nodes)
         .outerjoin(running, running.c.owner == Job.owner)
         .where(
             Job.status == QUEUED.value,
@@ -137,8 +163,17 @@ def claim_next(
         session.rollback()
         if not candidates:
             return None
-        for job_id, gpus_required, gpu_type in candidates:
-            if not fits(gpus_required, gpu_type, capacity):
+        for job_id, gpus_required, gpu_type, nodes in candidates:
+            if job_id in skip or not fits(gpus_required, gpu_type, capacity):
+                continue
+            if nodes > 1:
+                if offer is None:
+                    continue
+                seat = gangs.join_first(
+                    session, job_id, worker_id, offer, capacity, lease_s, exclude=skip
+                )
+                if seat is not None:
+                    return seat
                 continue
             job = claim_job(session, job_id, worker_id, lease_s)
             if job is not None:
@@ -149,12 +184,30 @@ def claim_next(
 
 
 def renew_lease(session: Session, lease: Lease, lease_s: float) -> bool:
-    """Extend our lease; False means the job is no longer ours or running: stop training."""
+    """Extend our lease; False means the job is no longer ours or running: stop training.
+
+    A gang member renews its seat (the reaper requeues the gang when any seat runs out); slot 0
+    also renews the job's lease, as a 1-node job's worker does.
+    """
     now = utcnow()
-    renewed = rowcount(
-        session,
-        update(Job).where(*lease.holds()).values(lease_expires_at=now + timedelta(seconds=lease_s)),
-    )
+    until = now + timedelta(seconds=lease_s)
+    if lease.slot is not None:
+        seat = rowcount(
+            session,
+            update(GangMember)
+            .where(
+                GangMember.job_id == lease.job_id,
+                GangMember.epoch == lease.epoch,
+                GangMember.worker_id == lease.worker_id,
+                GangMember.left_at.is_(None),
+                select(Job.id).where(*lease.holds()).exists(),
+            )
+            .values(lease_expires_at=until),
+        )
+        if not seat or not lease.leads:
+            session.commit()
+            return bool(seat)
+    renewed = rowcount(session, update(Job).where(*lease.holds()).values(lease_expires_at=until))
     session.commit()
     return bool(renewed)
 
@@ -193,6 +246,14 @@ def record_progress(session: Session, lease: Lease, progress: Mapping[str, Any])
     if not rowcount(
         session, update(Job).where(*lease.holds()).values(progress=snapshot, updated_at=now)
     ):
+        session.rollback()
+        raise LeaseLost(f"job {lease.job_id} is no longer held by {lease.worker_id}#{lease.epoch}")
+    session.commit()
+
+
+def record_strategy(session: Session, lease: Lease, strategy: str) -> None:
+    """Record the strategy (``ddp``/``fsdp``) the attempt's run trains with (fenced)."""
+    if not rowcount(session, update(Job).where(*lease.holds()).values(strategy=strategy)):
         session.rollback()
         raise LeaseLost(f"job {lease.job_id} is no longer held by {lease.worker_id}#{lease.epoch}")
     session.commit()
@@ -355,12 +416,15 @@ def finish_job(
 
 def retry_job(session: Session, lease: Lease, cause: str, message: str) -> str | None:
     """An infrastructure failure ended this attempt: requeue the job (attempts kept) or, out of
-    attempts, fail it; returns the new status, or None when the lease was already gone."""
+    attempts, fail it (cancel it, if a cancel was requested); returns the new status, or None
+    when the lease was already gone."""
     row = session.get(Job, lease.job_id, populate_existing=True)
     session.rollback()
     if row is None:
         return None
     now = utcnow()
+    if _cancel_if_requested(session, lease):
+        return CANCELLED.value
     if row.attempts >= row.max_attempts:
         text = f"{message} (attempt {row.attempts} of {row.max_attempts}; no attempts left)"
         done = transition(
@@ -386,14 +450,36 @@ def retry_job(session: Session, lease: Lease, cause: str, message: str) -> str |
         lease.job_id,
         RUNNING,
         QUEUED,
-        where=lease.holds(),
+        where=[*lease.holds(), Job.cancel_requested.is_(False)],
         event=("warning", text),
         event_data={"code": cause},
         worker_id=None,
         lease_expires_at=None,
         enqueued_at=now,
     )
-    return QUEUED.value if done else None
+    if done:
+        return QUEUED.value
+    return CANCELLED.value if _cancel_if_requested(session, lease) else None
+
+
+def _cancel_if_requested(session: Session, lease: Lease, message: str = "job cancelled") -> bool:
+    """End a job we hold as cancelled if a cancel was requested; True if it did.
+
+    A job asked to stop is never requeued: it would sit queued with the flag set, which no
+    worker claims. (In a gang, cancelling ends every member's ranks, and node 0 may see its
+    peers vanish before it sees the cancel.) Callers requeue only where the flag is still
+    clear, and come back here when that fails, so a cancel arriving in between is not lost.
+    """
+    return transition(
+        session,
+        lease.job_id,
+        RUNNING,
+        CANCELLED,
+        where=[*lease.holds(), Job.cancel_requested.is_(True)],
+        event=("info", message),
+        finished_at=utcnow(),
+        lease_expires_at=None,
+    )
 
 
 def reap_expired(session: Session, now: datetime | None = None) -> list[tuple[str, str]]:
@@ -404,10 +490,12 @@ def reap_expired(session: Session, now: datetime | None = None) -> list[tuple[st
     lease still being expired, so a worker that renews at the last moment keeps its job.
     """
     now = now or utcnow()
+    # A gang is lost with any one of its members: the others are stopped by the new epoch.
+    lost = or_(Job.lease_expires_at < now, gangs.expired_member(now))
     expired = list(
         session.scalars(
             select(Job)
-            .where(Job.status == RUNNING.value, Job.lease_expires_at < now)
+            .where(Job.status == RUNNING.value, lost)
             .execution_options(populate_existing=True)
         )
     )
@@ -415,12 +503,19 @@ def reap_expired(session: Session, now: datetime | None = None) -> list[tuple[st
     outcomes: list[tuple[str, str]] = []
     for job in expired:
         values: dict[str, Any]
+        who = "worker lost"
+        if job.nodes > 1:
+            gone = gangs.lost_members(session, job.id, job.lease_epoch, now)
+            session.rollback()
+            if job.lease_expires_at is not None and job.lease_expires_at < now:
+                gone = [job.worker_id or "node 0", *[w for w in gone if w != job.worker_id]]
+            who = f"gang member lost ({', '.join(gone) or 'unknown'}); whole gang stopped"
         if job.cancel_requested:
             new, values = CANCELLED, {"finished_at": now}
-            level, message = "info", "worker lost while cancelling; job cancelled"
+            level, message = "info", f"{who} while cancelling; job cancelled"
         elif job.attempts >= job.max_attempts:
             new = FAILED
-            text = f"worker lost on attempt {job.attempts} of {job.max_attempts}; giving up"
+            text = f"{who} on attempt {job.attempts} of {job.max_attempts}; giving up"
             values = {
                 "finished_at": now,
                 "error_code": "max_attempts_exceeded",
@@ -430,14 +525,15 @@ def reap_expired(session: Session, now: datetime | None = None) -> list[tuple[st
         else:
             new, values = QUEUED, {"enqueued_at": now, "worker_id": None}
             level = "warning"
-            message = f"worker lost; requeued (attempt {job.attempts} of {job.max_attempts})"
+            message = f"{who}; requeued (attempt {job.attempts} of {job.max_attempts})"
         if transition(
             session,
             job.id,
             RUNNING,
             new,
-            # Still expired: a worker that renews at the last moment keeps its job.
-            where=[Job.lease_expires_at < now],
+            # Still expired: a worker that renews at the last moment keeps its job. The cancel
+            # flag read above must still hold too (a cancel in between is not requeued).
+            where=[lost, Job.cancel_requested.is_(bool(job.cancel_requested))],
             event=(level, message),
             updated_at=now,
             lease_expires_at=None,
@@ -485,17 +581,23 @@ def stale_queued(
     return touched
 
 
-def release_job(session: Session, lease: Lease, step: int | None) -> bool:
+def release_job(session: Session, lease: Lease, step: int | None) -> str | None:
     """Hand a running job back to the queue without spending an attempt (a draining worker
-    checkpointed it on request); False if it was no longer ours."""
+    checkpointed it on request); returns the new status (``cancelled`` when a cancel was
+    requested meanwhile), None if it was no longer ours."""
     where = f"checkpointed at step {step}" if step is not None else "before its first step"
     now = utcnow()
-    return transition(
+    # A cancel that arrived while it drained wins: the job ends cancelled rather than going back
+    # to the queue with a cancel request no worker would ever act on.
+    drained = f"worker draining: {where}; cancel requested, job cancelled"
+    if _cancel_if_requested(session, lease, drained):
+        return CANCELLED.value
+    done = transition(
         session,
         lease.job_id,
         RUNNING,
         QUEUED,
-        where=lease.holds(),
+        where=[*lease.holds(), Job.cancel_requested.is_(False)],
         event=("warning", f"worker draining: {where}; requeued"),
         worker_id=None,
         lease_expires_at=None,
@@ -503,3 +605,6 @@ def release_job(session: Session, lease: Lease, step: int | None) -> bool:
         updated_at=now,
         attempts=Job.attempts - 1,
     )
+    if done:
+        return QUEUED.value
+    return CANCELLED.value if _cancel_if_requested(session, lease, drained) else None

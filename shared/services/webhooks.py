@@ -34,6 +34,7 @@ from shared.config import Settings, get_settings
 from shared.db import session_scope
 from shared.models import Job, JobEvent
 from shared.schemas import JobObject
+from shared.services import gangs
 from shared.states import is_final
 from shared.webhook_guard import Allow, WebhookBlocked, parse_allow, resolve_destination
 
@@ -141,9 +142,13 @@ def send_in_background(
     return thread
 
 
-def job_payload(job: Job) -> dict[str, Any]:
-    """The body a webhook carries: the native job object, as ``GET /jobs/{id}`` returns it."""
-    return JobObject.model_validate(job).model_dump(mode="json")
+def job_payload(job: Job, workers: list[str] | None = None) -> dict[str, Any]:
+    """The body a webhook carries: the native job object, as ``GET /jobs/{id}`` returns it
+    (``workers``: its members, ``gangs.workers_of``)."""
+    shown = JobObject.model_validate(job)
+    if workers is not None:
+        shown = shown.model_copy(update={"workers": workers})
+    return shown.model_dump(mode="json")
 
 
 def _record_blocked(job_id: str) -> Callable[[str], None]:
@@ -173,7 +178,8 @@ def notify_final(
             job = session.get(Job, job_id, populate_existing=True)
             if job is None or not job.webhook_url or not is_final(job.status):
                 return None
-            url, payload = job.webhook_url, job_payload(job)
+            members = gangs.workers_of(session, [job])[job.id]
+            url, payload = job.webhook_url, job_payload(job, members)
     except Exception:
         log.exception("could not load job %s for its webhook", job_id)
         return None

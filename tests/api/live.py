@@ -47,7 +47,7 @@ class Live:
         return self.dep.client()
 
     def log_tails(self) -> str:
-        names = [f"api-{self.dep.port}", "worker"]
+        names = [f"api-{self.dep.port}", "worker", "inference"]
         return "\n".join(f"--- {name} ---\n{self.dep.log(name)}" for name in names)
 
 

@@ -162,3 +162,41 @@ def test_default_target_modules_follow_the_model(client: Any, settings: Any) -> 
     )
     assert explicit.json()["lora"] | {"r": 4} == explicit.json()["lora"]
     assert explicit.json()["lora"]["target_modules"] == ["c_attn"]
+
+
+def test_estimate_reports_both_strategies_and_submit_follows_auto(
+    client: Any, settings: Any
+) -> None:
+    """A 6.7B model (header-only weights) on a fleet of 8 x 16 GiB GPUs: a replica does not fit
+    one GPU, 8 shards do. auto is accepted (and would shard), ddp is refused saying fsdp would
+    fit, and a job too big for both is refused as before."""
+    from tests.shared.test_estimate import write_sparse_llama
+
+    write_sparse_llama(settings.models_dir / "big")
+    with session_factory()() as s:
+        fleet.register_worker(s, "gpu-8@a", "a", 8, "NVIDIA A100", 16 * 1024**3, 8, "0.1.0")
+    file_id = client.post(
+        "/files", files={"file": ("t.jsonl", jsonl(CHAT_ROWS), "application/jsonl")}
+    ).json()["id"]
+    training = {"batch_size": 1, "max_seq_length": 512}
+    body: dict[str, Any] = {"base_model": "big", "training_file": file_id, "training": training}
+    answer = client.post("/estimate", json=body).json()
+    assert answer["strategy"] == "fsdp" and answer["fits"] is True and answer["world_size"] == 8
+    per_strategy = answer["strategies"]
+    assert per_strategy["ddp"]["fits"] is False and per_strategy["fsdp"]["fits"] is True
+    assert answer["memory_bytes"] == per_strategy["fsdp"]["memory_bytes"]
+    ddp_weights = per_strategy["ddp"]["memory_bytes"]["weights"]
+    assert per_strategy["fsdp"]["memory_bytes"]["weights"] < ddp_weights / 4
+
+    created = client.post("/jobs", json=body)
+    assert created.status_code == 201, created.text
+    job = created.json()
+    assert job["training"]["strategy"] == "auto" and job["strategy"] is None  # until it runs
+    ddp = {**body, "training": {**training, "strategy": "ddp"}}
+    refused = client.post("/jobs", json=ddp)
+    assert refused.status_code == 422 and "set training.strategy to fsdp or auto" in refused.text
+    huge = {**body, "training": {**training, "batch_size": 64, "max_seq_length": 4096}}
+    refused = client.post("/jobs", json=huge)
+    assert refused.status_code == 422 and "fits on no worker's GPU" in refused.text
+    bad = client.post("/jobs", json={**body, "training": {**training, "strategy": "zero3"}})
+    assert bad.status_code == 422 and "strategy" in bad.text

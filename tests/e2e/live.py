@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -110,6 +111,34 @@ class Deployment:
     ) -> subprocess.Popen[bytes]:
         """A `lorafleet worker`; ``env`` overrides settings for this worker only."""
         return self._spawn([sys.executable, "-m", "cli", "worker"], name, env)
+
+    def start_inference(
+        self, name: str = "inference", env: dict[str, str] | None = None, wait: bool = True
+    ) -> tuple[subprocess.Popen[bytes], str]:
+        """A `lorafleet inference` on a free port; returns it and its URL once it answers
+        (``wait=False``: at once, with no URL; the API finds it once it has registered)."""
+        path = self.root / f"{name}.log"
+        offset = path.stat().st_size if path.exists() else 0
+        proc = self._spawn([sys.executable, "-m", "cli", "inference"], name, env)
+        if not wait:
+            return proc, ""
+        deadline = time.monotonic() + 180
+        url = None
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, self.log(name)
+            if url is None and path.exists():
+                with open(path, "rb") as stream:
+                    stream.seek(offset)
+                    found = re.search(rb"lorafleet inference: (http://\S+)", stream.read())
+                url = found.group(1).decode() if found else None
+            if url is not None:
+                try:
+                    if httpx.get(url + "/healthz", timeout=2).status_code == 200:
+                        return proc, url
+                except httpx.HTTPError:
+                    pass
+            time.sleep(0.3)
+        raise AssertionError("inference server did not start: " + self.log(name))
 
     def log(self, name: str) -> str:
         path = self.root / f"{name}.log"

@@ -22,6 +22,8 @@ VERBS = [
     "serve",
     "worker",
     "up",
+    "inference",
+    "chat",
     "demo",
     "models",
     "keys",

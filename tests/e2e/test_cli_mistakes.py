@@ -185,7 +185,7 @@ def test_local_mistakes(live: Deployment, tmp_path: Path) -> None:
 def test_every_verb_help_shows_an_example(live: Deployment) -> None:
     verbs = [
         ["submit"], ["status"], ["list"], ["watch"], ["events"], ["cancel"], ["download"],
-        ["merge"], ["serve"], ["worker"], ["up"], ["train"], ["demo"],
+        ["merge"], ["serve"], ["worker"], ["up"], ["inference"], ["chat"], ["train"], ["demo"],
         ["models", "list"], ["models", "make-tiny"], ["keys", "create"], ["keys", "list"],
         ["keys", "revoke"], ["files", "list"], ["files", "show"], ["files", "delete"],
         ["jobs", "delete"], ["jobs", "clone"],

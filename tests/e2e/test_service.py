@@ -58,17 +58,18 @@ def _adapter_from_tarball(blob: bytes) -> dict[str, bytes]:
         }
 
 
-def _user_path(dep, tiny_dir: Path, tmp_path: Path, procs: int = 1) -> None:
+def _user_path(dep, tiny_dir: Path, tmp_path: Path, procs: int = 1, strategy: str = "auto") -> None:
     """Upload, create, watch progress and events, download, load with peft, and compare with
-    the engine run alone on the same global batch (``procs`` DDP ranks in the worker)."""
+    the engine run alone on the same global batch (``procs`` ranks in the worker, replicas or
+    shards by ``strategy``; auto is ddp for a model this small)."""
     rows = chat_rows(40)
     with dep.client() as http:
         file_id = upload(http, rows)
-        body = job_body(file_id, max_steps=12, checkpoint_every_steps=5)
+        body = job_body(file_id, max_steps=12, checkpoint_every_steps=5, strategy=strategy)
         created = http.post("/jobs", json=body)
         assert created.status_code == 201, created.text
         job = created.json()
-        assert job["status"] == "queued" and job["attempts"] == 0
+        assert job["status"] == "queued" and job["attempts"] == 0 and job["strategy"] is None
         steps_seen = set()
 
         def progressed() -> bool:
@@ -89,6 +90,8 @@ def _user_path(dep, tiny_dir: Path, tmp_path: Path, procs: int = 1) -> None:
         final = wait_final(http, job["id"])
         assert final["status"] == "succeeded", final
         assert final["attempts"] == 1 and final["trained_tokens"] > 0
+        used = "fsdp" if strategy == "fsdp" else "ddp"
+        assert final["strategy"] == used and final["training"]["strategy"] == strategy
         assert http.get(f"/jobs/{job['id']}").json()["status"] == "succeeded"
         assert any("succeeded" in m["message"] for m in messages)
         assert any("checkpoint saved at step 5" in m["message"] for m in messages)
@@ -102,7 +105,7 @@ def _user_path(dep, tiny_dir: Path, tmp_path: Path, procs: int = 1) -> None:
 
     assert hashlib.sha256(download.content).hexdigest() == download.headers["x-checksum-sha256"]
     manifest = json.loads(files["manifest.json"])
-    assert manifest["world_size"] == procs
+    assert manifest["world_size"] == procs and manifest["strategy"] == used
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         assert hashlib.sha256(files[name]).hexdigest() == manifest["files"][name]
     folder = tmp_path / "downloaded"
@@ -146,13 +149,13 @@ def test_postgres_redis_s3_end_to_end(
         "AWS_ACCESS_KEY_ID": "test",
         "AWS_SECRET_ACCESS_KEY": "test",
         "AWS_DEFAULT_REGION": "us-east-1",
-        "LORAFLEET_WORKER_PROCS": "2",  # DDP over 2 gloo ranks inside the service
+        "LORAFLEET_WORKER_PROCS": "2",  # FSDP2 over 2 gloo ranks inside the service
     }
     with deployment(tmp_path, {"tiny": tiny_dir}, **env) as dep:
         dep.key = dep.create_key("bob")
         dep.start_api()
         dep.start_worker()
-        _user_path(dep, tiny_dir, tmp_path, procs=2)
+        _user_path(dep, tiny_dir, tmp_path, procs=2, strategy="fsdp")
 
 
 def test_cancel_failures_and_bad_input(tiny_dir: Path, tmp_path: Path) -> None:

@@ -62,7 +62,8 @@ def test_schema_fuzz(client: TestClient, tenants: Tenants) -> None:
                 nonlocal cases
                 cases += 1
                 headers = {**(case.headers or {}), **auth}
-                response = case.call(headers=headers)
+                # A generous read timeout: on a loaded 2-core runner a request can wait on the CPU.
+                response = case.call(headers=headers, timeout=60)
                 assert "Traceback" not in response.text, response.text[:500]
                 case.validate_response(response, checks=CHECKS, headers=headers)
 

@@ -4,12 +4,15 @@ and an activation model that stays close to (and above) what autograd really kee
 from __future__ import annotations
 
 import copy
+import json
+import math
+import struct
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from shared.estimate import CUDA_CONTEXT_BYTES, estimate, gpu_supports_bf16
+from shared.estimate import CUDA_CONTEXT_BYTES, choose_strategy, estimate, gpu_supports_bf16
 from shared.modelinfo import ModelInfo, read_model_info
 from shared.spec import JobSpec
 from tests.shared.test_modelinfo import write_model
@@ -255,3 +258,99 @@ def test_bf16_autocast_keeps_one_input_per_layer(tiny: Path, targets: list[str] 
     )
     estimated = estimate(job, info, 1, 16 * GIB)["memory_bytes"]["activations"]
     assert shared_input <= estimated <= 1.6 * shared_input, (estimated, shared_input)
+
+
+def write_sparse_llama(
+    folder: Path, layers: int = 32, hidden: int = 4096, inter: int = 11008, vocab: int = 32000
+) -> Path:
+    """A Llama-shaped model folder whose safetensors holds a header and a hole: a 7B model's
+    shapes at no disk cost (only the header is ever read here)."""
+    tensors: dict[str, tuple[str, list[int]]] = {
+        "model.embed_tokens.weight": ("BF16", [vocab, hidden])
+    }
+    for i in range(layers):
+        prefix = f"model.layers.{i}"
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            tensors[f"{prefix}.self_attn.{name}.weight"] = ("BF16", [hidden, hidden])
+        tensors[f"{prefix}.mlp.gate_proj.weight"] = ("BF16", [inter, hidden])
+        tensors[f"{prefix}.mlp.up_proj.weight"] = ("BF16", [inter, hidden])
+        tensors[f"{prefix}.mlp.down_proj.weight"] = ("BF16", [hidden, inter])
+        tensors[f"{prefix}.input_layernorm.weight"] = ("BF16", [hidden])
+        tensors[f"{prefix}.post_attention_layernorm.weight"] = ("BF16", [hidden])
+    tensors["model.norm.weight"] = ("BF16", [hidden])
+    tensors["lm_head.weight"] = ("BF16", [vocab, hidden])
+    header: dict[str, Any] = {}
+    offset = 0
+    for name, (dtype, shape) in tensors.items():
+        size = 2 * math.prod(shape)
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "model.safetensors", "wb") as out:
+        out.write(struct.pack("<Q", len(blob)) + blob)
+        out.truncate(8 + len(blob) + offset)
+    config = {
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "hidden_size": hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+        "intermediate_size": inter,
+        "vocab_size": vocab,
+        "max_position_embeddings": 4096,
+        "tie_word_embeddings": False,
+    }
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def with_strategy(body: JobSpec, strategy: str) -> JobSpec:
+    training = body.training.model_copy(update={"strategy": strategy})
+    return body.model_copy(update={"training": training})
+
+
+def test_fsdp_shards_what_a_replica_cannot_hold(tmp_path: Path) -> None:
+    """A 6.7B bf16 model on 16 GiB GPUs: a replica does not fit, eight shards do; auto picks
+    fsdp, an explicit ddp is told how to fit, one process never shards."""
+    info = read_model_info(write_sparse_llama(tmp_path / "7b"))
+    body = spec(lora={"target_modules": ["q_proj", "v_proj"]}, batch_size=1, max_seq_length=512)
+    trainable = info.num_layers * 2 * 8 * (4096 + 4096)
+    auto = estimate(body, info, 8, 16 * GIB)
+    assert auto["parameters"]["trainable"] == trainable
+    ddp, fsdp = (auto["strategies"][name]["memory_bytes"] for name in ("ddp", "fsdp"))
+    assert auto["strategy"] == "fsdp" and auto["fits"] is True
+    assert auto["memory_bytes"] == fsdp and "(fsdp)" in auto["reason"]
+    assert auto["strategies"]["ddp"]["fits"] is False and auto["strategies"]["fsdp"]["fits"]
+    # The frozen base shrinks about by the rank count (plus the root and two gathered layers).
+    per_layer = (info.total_parameters - 2 * 32000 * 4096) / 32
+    gathered = 32000 * 4096 + 2 * per_layer
+    assert abs(fsdp["weights"] - 2 * (info.total_parameters / 8 + gathered)) < 64
+    assert ddp["weights"] == 2 * info.total_parameters
+    assert fsdp["optimizer"] == ddp["optimizer"] // 8
+    assert fsdp["activations"] == ddp["activations"] and fsdp["logits"] == ddp["logits"]
+
+    forced = estimate(with_strategy(body, "ddp"), info, 8, 16 * GIB)
+    assert forced["strategy"] == "ddp" and forced["fits"] is False
+    assert "set training.strategy to fsdp or auto" in forced["reason"]
+    roomy = estimate(body, info, 8, 80 * GIB)
+    assert roomy["strategy"] == "ddp" and roomy["fits"] is True  # DDP is faster when it fits
+    alone = estimate(with_strategy(body, "fsdp"), info, 1, 16 * GIB)
+    assert alone["strategy"] == "ddp" and alone["strategies"]["fsdp"] == alone["strategies"]["ddp"]
+    assert "training.strategy fsdp" in alone["reason"]  # the weights hint names the way out
+    neither = estimate(body, info, 2, 8 * GIB)
+    assert neither["strategy"] == "fsdp" and neither["fits"] is False
+    assert "largest part" in neither["reason"]
+
+
+def test_choose_strategy() -> None:
+    assert choose_strategy("auto", 1, 10**12, 1) == "ddp"  # one process: nothing to shard
+    assert choose_strategy("fsdp", 1, 0, None) == "ddp"
+    assert choose_strategy("auto", 2, 10, 10) == "ddp"
+    assert choose_strategy("auto", 2, 11, 10) == "fsdp"
+    assert choose_strategy("auto", 2, 11, None) == "ddp"  # no known limit (CPU without RAM)
+    assert (
+        choose_strategy("ddp", 2, 11, 10) == "ddp" and choose_strategy("fsdp", 2, 1, 10) == "fsdp"
+    )

@@ -187,3 +187,17 @@ def test_retry_requeues_with_the_cause_then_fails(
     )
     messages = [e.message for e in jobs.list_events(session, "alice", job.id)]
     assert any("SIGKILL" in m and "retrying from the last checkpoint" in m for m in messages)
+
+
+def test_release_after_a_cancel_request_ends_cancelled(
+    session: Session, make_job: Callable[..., Any]
+) -> None:
+    """Found by the interleaving property test: claim, cancel, drain-release used to requeue the
+    job with its cancel flag set, where no worker would ever claim it again."""
+    job = make_job()
+    lease = Lease.of(runs.claim_job(session, job.id, "w1", 30))  # type: ignore[arg-type]
+    jobs.cancel_job(session, "alice", job.id)
+    assert runs.release_job(session, lease, 3)
+    row = jobs.get_job(session, "alice", job.id)
+    assert (row.status, row.worker_id) == ("cancelled", "w1")
+    assert row.finished_at is not None

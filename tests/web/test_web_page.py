@@ -1,6 +1,7 @@
 """The web page in headless Chromium against a live server and a real worker: a job created
-through the page's form trains on the tiny model, finishes, and its adapter downloads; the fleet
-view for admins; the key form.
+through the page's form trains on the tiny model, finishes, answers a question in its "Try it"
+box (streamed from a live inference server), and its adapter downloads; the fleet view for
+admins; the key form.
 
 Leaves a screenshot of the job page in ``docs/screenshot.png`` and of the form in
 ``docs/new-job.png``.
@@ -68,6 +69,7 @@ def test_create_job_in_the_page_watch_it_finish_download(
     live: Live, browser: Any, tmp_path: Path
 ) -> None:
     _worker_registered(live)  # the estimate judges the job against the registered fleet
+    live.dep.start_inference(wait=False)  # for "Try it": it loads while the job trains
     train = _jsonl(tmp_path / "train.jsonl", chat_rows(48))
     valid = _jsonl(tmp_path / "valid.jsonl", chat_rows(8, seed=1))
     _log_in(browser, live)
@@ -176,6 +178,30 @@ def test_create_job_in_the_page_watch_it_finish_download(
     assert ids == sorted(set(ids)), "live and polled events are shown once each, in order"
     assert browser.find_elements(By.CSS_SELECTOR, "#checkpoints li[data-step]")
     assert browser.find_element(By.ID, "job-failure").is_displayed() is False
+
+    # "Try it": the fine-tuned model answers in the page, streamed; greedy, so it is exactly
+    # what the API answers the same request.
+    question = "What is 50 + 98?"
+    body = {
+        "model": f"ft:tiny:t:web:{job_id}",
+        "messages": [{"role": "user", "content": question}],
+        "temperature": 0,
+        "max_tokens": 256,
+    }
+    with live.client() as http:
+        answered = wait_for(
+            lambda: (r := http.post("/v1/chat/completions", json=body)).status_code == 200 and r,
+            timeout=180,
+            what="the inference server",
+        )
+    expected = answered.json()["choices"][0]["message"]["content"]
+    wait_for(lambda: visible(browser, "try-it"), timeout=20, what="the Try it box")
+    browser.find_element(By.ID, "try-prompt").send_keys(question)
+    browser.find_element(By.ID, "try-ask").click()
+    box = browser.find_element(By.ID, "try-it")
+    done = wait_for(lambda: box.get_attribute("data-done"), timeout=60, what="the answer")
+    assert done == "ok", browser.find_element(By.ID, "try-error").text
+    assert browser.find_element(By.ID, "try-answer").get_attribute("textContent") == expected
 
     SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
     browser.save_screenshot(str(SCREENSHOT))

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
+
 from shared.spec import JobSpec
 from worker.job_runner import ranks_for
 from worker.training.failures import FailureClass, classify, traceback_tail
@@ -66,3 +70,23 @@ def test_gpus_zero_means_all_of_the_workers_devices() -> None:
     ):
         job = JobSpec.model_validate({**spec, "resources": {"gpus": value}})
         assert ranks_for(job, gpus, cpu) == expected, (value, gpus, cpu)
+
+
+def test_oom_kill_counter_reads_cgroup_v1_and_v2(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A SIGKILLed rank is reported as out_of_memory when the cgroup's OOM-kill count grew."""
+    from worker import host_memory
+
+    v2 = tmp_path / "memory.events"
+    v1 = tmp_path / "memory.oom_control"
+    v1.write_text("oom_kill_disable 0\nunder_oom 0\noom_kill 3\n")
+    monkeypatch.setattr(host_memory, "OOM_EVENT_FILES", (v2, v1))
+    assert host_memory.oom_kills() == 3  # v2 absent: v1 read
+    v2.write_text("low 0\nhigh 0\nmax 7\noom 2\noom_kill 1\noom_group_kill 0\n")
+    assert host_memory.oom_kills() == 1  # v2 first
+    monkeypatch.setattr(host_memory, "OOM_EVENT_FILES", (tmp_path / "none",))
+    assert host_memory.oom_kills() is None
+    # On this machine the real files answer a number or nothing, never raise.
+    monkeypatch.undo()
+    assert host_memory.oom_kills() is None or host_memory.oom_kills() >= 0  # type: ignore[operator]

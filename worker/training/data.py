@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from shared.datasets import PREFERENCE, Example
+from shared.datasets import PREFERENCE, Example, Message
 
 render_jinja_template: Any
 try:  # renders once and reports {% generation %} spans; absent in older transformers
@@ -282,21 +282,60 @@ def _tokenize_chunk(
             offsets = np.fromiter(flat, dtype=np.int64, count=2 * len(ids)).reshape(-1, 2)
             mask = _span_mask(offsets, spans[at])
         else:
-            # Pieces are tokenised separately; trained ones end with EOS (the model learns to stop).
-            id_parts: list[list[int]] = [bos]
-            mask_parts: list[list[bool]] = [[False] * len(bos)]
             start, stop = piece_ranges[i]
-            for (_, trained), encoded in zip(
-                pieces[start:stop], piece_ids[start:stop], strict=True
-            ):
-                id_parts.append(encoded)
-                mask_parts.append([trained] * len(encoded))
-                if trained and eos is not None:
-                    id_parts.append([int(eos)])
-                    mask_parts.append([True])
-            ids = np.fromiter((t for part in id_parts for t in part), dtype=np.int32)
-            mask = np.fromiter((m for part in mask_parts for m in part), dtype=bool)
+            ids, mask = _join_pieces(bos, eos, pieces[start:stop], piece_ids[start:stop])
         yield _finish(ids, mask, max_seq_length)
+
+
+def _join_pieces(
+    bos: list[int], eos: int | None, pieces: Sequence[tuple[str, bool]], piece_ids: Sequence[Any]
+) -> tuple[np.ndarray, np.ndarray]:
+    """BOS, then the separately tokenised pieces; a trained piece ends with EOS (the model learns
+    to stop). Returns the ids and the trained mask."""
+    id_parts: list[list[int]] = [bos]
+    mask_parts: list[list[bool]] = [[False] * len(bos)]
+    for (_, trained), encoded in zip(pieces, piece_ids, strict=True):
+        id_parts.append(encoded)
+        mask_parts.append([trained] * len(encoded))
+        if trained and eos is not None:
+            id_parts.append([int(eos)])
+            mask_parts.append([True])
+    ids = np.fromiter((t for part in id_parts for t in part), dtype=np.int32)
+    mask = np.fromiter((m for part in mask_parts for m in part), dtype=bool)
+    return ids, mask
+
+
+# --------------------------------------------------------------------------- inference prompts
+def generation_prompt_ids(tokenizer: Any, messages: Sequence[Message]) -> list[int]:
+    """The token ids of a conversation up to where the assistant answers, rendered exactly as
+    training renders the same conversation (so an adapter sees what it was trained on).
+
+    With a chat template: the template with ``add_generation_prompt=True``, tokenised by the same
+    call training uses. Without one: the plain format of ``plain_chat_segments`` up to and
+    including the ``Assistant: `` label; earlier assistant turns end with EOS, as training ends a
+    trained answer.
+    """
+    answered = tuple(Message(m.role, m.content, m.role == "assistant") for m in messages)
+    conversation = Example("chat", messages=(*answered, Message("assistant", "", True)))
+    if uses_chat_template(tokenizer, conversation):
+        text = tokenizer.apply_chat_template(
+            [{"role": m.role, "content": m.content} for m in answered],
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+        encoded, _ = _encode_many(tokenizer, [text])
+        return [int(t) for t in encoded[0]]
+    pieces = plain_chat_segments(conversation)[:-1]  # all but the (empty) answer itself
+    piece_ids, _ = _encode_many(tokenizer, [text for text, _ in pieces])
+    ids, _ = _join_pieces(_bos_prefix(tokenizer), tokenizer.eos_token_id, pieces, piece_ids)
+    return [int(t) for t in ids]
+
+
+def completion_prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
+    """A raw completion prompt, tokenised as training tokenises a completion row's prompt: the
+    model's BOS (where it uses one), then the text as given."""
+    encoded, _ = _encode_many(tokenizer, [prompt])
+    return _bos_prefix(tokenizer) + [int(t) for t in encoded[0]]
 
 
 def _chunks(examples: Iterable[Example], size: int) -> Iterator[list[Example]]:

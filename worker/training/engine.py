@@ -25,6 +25,10 @@ Gotchas recorded:
 - Data are tokenised and packed once per (dataset, tokenizer, settings) into ``--cache-dir``
   (worker/training/datacache.py) by whichever rank takes the lock first; the others map it.
 - ``LORAFLEET_DIST_TIMEOUT_SECONDS`` (default 1800) bounds every collective's wait.
+- Strategy (``training.strategy``, resolved in ``_setup_strategy``): DDP replicates the model;
+  FSDP2 shards it (worker/training/sharding.py). Under FSDP every forward gathers parameters, a
+  collective: every rank runs the same number of forwards (a rank without rows runs an empty
+  batch, in training and in eval), and only rank 0 reads the base weights.
 - DPO (``method.type`` dpo) is the same loop with another loss module (``DpoLoss``) and
   normaliser: rows hold whole preference pairs (chosen and rejected side by side, several pairs
   packed with segment attention), the loss is summed over pairs and divided by the step's global
@@ -39,6 +43,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import gc
 import json
 import math
 import os
@@ -56,13 +61,16 @@ from typing import Any, cast
 import numpy as np
 import torch
 import torch.distributed as dist
-from peft import set_peft_model_state_dict
+from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
-from transformers import get_scheduler
+from transformers import PreTrainedModel, get_scheduler
 
 from shared.datasets import DatasetError, sha256_file
+from shared.estimate import choose_strategy, estimate
 from shared.model_names import parse_model_name
+from shared.modelinfo import read_model_info
 from shared.spec import DPO_METRICS, EVAL_DPO_METRICS, JobSpec
 from worker.training import data as datamod
 from worker.training.attention import use_packed_attention
@@ -80,6 +88,7 @@ from worker.training.events import (
     Record,
     Resumed,
     Sink,
+    Started,
     Step,
 )
 from worker.training.launch import EXIT_PREEMPTED
@@ -95,6 +104,16 @@ from worker.training.model import (
     with_default_targets,
 )
 from worker.training.model_card import finish_adapter
+from worker.training.sharding import (
+    device_mesh,
+    empty_model,
+    fill_from_rank0,
+    full_optimizer_state,
+    gather_full,
+    shard_like,
+    shard_model,
+    sharded_optimizer_state,
+)
 
 
 @dataclass
@@ -166,8 +185,8 @@ class LoraTrainer:
     """``setup`` → ``train`` → (``save_checkpoint``)* → ``save_final`` → ``cleanup``.
 
     ``setup`` is a sequence of ``_setup_*`` steps, each one concern: the process group, the data,
-    the batch plan (and what a resumed checkpoint changes in it), the model, the attention
-    fallback, the parallel wrapper (DDP today; FSDP belongs in ``_setup_parallel``), the optimizer.
+    the batch plan (and what a resumed checkpoint changes in it), the strategy (DDP or FSDP), the
+    model, the attention fallback, the parallel wrapper, the optimizer.
     The training objective is chosen in one place, ``_build_loss``.
     """
 
@@ -191,6 +210,7 @@ class LoraTrainer:
         self.stop_agreed = False
         self.eval_loss: float | None = None
         self.train_loss: float | None = None
+        self.grad_norm: float | None = None  # before clipping; None when clipping is off
         # DPO's numbers of the latest step and evaluation (events.DPO_METRICS; eval_ prefixed).
         self.train_metrics: dict[str, Any] = {}
         self.eval_metrics: dict[str, Any] = {}
@@ -210,6 +230,7 @@ class LoraTrainer:
         self._setup_distributed()
         self._setup_data()
         self._setup_plan()
+        self._setup_strategy()
         self._setup_model()
         self._setup_attention()
         self._setup_parallel()
@@ -348,8 +369,70 @@ class LoraTrainer:
         )
         self.total_steps = datamod.total_steps(self.plan, t.epochs, t.max_steps)
 
-    def _setup_model(self) -> None:
+    def _setup_strategy(self) -> None:
+        """DDP or FSDP: ``training.strategy``, where ``auto`` asks the estimate whether a whole
+        replica fits the smallest rank's memory (the same call ``POST /estimate`` makes)."""
         t = self.spec.training
+        if t.strategy != "auto" or not self.dist.enabled:
+            self.strategy = choose_strategy(t.strategy, self.dist.world_size, 0, None)
+            if t.strategy == "fsdp" and self.strategy == "ddp":
+                self.event("training.strategy fsdp: one process has nothing to shard; using ddp")
+            return
+        limit = torch.tensor(float(self._memory_per_process()), dtype=torch.float64)
+        dist.all_reduce(limit, op=dist.ReduceOp.MIN)  # the smallest rank's memory
+        # Rank 0 decides, the others follow: a rank that could not read the model (a hub
+        # download failing on one host) must not train with another strategy than its peers.
+        decision: list[Any] = [None]
+        if self.dist.is_main:
+            decision[0] = self._auto_strategy(int(limit))
+        dist.broadcast_object_list(decision, src=0)
+        self.strategy, message, data = decision[0]
+        self.event(message, level="info" if data else "warning", **data)
+
+    def _auto_strategy(self, limit: int) -> tuple[str, str, dict[str, Any]]:
+        """(strategy, event message, event data) for ``auto`` with ``limit`` bytes per rank."""
+        on_gpu = self.device.type == "cuda"
+        try:
+            answer = estimate(
+                self.spec,
+                read_model_info(self._model_folder()),
+                self.dist.world_size,
+                limit if on_gpu else None,
+                gpu_type=torch.cuda.get_device_name(self.device) if on_gpu else None,
+                cpu_memory_per_process=None if on_gpu else limit,
+            )
+        except Exception as exc:  # unreadable folder, hub unreachable: loading will say more
+            return "ddp", f"training.strategy auto: no estimate ({exc}); using ddp", {}
+        strategy = answer["strategy"]
+        need = answer["strategies"]["ddp"]["memory_bytes"]["total"]
+        message = (
+            f"training.strategy auto: {strategy} (a replica needs about {need / 2**30:.2f} GiB "
+            f"of {limit / 2**30:.2f} GiB per process)"
+        )
+        return (
+            strategy,
+            message,
+            {"strategy": strategy, "replica_bytes": need, "limit_bytes": limit},
+        )
+
+    def _memory_per_process(self) -> int:
+        """This rank's memory: its GPU, or its share of the host's RAM (cgroup limit included)."""
+        if self.device.type == "cuda":
+            return int(torch.cuda.get_device_properties(self.device).total_memory)
+        from worker.host_memory import host_memory_bytes
+
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", self.dist.world_size))
+        return (host_memory_bytes() or 2**62) // max(1, local)
+
+    def _model_folder(self) -> Path:
+        """The base model's local folder (a hub id: its snapshot, as from_pretrained fetches it)."""
+        if Path(self.paths.model).is_dir():
+            return Path(self.paths.model)
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(self.paths.model, allow_patterns=["*.json", "*.safetensors"]))
+
+    def _setup_model(self) -> None:
         # On a GPU the frozen base is stored in the autocast dtype (no fp32 master copy needed);
         # on CPU it stays fp32 and autocast casts per op.
         load_dtype = (
@@ -357,23 +440,44 @@ class LoraTrainer:
             if self.device.type == "cuda" and self.autocast_dtype
             else torch.float32
         )
+        self.source: PeftModel | None = None
+        if self.strategy == "fsdp":
+            # Every rank builds the model empty (parameters on the meta device); rank 0 alone
+            # reads the weights, into the source _setup_parallel broadcasts and then drops.
+            self.base = empty_model(self.paths.model, dtype=load_dtype)
+            if self.dist.is_main:
+                self.source = self._adapted(load_base_model(self.paths.model, dtype=load_dtype))
+            self.peft_model = self._adapted(self.base)
+            # The init adapter goes into rank 0's source: _setup_parallel shards it out.
+            if self.source is not None:
+                self.parent = self._load_init_adapter(self.source)
+            self.loss_module = self._build_loss()
+            return
         self.base = load_base_model(self.paths.model, dtype=load_dtype)
-        self.packed_attention = use_packed_attention(self.base, t.max_seq_length)
-        if t.gradient_checkpointing:
-            self.base.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
-            )
-        self.lora = with_default_targets(self.base, self.spec.lora)
-        try:
-            self.peft_model = apply_lora(self.base, self.lora)
-        except ValueError as exc:
-            raise TrainingError(f"lora.target_modules: {exc}") from None
-        fuse_lora_dropout(self.peft_model)
+        self.peft_model = self._adapted(self.base)
         self.peft_model.to(self.device)
-        self.parent = self._load_init_adapter()
+        self.parent = self._load_init_adapter(self.peft_model)
         self.loss_module = self._build_loss().to(self.device)
 
-    def _load_init_adapter(self) -> dict[str, Any] | None:
+    def _adapted(self, base: PreTrainedModel) -> PeftModel:
+        """``base`` set up for training (attention, checkpointing) with the job's adapters, drawn
+        from the job's seed: the same initial adapters for every strategy and world size."""
+        t = self.spec.training
+        self.packed_attention = use_packed_attention(base, t.max_seq_length)
+        if t.gradient_checkpointing:
+            base.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+        self.lora = with_default_targets(base, self.spec.lora)
+        torch.manual_seed(t.seed)
+        try:
+            peft_model = apply_lora(base, self.lora)
+        except ValueError as exc:
+            raise TrainingError(f"lora.target_modules: {exc}") from None
+        fuse_lora_dropout(peft_model)
+        return peft_model
+
+    def _load_init_adapter(self, model: PeftModel) -> dict[str, Any] | None:
         """``training.init_adapter``: start from that adapter's weights instead of a fresh LoRA.
 
         Its shape must be this job's (r, alpha, target modules; the service checks at submit,
@@ -409,8 +513,9 @@ class LoraTrainer:
                     f"lora.{name}: {mine} differs from the init adapter's {parents} "
                     f"({reference}); set lora.{name} to match it"
                 )
-        weights = load_file(str(weights_path), device=str(self.device))
-        result: Any = set_peft_model_state_dict(self.peft_model, weights)
+        device = next(model.parameters()).device
+        weights = load_file(str(weights_path), device=str(device))
+        result: Any = set_peft_model_state_dict(model, weights)
         missing = [k for k in result.missing_keys if "lora_" in k]
         unexpected = list(result.unexpected_keys)
         if missing or unexpected:
@@ -443,7 +548,17 @@ class LoraTrainer:
         """Keep segment attention only where it reproduces transformers' masked attention."""
         if not self.packed_attention:
             return
-        problem = self.loss_module.segment_attention_error()
+        if self.strategy == "fsdp":
+            # The check runs whole forwards: once, on rank 0's unsharded source; all follow it.
+            verdict = [
+                CausalLMLoss(self.source).segment_attention_error()
+                if self.source is not None
+                else None
+            ]
+            dist.broadcast_object_list(verdict, src=0)
+            problem = verdict[0]
+        else:
+            problem = self.loss_module.segment_attention_error()
         if problem is None:
             return
         self.base.set_attn_implementation("sdpa")
@@ -455,9 +570,21 @@ class LoraTrainer:
         )
 
     def _setup_parallel(self) -> None:
-        """Wrap the loss module for data parallelism (the seam for an FSDP strategy)."""
+        """Wrap the loss module for data parallelism: DDP, or FSDP2 shards filled from rank 0."""
+        if self.strategy == "fsdp":
+            shard_model(
+                self.loss_module,
+                cast(PreTrainedModel, self.peft_model.get_base_model()),
+                device_mesh(self.device, self.dist.world_size),
+            )
+            whole = self.source.state_dict() if self.source is not None else None
+            fill_from_rank0(self.peft_model, self.loss_module, whole, self.device)
+            self.source = whole = None  # rank 0's whole copy is gone before the first step
+            gc.collect()  # peft's modules hold reference cycles: free the copy now, not later
+            self.model: torch.nn.Module = self.loss_module  # fully_shard wraps in place
+            return
         if not self.dist.enabled:
-            self.model: torch.nn.Module = self.loss_module
+            self.model = self.loss_module
             return
         ids = [self.device.index] if self.device.type == "cuda" else None
         # No buffers to keep in sync (the base is frozen, LoRA has none): broadcasting them
@@ -478,7 +605,15 @@ class LoraTrainer:
             num_warmup_steps=math.ceil(t.warmup_ratio * self.total_steps),
             num_training_steps=self.total_steps,
         )
-        self.scaler = torch.amp.GradScaler(enabled=self.autocast_dtype == torch.float16)
+        fp16 = self.autocast_dtype == torch.float16
+        self.scaler: torch.amp.GradScaler
+        if self.strategy == "fsdp":
+            # Each rank sees only its gradient shards: the inf check must be agreed by all.
+            from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+            self.scaler = ShardedGradScaler(self.device.type, enabled=fp16)
+        else:
+            self.scaler = torch.amp.GradScaler(enabled=fp16)
 
     @torch.no_grad()
     def _setup_reference(self) -> None:
@@ -520,10 +655,12 @@ class LoraTrainer:
     def _announce(self) -> None:
         stats, t = self.token_stats, self.spec.training
         units = f"{stats.examples - stats.dropped_no_labels} pairs in " if self.rows.pairs else ""
+        self.emit(Started(strategy=self.strategy, world_size=self.dist.world_size))
         self.event(
             f"training {self.trainable_params:,} of {self.total_params:,} parameters on "
-            f"{self.dist.world_size} {self.device.type} process(es); {units}{len(self.rows)} "
-            f"rows, {self.total_steps} steps",
+            f"{self.dist.world_size} {self.device.type} process(es) ({self.strategy}); "
+            f"{units}{len(self.rows)} rows, {self.total_steps} steps",
+            strategy=self.strategy,
             examples=stats.examples,
             truncated=stats.truncated,
             dropped=stats.dropped_no_labels,
@@ -596,12 +733,7 @@ class LoraTrainer:
         for micro, host in enumerate(batch.micro):
             inputs = host.to(self.device)
             last = micro == len(batch.micro) - 1
-            sync = (
-                self.model.no_sync()  # type: ignore[operator]
-                if self.dist.enabled and not last
-                else contextlib.nullcontext()
-            )
-            with sync:
+            with self._gradient_sync(last):
                 with self._autocast():
                     loss_sum, extra = self.model(**inputs)
                 scaled = loss_sum * (self.dist.world_size / global_tokens)
@@ -609,24 +741,41 @@ class LoraTrainer:
             local_sum += loss_sum.detach().float()  # stays on the device: no sync per micro-step
             if dpo:
                 local_stats += extra.float()
-        if self.spec.training.max_grad_norm is not None:
+        norm = torch.zeros((), device=self.device)
+        clip = self.spec.training.max_grad_norm
+        if clip is not None:
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(
-                [p for p in self.loss_module.parameters() if p.requires_grad],
-                self.spec.training.max_grad_norm,
+            norm = torch.nn.utils.clip_grad_norm_(
+                [p for p in self.loss_module.parameters() if p.requires_grad], clip
             )
+            if isinstance(norm, DTensor):  # FSDP: already reduced over the shards
+                norm = norm.full_tensor()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        # The preemption flag rides on the loss all-reduce: every rank stops after the same step.
+        # The preemption flag and the gradient norm (the same on every rank) ride on the loss
+        # all-reduce: every rank stops after the same step, and the step has one sync.
         stop = torch.full((), float(self.stop_requested), device=self.device)
         extras = local_stats.unbind() if dpo else ()
-        total, agreed, *stats = self._all_sum(local_sum, stop, *extras)
+        total, agreed, norms, *stats = self._all_sum(local_sum, stop, norm, *extras)
         self.stop_agreed = agreed > 0
+        self.grad_norm = norms / self.dist.world_size if clip is not None else None
         if dpo:
             self.train_metrics = _dpo_means(stats)
         return total / global_tokens
+
+    def _gradient_sync(self, last: bool) -> contextlib.AbstractContextManager[Any]:
+        """Reduce gradients over ranks only in the step's last micro-step's backward."""
+        if not self.dist.enabled:
+            return contextlib.nullcontext()
+        if self.strategy == "fsdp":
+            # Unsharded gradients accumulate until then (the adapters': small).
+            self.model.set_requires_gradient_sync(last)  # type: ignore[operator]
+            return contextlib.nullcontext()
+        if last:
+            return contextlib.nullcontext()
+        return cast(contextlib.AbstractContextManager[Any], self.model.no_sync())  # type: ignore[operator]
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
@@ -640,7 +789,10 @@ class LoraTrainer:
         stats = torch.zeros(len(DPO_STATS), dtype=torch.float32, device=self.device)
         count = 0
         bs = self.spec.training.batch_size
-        for start in range(0, len(mine), bs):
+        # As many batches on every rank (the last ones of a short rank empty): under FSDP each
+        # forward is a collective.
+        batches = math.ceil(math.ceil(len(self.eval_rows) / self.dist.world_size) / bs)
+        for start in range(0, batches * bs, bs):
             host = self._collate(mine[start : start + bs], self.eval_rows)
             with self._autocast():
                 s, extra = self.loss_module(**host.to(self.device))
@@ -684,6 +836,7 @@ class LoraTrainer:
                         total_steps=self.total_steps,
                         epoch=round(done / self.plan.steps_per_epoch, 4),
                         train_loss=self.train_loss,
+                        grad_norm=self.grad_norm,
                         eval_loss=self.eval_loss,
                         evaluated=evaluated,
                         learning_rate=self.scheduler.get_last_lr()[0],
@@ -714,21 +867,31 @@ class LoraTrainer:
     def _checkpoint_root(self) -> Path:
         return self.paths.checkpoint_dir or (self.paths.output_dir / "checkpoints")
 
+    def _adapter_state(self) -> dict[str, torch.Tensor] | None:
+        """The adapters' whole weights for ``save_pretrained`` under FSDP (gathered: every rank
+        calls this); None under DDP, where peft reads the live replica itself."""
+        if self.strategy != "fsdp":
+            return None
+        return gather_full((n, p) for n, p in self.peft_model.named_parameters() if p.requires_grad)
+
     def save_checkpoint(self, step: int) -> None:
-        """Adapter + optimizer + scheduler + RNG + data position, written under a temporary name
-        and renamed, so a reader never sees half a checkpoint."""
+        """Adapter + optimizer + scheduler + data position, written under a temporary name and
+        renamed, so a reader never sees half a checkpoint. Whole tensors under either strategy
+        (FSDP gathers its shards first), so any strategy and world size can resume it."""
+        adapter = self._adapter_state()
+        optimizer = full_optimizer_state(self.optimizer)
         if self.dist.is_main:
             root = self._checkpoint_root()
             root.mkdir(parents=True, exist_ok=True)
             final = root / f"step_{step}"
             tmp = root / f".step_{step}.tmp-{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)
-            self.peft_model.save_pretrained(str(tmp))
+            self.peft_model.save_pretrained(str(tmp), state_dict=adapter)
             # No RNG state: dropout is re-seeded from (seed, step, rank) at every step, and the
             # data order is a pure function of (seed, epoch), so a resume replays exactly.
             torch.save(
                 {
-                    "optimizer": self.optimizer.state_dict(),
+                    "optimizer": optimizer,
                     "scheduler": self.scheduler.state_dict(),
                     "scaler": self.scaler.state_dict(),
                 },
@@ -739,6 +902,7 @@ class LoraTrainer:
                 "epoch": step / self.plan.steps_per_epoch,
                 "global_batch": self.plan.global_batch,
                 "world_size": self.dist.world_size,
+                "strategy": self.strategy,
                 "train_loss": self.train_loss,
                 "eval_loss": self.eval_loss,
                 **self.train_metrics,
@@ -770,12 +934,17 @@ class LoraTrainer:
             shutil.rmtree(path, ignore_errors=True)
 
     def _load_checkpoint(self, path: Path, state: dict[str, Any]) -> None:
-        weights = load_file(str(path / "adapter_model.safetensors"), device=str(self.device))
-        set_peft_model_state_dict(self.peft_model, weights)
-        trainer_state = torch.load(
-            path / "trainer_state.pt", map_location=self.device, weights_only=False
+        weights = load_file(str(path / "adapter_model.safetensors"))
+        live = get_peft_model_state_dict(self.peft_model)  # the same keys, this rank's tensors
+        set_peft_model_state_dict(
+            self.peft_model, {key: shard_like(value, live[key]) for key, value in weights.items()}
         )
-        self.optimizer.load_state_dict(trainer_state["optimizer"])
+        trainer_state = torch.load(
+            path / "trainer_state.pt", map_location="cpu", weights_only=False
+        )
+        self.optimizer.load_state_dict(
+            sharded_optimizer_state(self.optimizer, trainer_state["optimizer"])
+        )
         self.scheduler.load_state_dict(trainer_state["scheduler"])
         self.scaler.load_state_dict(trainer_state["scaler"])
         self.start_step = int(state["step"])
@@ -795,12 +964,13 @@ class LoraTrainer:
     # ---------------------------------------------------------------- output
     def save_final(self, duration: float) -> dict[str, Any]:
         manifest: dict[str, Any] = {}
+        adapter = self._adapter_state()
         if self.dist.is_main:
             out = self.paths.output_dir
             out.mkdir(parents=True, exist_ok=True)
             tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)
-            self.peft_model.save_pretrained(str(tmp))
+            self.peft_model.save_pretrained(str(tmp), state_dict=adapter)
             for item in tmp.iterdir():
                 os.replace(item, out / item.name)
             shutil.rmtree(tmp, ignore_errors=True)
@@ -809,6 +979,7 @@ class LoraTrainer:
                 out,
                 {
                     "world_size": self.dist.world_size,
+                    "strategy": self.strategy,
                     "steps": self.total_steps,
                     "trained_tokens": self.trained_tokens,
                     "base_model": {
@@ -894,6 +1065,10 @@ CUDA_RANK_THREADS = 4
 
 
 def _configure_threads(info: DistInfo) -> None:
+    """The host's cores split between its ranks, unless the operator set ``OMP_NUM_THREADS``
+    (several workers or other services on one host): an explicit setting is an upper bound.
+    Oversubscribed OpenMP threads spin-wait on each other; on a busy 2-core host that made a
+    tiny model's steps 30x slower than one thread per rank."""
     local = int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size))
     cores = (
         len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -901,6 +1076,9 @@ def _configure_threads(info: DistInfo) -> None:
     threads = max(1, cores // max(1, local))
     if torch.cuda.is_available():
         threads = min(threads, CUDA_RANK_THREADS)
+    explicit = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if explicit.isdigit() and int(explicit) > 0:
+        threads = min(threads, int(explicit))
     torch.set_num_threads(threads)
 
 

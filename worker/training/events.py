@@ -77,6 +77,9 @@ class Step(Record):
     tokens_per_second: float | None = None
     eta_seconds: float | None = None
     trained_tokens: int | None = None
+    # The gradients' total norm before clipping (None when training.max_grad_norm is null): the
+    # same for every strategy and world size, so a wrong gradient reduction shows here first.
+    grad_norm: float | None = None
     rewards_chosen: float | None = None
     rewards_rejected: float | None = None
     reward_accuracy: float | None = None
@@ -107,6 +110,16 @@ class Event(Record):
     message: str
     level: str = "info"
     data: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class Started(Record):
+    """Setup is done and the first step begins: how this run trains (``strategy``: ``ddp`` or
+    ``fsdp``, what ``training.strategy`` resolved to on these devices; ``world_size`` ranks)."""
+
+    kind: ClassVar[str] = "started"
+    strategy: str
+    world_size: int
 
 
 @dataclass(frozen=True)
@@ -153,7 +166,8 @@ class Error(Record):
 
 
 RECORD_TYPES: dict[str, type[Record]] = {
-    cls.kind: cls for cls in (Step, Event, CheckpointSaved, Resumed, Preempted, Done, Error)
+    cls.kind: cls
+    for cls in (Step, Event, Started, CheckpointSaved, Resumed, Preempted, Done, Error)
 }
 
 

@@ -22,10 +22,32 @@ from pathlib import Path
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: a rank checkpointed on request (SIGUSR1) and exited
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` now ("" : on every interface, as a rendezvous store binds)."""
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class Rendezvous:
+    """Where this node's ranks meet the other nodes' ranks: torch's static c10d rendezvous,
+    the one ``torchrun --nnodes N --node-rank K --master-addr A --master-port P`` sets up.
+
+    Rank ``rank_offset`` + i of ``world_size`` runs as local rank i; global rank 0 (on node 0)
+    hosts the TCPStore at ``master_addr:master_port`` and every other rank connects to it
+    (``init_process_group`` with the env:// method). ``run_id`` names the rendezvous
+    (job + attempt); each attempt has its own endpoint, so ranks of an older attempt can never
+    meet the new one's.
+    """
+
+    master_addr: str
+    master_port: int
+    world_size: int
+    rank_offset: int
+    node_rank: int
+    nnodes: int
+    run_id: str
 
 
 def device_count() -> int:
@@ -135,11 +157,13 @@ def launch(
     cache_dir: Path | None = None,
     init_adapter: Path | None = None,
     extra_env: dict[str, str] | None = None,
+    rendezvous: Rendezvous | None = None,
 ) -> RankGroup:
     """Start ``nproc`` ranks of ``worker.training.engine``; returns at once.
 
     ``cache_dir``: where the ranks share the prepared data (the engine's ``--cache-dir``); give
-    every attempt of a job the same folder so a resume skips the preparation.
+    every attempt of a job the same folder so a resume skips the preparation. ``rendezvous``:
+    this host's part of a multi-node world (None: the ``nproc`` ranks are the whole world).
     ``init_adapter``: the local folder of ``training.init_adapter`` (the engine's
     ``--init-adapter``), when the spec names it by job or checkpoint.
     """
@@ -165,14 +189,18 @@ def launch(
     for flag, value in optional:
         if value is not None:
             args += [flag, str(value)]
-    port = free_port()
+    rdzv = rendezvous or Rendezvous("127.0.0.1", free_port(), nproc, 0, 0, 1, "local")
+    # The variables torchrun gives each worker process (torch.distributed.run's static rendezvous).
     base_env = {
         **os.environ,
         **(extra_env or {}),
-        "WORLD_SIZE": str(nproc),
+        "WORLD_SIZE": str(rdzv.world_size),
         "LOCAL_WORLD_SIZE": str(nproc),
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(port),
+        "GROUP_RANK": str(rdzv.node_rank),
+        "GROUP_WORLD_SIZE": str(rdzv.nnodes),
+        "MASTER_ADDR": rdzv.master_addr,
+        "MASTER_PORT": str(rdzv.master_port),
+        "TORCHELASTIC_RUN_ID": rdzv.run_id,
         "LORAFLEET_PARENT_PID": str(os.getpid()),
         "PYTHONUNBUFFERED": "1",
         "TOKENIZERS_PARALLELISM": "false",
@@ -180,7 +208,7 @@ def launch(
     procs: list[subprocess.Popen[bytes]] = []
     logs: list[Path] = []
     for rank in range(nproc):
-        env = {**base_env, "RANK": str(rank), "LOCAL_RANK": str(rank)}
+        env = {**base_env, "RANK": str(rdzv.rank_offset + rank), "LOCAL_RANK": str(rank)}
         log_path = work_dir / f"rank{rank}.log"
         logs.append(log_path)
         with open(log_path, "wb") as log:

@@ -23,7 +23,7 @@ from typing import Any
 from shared.spec import JobSpec
 from worker.training import events
 from worker.training.checkpoints import CheckpointPolicy
-from worker.training.launch import EXIT_PREEMPTED, RankGroup, launch
+from worker.training.launch import EXIT_PREEMPTED, RankGroup, Rendezvous, launch
 
 
 class Outcome(StrEnum):
@@ -112,6 +112,7 @@ class TrainingRun:
     checkpoint_dir: Path | None = None
     policy: CheckpointPolicy = field(default_factory=CheckpointPolicy)
     data_cache_dir: Path | None = None
+    rendezvous: Rendezvous | None = None  # this host's part of a multi-node world (launch.py)
     init_adapter: Path | None = None  # training.init_adapter, downloaded (None: the spec's path)
     poll_seconds: float = 0.2
     cancel_grace_seconds: float = 2.0
@@ -137,6 +138,7 @@ class TrainingRun:
             resume_from=self.resume_from,
             keep_checkpoints=self.policy.keep,
             cache_dir=self.data_cache_dir,
+            rendezvous=self.rendezvous,
             init_adapter=self.init_adapter,
         )
         return self.group
