@@ -335,7 +335,12 @@ def spawn(name: str, cfg: dict[str, Any], timeout: float) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix=f"bench-dpo-{name}-"))
     (work / "cfg.json").write_text(json.dumps(cfg))
     result = work / "result.json"
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+    env = {
+        **os.environ,
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONUNBUFFERED": "1",
+        "OMP_NUM_THREADS": str(cfg["threads"]),
+    }
     proc = subprocess.run(
         [sys.executable, "-m", "bench.dpo", "--child", name, str(work / "cfg.json"), str(result)],
         cwd=common.REPO,
@@ -390,6 +395,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--repeats", type=int, default=1, help="rounds over all contenders; best of each kept"
     )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads per contender (default: all cores); 1 on a loaded host, where "
+        "oversubscribed threads spin-wait and the timings scatter",
+    )
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per contender")
     parser.add_argument(
         "--child", nargs=3, metavar=("NAME", "CFG", "RESULT"), help=argparse.SUPPRESS
@@ -422,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
         "steps": args.steps,
         "batch": args.batch,
         "seq": args.seq,
-        "threads": len(os.sched_getaffinity(0)),
+        "threads": args.threads or len(os.sched_getaffinity(0)),
     }
     raw: dict[str, dict[str, Any]] = {}
     plan: list[tuple[str, dict[str, Any]]] = [
