@@ -159,16 +159,22 @@ def assert_close(ours: list[torch.Tensor], theirs: list[torch.Tensor]) -> None:
 
 
 # ------------------------------------------------------------------------------------- tests
-@pytest.mark.parametrize(("packing", "nproc"), [(True, 1), (False, 1), (True, 2)])
+@pytest.mark.parametrize(
+    ("packing", "nproc", "strategy"),
+    [(True, 1, "ddp"), (False, 1, "ddp"), (True, 2, "ddp"), (True, 2, "fsdp")],
+)
 def test_dpo_step_equals_independent_computation(
-    tiny_plain_model: Path, tmp_path: Path, packing: bool, nproc: int
+    tiny_plain_model: Path, tmp_path: Path, packing: bool, nproc: int, strategy: str
 ) -> None:
     """Loss, rewards and gradient of a step, packed (several pairs a row) and unpacked (one pair
-    a row), in 1 and 2 processes, equal the straightforward computation from full logits."""
+    a row), in 1 process and 2 (DDP and FSDP), equal the straightforward computation from full
+    logits."""
     rows = polite_pairs(6, seed=1)
     train = write_jsonl(tmp_path / "pairs.jsonl", rows)
     # One step holds every pair: its pair set is known whatever the shuffle.
-    spec = dpo_spec(tiny_plain_model, train, packing=packing, batch_size=8 // nproc)
+    spec = dpo_spec(
+        tiny_plain_model, train, packing=packing, batch_size=8 // nproc, strategy=strategy
+    )
     out = tmp_path / "out"
     if nproc == 1:
         sink = ListSink()
@@ -186,6 +192,7 @@ def test_dpo_step_equals_independent_computation(
         steps = [r for r in records if isinstance(r, Step)]
         manifest = json.loads((out / "manifest.json").read_text())
         assert manifest["world_size"] == 2 and manifest["effective_batch"] == 8
+        assert manifest["strategy"] == strategy
     first, second = steps[0], steps[1]
     assert first.train_loss == pytest.approx(0.69314718, abs=1e-5)  # policy == reference at 0
     numbers, grads = independent_dpo(tiny_plain_model, out / "checkpoints" / "step_1", rows, BETA)
@@ -224,6 +231,21 @@ def test_precomputed_reference_is_kept_and_resume_is_exact(
     on_the_fly, _ = run_inprocess(dpo_spec(tiny_plain_model, train, **common), tmp_path / "fly")
     assert full["final_train_loss"] == pytest.approx(on_the_fly["final_train_loss"], abs=1e-4)
     assert full["method"]["dpo"]["precompute_reference"] is True
+    # Two FSDP ranks precompute their shares of the table and train like the one process (the
+    # table's batches differ, so its sums round differently: 2e-5 seen after 4 steps at lr 2e-2).
+    sharded = spec.model_copy(
+        update={"training": spec.training.model_copy(update={"batch_size": 1, "strategy": "fsdp"})}
+    )
+    (tmp_path / "fsdp.json").write_text(sharded.model_dump_json())
+    group = launch(tmp_path / "fsdp.json", tmp_path / "fsdp", 2, work_dir=tmp_path / "work")
+    assert group.wait() == 0, group.log_tail()
+    adapter = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(str(tiny_plain_model)), str(tmp_path / "fsdp")
+    )
+    ranks = [p.detach().clone() for n, p in adapter.named_parameters() if "lora" in n]
+    assert (
+        max(float((a - b).abs().max()) for a, b in zip(weights["full"], ranks, strict=True)) < 1e-4
+    )
 
 
 def test_method_and_data_must_agree(tiny_plain_model: Path, tmp_path: Path) -> None:

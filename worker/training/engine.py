@@ -632,16 +632,19 @@ class LoraTrainer:
             self.event("reference log-probabilities restored from the checkpoint")
             return
         started = time.monotonic()
-        loss = cast(DpoLoss, self.loss_module)
+        loss = self.loss_module
         table = torch.zeros(self.rows.num_sequences, dtype=torch.float64, device=self.device)
         mine = np.arange(self.dist.rank, len(self.rows), self.dist.world_size)
         bs = self.spec.training.batch_size
         was_training = loss.training
         loss.eval()
-        for start in range(0, len(mine), bs):
+        # As many batches on every rank (a short rank's last ones empty), each through the
+        # module's forward: under FSDP every forward is a collective.
+        batches = math.ceil(math.ceil(len(self.rows) / self.dist.world_size) / bs)
+        for start in range(0, batches * bs, bs):
             inputs = self._collate(mine[start : start + bs], self.rows).to(self.device)
             with self._autocast():
-                logps = loss.reference_sequence_logps(**inputs)
+                logps, _ = loss(**inputs, reference_only=True)
             pair_ids = inputs["pair_ids"]
             both = (pair_ids[:, None] * 2 + torch.arange(2, device=self.device)).reshape(-1)
             table.index_copy_(0, both, logps.double())

@@ -339,7 +339,11 @@ class DpoLoss(CausalLMLoss):
         layout: SegmentLayout | None = None,
         target_index: torch.Tensor | None = None,
         reference_logps: torch.Tensor | None = None,
+        reference_only: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed loss, ``DPO_STATS`` sums); ``reference_only``: (the reference's sequence
+        log-probabilities, nothing), for precomputing them through the module's own forward
+        (under FSDP the forward is what gathers the root's parameters)."""
         inputs: dict[str, Any] = {
             "input_ids": input_ids,
             "targets": targets,
@@ -349,6 +353,9 @@ class DpoLoss(CausalLMLoss):
             "target_index": target_index,
         }
         pairs = pair_ids.numel()
+        if reference_only:
+            reference = self.reference_sequence_logps(target_sequence, pair_ids, **inputs)
+            return reference, reference.new_zeros(0)
         if reference_logps is None:
             # First, so its activations are gone before the policy's graph is built.
             reference_logps = self.reference_sequence_logps(target_sequence, pair_ids, **inputs)
