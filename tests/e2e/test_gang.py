@@ -43,7 +43,9 @@ from tests.e2e.live import (
 pytestmark = pytest.mark.xdist_group("gang-" + __name__)
 
 ROWS = chat_rows(48)
-BODY = {"max_steps": 32, "checkpoint_every_steps": 8, "batch_size": 2}
+# Enough steps that the second fault still finds the job running after the first resume (with
+# one thread per rank 32 steps sometimes ended before the test could freeze node 1).
+BODY = {"max_steps": 80, "checkpoint_every_steps": 8, "batch_size": 2}
 GANG = {
     "LORAFLEET_WORKER_PROCS": "1",
     "LORAFLEET_WORKER_ADDRESS": "127.0.0.1",
