@@ -274,7 +274,9 @@ async function fillFilePickers(selectTrain, selectValid) {
     const keep = chosen || select.value;
     select.querySelectorAll("option[value^='file-']").forEach((o) => o.remove());
     for (const f of page.data) {
-      select.append(el("option", { value: f.id }, `${f.filename} · ${f.rows} rows · ${f.format} · ${f.id}`));
+      const option = el("option", { value: f.id }, `${f.filename} · ${f.rows} rows · ${f.format} · ${f.id}`);
+      option.dataset.format = f.format;
+      select.append(option);
     }
     select.value = keep || "";
   }
@@ -334,6 +336,9 @@ function jobBody() {
   const body = { base_model: $("base-model").value, lora: {}, training: {} };
   const train = $("train-pick").value;
   if (train) body.training_file = train;
+  // Preference pairs train with DPO (method defaults to supervised, which refuses them).
+  const picked = $("train-pick").selectedOptions[0];
+  if (picked && picked.dataset.format === "preference") body.method = { type: "dpo" };
   const valid = $("valid-pick").value;
   if (valid) body.validation_file = valid;
   const suffix = $("suffix").value.trim();

@@ -196,3 +196,26 @@ def test_every_verb_help_shows_an_example(live: Deployment) -> None:
         assert "Example" in result.stdout and "lorafleet " + verb[0] in result.stdout, verb
     top = run(live, "--help")
     assert "Exit codes" in top.stdout
+
+
+def test_dpo_needs_pairs_and_pairs_need_dpo(live: Deployment, tmp_path: Path) -> None:
+    """The method and the file's format are checked before anything is uploaded; a preference
+    file with --method dpo (or a --config body's method) makes a DPO job."""
+    pairs = tmp_path / "pairs.jsonl"
+    rows = [{"prompt": f"{i}+1=", "chosen": f"{i + 1}", "rejected": f"{i}"} for i in range(4)]
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert_one_line_error(
+        run(live, "submit", str(pairs), "--base-model", "tiny"),
+        EXIT_INVALID,
+        "holds preference pairs; train them with --method dpo",
+    )
+    created = run(live, "submit", str(pairs), "--base-model", "tiny", "--method", "dpo", "--json")
+    assert created.returncode == 0, created.stderr
+    assert json.loads(created.stdout)["method"]["type"] == "dpo"
+    config = tmp_path / "job.json"
+    config.write_text(json.dumps({"method": {"type": "dpo", "dpo": {"beta": 0.3}}}))
+    configured = run(
+        live, "submit", str(pairs), "--base-model", "tiny", "--config", str(config), "--json"
+    )
+    assert configured.returncode == 0, configured.stderr
+    assert json.loads(configured.stdout)["method"]["dpo"]["beta"] == 0.3

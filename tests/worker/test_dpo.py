@@ -161,7 +161,12 @@ def assert_close(ours: list[torch.Tensor], theirs: list[torch.Tensor]) -> None:
 # ------------------------------------------------------------------------------------- tests
 @pytest.mark.parametrize(
     ("packing", "nproc", "strategy"),
-    [(True, 1, "ddp"), (False, 1, "ddp"), (True, 2, "ddp"), (True, 2, "fsdp")],
+    [
+        (True, 1, "ddp"),
+        (False, 1, "ddp"),
+        pytest.param(True, 2, "ddp", marks=pytest.mark.slow),
+        pytest.param(True, 2, "fsdp", marks=pytest.mark.slow),
+    ],
 )
 def test_dpo_step_equals_independent_computation(
     tiny_plain_model: Path, tmp_path: Path, packing: bool, nproc: int, strategy: str

@@ -188,9 +188,11 @@ class _GatherRows(torch.autograd.Function):
     token's real slot; a padding slot re-reads its segment's first token, and its gradient is
     exactly zero: under causal attention no real query sees it, and padded queries get no output
     gradient) and bucket slots -> tokens (``inverse`` = each slot's token, ``keep`` = the real
-    slots, since padded slots' outputs are dropped). On CPU the index_add of the plain backward
-    was the most expensive kernel of a training step (40% of it on the 5m model, torch 2.13);
-    a gather costs a few percent of that.
+    slots, since padded slots' outputs are dropped). Why: torch's CPU index_add (the plain
+    backward) on 3-D rows was up to 40% of a DPO step's profile with 2 threads on a loaded
+    2-core host (5m model, torch 2.13), 25x a gather of the same rows in isolation; with one
+    thread on the same host the attention's forward + backward measured ~10% faster this way
+    (noisy: min of 12 runs; bench/README.md).
     """
 
     @staticmethod
