@@ -12,7 +12,7 @@ import hashlib
 import tempfile
 from typing import IO
 
-from sqlalchemy import and_, or_, select
+from sqlalchemy import or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -20,6 +20,7 @@ from shared.datasets import PREFERENCE, DatasetError, Limits, summarize
 from shared.errors import Conflict, InvalidInput, NotFound, TooLarge
 from shared.ids import new_file_id
 from shared.models import File, Job
+from shared.services.paging import newest_first_page
 from shared.spec import JobSpec
 from shared.states import ACTIVE
 from shared.storage import Storage
@@ -193,19 +194,7 @@ def list_files(
     query = select(File).where(File.owner == owner)
     if purpose:
         query = query.where(File.purpose == purpose)
-    if after:
-        cursor = session.get(File, after)
-        if cursor is None or cursor.owner != owner:
-            raise InvalidInput(f"after {after!r} names no file of yours", param="after")
-        query = query.where(
-            or_(
-                File.created_at < cursor.created_at,
-                and_(File.created_at == cursor.created_at, File.id < cursor.id),
-            )
-        )
-    query = query.order_by(File.created_at.desc(), File.id.desc()).limit(limit + 1)
-    rows = list(session.scalars(query.execution_options(populate_existing=True)))
-    return rows[:limit], len(rows) > limit
+    return newest_first_page(session, File, query, owner, after, limit, "file")
 
 
 def delete_file(session: Session, storage: Storage, owner: str, file_id: str) -> File:

@@ -15,7 +15,7 @@ from datetime import datetime
 from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy import and_, delete, func, or_, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -28,6 +28,7 @@ from shared.routing import requirements
 from shared.services.files import check_method_fits_file
 from shared.services.fleet import check_job_fits, model_info, with_default_targets, with_nodes
 from shared.services.init_adapters import check_init_adapter
+from shared.services.paging import newest_first_page
 from shared.services.transitions import rowcount, transition
 from shared.spec import JobSpec
 from shared.states import ACTIVE, CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED
@@ -187,19 +188,7 @@ def list_jobs(
     query = select(Job).where(Job.owner == owner, Job.deleted_at.is_(None))
     if status:
         query = query.where(Job.status == status)
-    if after:
-        cursor = session.get(Job, after, populate_existing=True)
-        if cursor is None or cursor.owner != owner:
-            raise InvalidInput(f"after {after!r} names no job of yours", param="after")
-        query = query.where(
-            or_(
-                Job.created_at < cursor.created_at,
-                and_(Job.created_at == cursor.created_at, Job.id < cursor.id),
-            )
-        )
-    query = query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
-    rows = list(session.scalars(query.execution_options(populate_existing=True)))
-    return rows[:limit], len(rows) > limit
+    return newest_first_page(session, Job, query, owner, after, limit, "job")
 
 
 def cancel_job(session: Session, owner: str, job_id: str) -> Job:
