@@ -262,24 +262,35 @@ async function buildForm() {
 }
 
 let filePickerFill = 0;
+let latestFilePickerFill = Promise.resolve();
+const wantedPick = {};
 
-async function fillFilePickers(selectTrain, selectValid) {
-  // Fills may overlap (view opened while an upload finishes): only the newest answer is applied,
-  // so a stale list can never drop a just-uploaded file and leave its picker without a selection.
+function fillFilePickers(selectTrain, selectValid) {
+  // Fills may overlap (the form opening while an upload finishes): only the newest answer is
+  // applied, and it selects every file an upload asked for, even one an older, superseded fill
+  // was started for. A superseded fill resolves when the newest one has applied.
+  if (selectTrain) wantedPick["train-pick"] = selectTrain;
+  if (selectValid) wantedPick["valid-pick"] = selectValid;
   const mine = ++filePickerFill;
-  const page = await getJson("/files?limit=200");
-  if (mine !== filePickerFill) return;
-  for (const [id, chosen] of [["train-pick", selectTrain], ["valid-pick", selectValid]]) {
-    const select = $(id);
-    const keep = chosen || select.value;
-    select.querySelectorAll("option[value^='file-']").forEach((o) => o.remove());
-    for (const f of page.data) {
-      const option = el("option", { value: f.id }, `${f.filename} · ${f.rows} rows · ${f.format} · ${f.id}`);
-      option.dataset.format = f.format;
-      select.append(option);
+  const fill = (async () => {
+    const page = await getJson("/files?limit=200");
+    if (mine !== filePickerFill) return latestFilePickerFill;
+    for (const id of ["train-pick", "valid-pick"]) {
+      const select = $(id);
+      const keep = wantedPick[id] || select.value;
+      delete wantedPick[id];
+      select.querySelectorAll("option[value^='file-']").forEach((o) => o.remove());
+      for (const f of page.data) {
+        const option = el("option", { value: f.id }, `${f.filename} · ${f.rows} rows · ${f.format} · ${f.id}`);
+        option.dataset.format = f.format;
+        select.append(option);
+      }
+      select.value = keep || "";
+      if (select.selectedIndex < 0) select.value = "";
     }
-    select.value = keep || "";
-  }
+  })();
+  latestFilePickerFill = fill;
+  return fill;
 }
 
 async function fillModels() {
@@ -322,7 +333,6 @@ async function uploadInto(input, selectId, purpose) {
     const record = await (await api("/files", { method: "POST", body: form })).json();
     await fillFilePickers(selectId === "train-pick" ? record.id : null,
       selectId === "valid-pick" ? record.id : null);
-    $(selectId).value = record.id;
     $("new-error").textContent = "";
     scheduleEstimate();
   } catch (error) {
@@ -422,8 +432,10 @@ async function openNewJob(from) {
 function prefill(job) {
   $("base-model").value = job.base_model;
   describeModel();
-  $("train-pick").value = job.training_file || "";
-  $("valid-pick").value = job.validation_file || "";
+  for (const [id, file] of [["train-pick", job.training_file], ["valid-pick", job.validation_file]]) {
+    $(id).value = file || "";
+    if ($(id).selectedIndex < 0) $(id).value = ""; // the file was deleted since
+  }
   $("suffix").value = job.suffix || "";
   for (const input of document.querySelectorAll("#new-job [data-block]")) {
     const value = (job[input.dataset.block] || {})[input.dataset.name];

@@ -92,17 +92,13 @@ def test_create_job_in_the_page_watch_it_finish_download(
 
     browser.find_element(By.ID, "train-upload").send_keys(str(train))
     wait_for(
-        lambda: Select(
-            browser.find_element(By.ID, "train-pick")
-        ).first_selected_option.get_attribute("value"),
+        lambda: browser.find_element(By.ID, "train-pick").get_attribute("value"),
         timeout=30,
         what="the uploaded training file to be picked",
     )
     browser.find_element(By.ID, "valid-upload").send_keys(str(valid))
     wait_for(
-        lambda: Select(
-            browser.find_element(By.ID, "valid-pick")
-        ).first_selected_option.get_attribute("value"),
+        lambda: browser.find_element(By.ID, "valid-pick").get_attribute("value"),
         timeout=30,
         what="the uploaded validation file to be picked",
     )
@@ -257,12 +253,7 @@ def test_failed_job_shows_cause_logs_and_clone(live: Live, browser: Any) -> None
     browser.find_element(By.ID, "clone-job").click()
     wait_for(lambda: visible(browser, "new-view"), timeout=10, what="the prefilled form")
     wait_for(
-        lambda: (
-            Select(browser.find_element(By.ID, "train-pick")).first_selected_option.get_attribute(
-                "value"
-            )
-            == file_id
-        ),
+        lambda: browser.find_element(By.ID, "train-pick").get_attribute("value") == file_id,
         timeout=20,
         what="the training file prefilled",
     )
