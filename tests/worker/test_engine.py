@@ -207,6 +207,21 @@ def test_epochs_run_whole_when_no_max_steps(tiny_model: Path, tmp_path: Path) ->
     assert manifest["steps"] == 2 * 4  # ceil(10 / 3) steps per epoch
 
 
+def test_adapters_name_the_base_publicly(tiny_model: Path, chat_file: Path, tmp_path: Path) -> None:
+    """Checkpoints and the final adapter are served and downloaded: their ``adapter_config.json``
+    names the job's base model, never the folder this worker loaded it from."""
+    spec = make_spec(tiny_model, chat_file, max_steps=2, checkpoint_every_steps=1)
+    spec = spec.model_copy(update={"base_model": "acme/tiny-public"})
+    out = tmp_path / "out"
+    trainer = LoraTrainer(spec, TrainPaths(model=str(tiny_model), output_dir=out))
+    trainer.setup()
+    trainer.train()
+    trainer.cleanup()
+    for folder in (out, out / "checkpoints" / "step_1"):
+        config = json.loads((folder / "adapter_config.json").read_text())
+        assert config["base_model_name_or_path"] == "acme/tiny-public", folder
+
+
 def test_resume_is_step_exact(tiny_model: Path, chat_file: Path, tmp_path: Path) -> None:
     """Interrupted at step 3 and resumed == uninterrupted, dropout and token count included; the
     resumed attempt reuses the prepared data."""

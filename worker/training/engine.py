@@ -103,7 +103,7 @@ from worker.training.model import (
     load_tokenizer,
     with_default_targets,
 )
-from worker.training.model_card import finish_adapter
+from worker.training.model_card import finish_adapter, name_base_publicly
 from worker.training.sharding import (
     device_mesh,
     empty_model,
@@ -893,6 +893,7 @@ class LoraTrainer:
             tmp = root / f".step_{step}.tmp-{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)
             self.peft_model.save_pretrained(str(tmp), state_dict=adapter)
+            name_base_publicly(tmp, self.spec.base_model)
             # No RNG state: dropout is re-seeded from (seed, step, rank) at every step, and the
             # data order is a pure function of (seed, epoch), so a resume replays exactly.
             torch.save(

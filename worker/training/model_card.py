@@ -19,7 +19,7 @@ from typing import Any
 
 from worker.training.manifest import MANIFEST, write_manifest
 
-__all__ = ["finish_adapter", "render_card"]
+__all__ = ["finish_adapter", "name_base_publicly", "render_card"]
 
 VLLM_DEFAULT_MAX_LORA_RANK = 16
 
@@ -120,17 +120,23 @@ then request `"model": "adapter"`.
 """
 
 
+def name_base_publicly(adapter_dir: Path, name: str | None) -> None:
+    """Point ``adapter_config.json``'s ``base_model_name_or_path`` at the job's model name instead
+    of the folder this worker loaded it from (checkpoints are served and downloaded too)."""
+    config_path = adapter_dir / "adapter_config.json"
+    if not name or not config_path.is_file():
+        return
+    config = json.loads(config_path.read_text())
+    config["base_model_name_or_path"] = name
+    tmp = adapter_dir / ".adapter_config.json.tmp"
+    tmp.write_text(json.dumps(config, indent=2, sort_keys=True))
+    os.replace(tmp, config_path)
+
+
 def finish_adapter(out_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     """Write the card, name the base publicly in ``adapter_config.json``; returns the manifest
     rewritten over the final files."""
-    name = (manifest.get("base_model") or {}).get("name")
-    config_path = out_dir / "adapter_config.json"
-    if name and config_path.is_file():
-        config = json.loads(config_path.read_text())
-        config["base_model_name_or_path"] = name
-        tmp = out_dir / ".adapter_config.json.tmp"
-        tmp.write_text(json.dumps(config, indent=2, sort_keys=True))
-        os.replace(tmp, config_path)
+    name_base_publicly(out_dir, (manifest.get("base_model") or {}).get("name"))
     card = out_dir / "README.md"
     tmp = out_dir / ".README.md.tmp"
     tmp.write_text(render_card(manifest))
