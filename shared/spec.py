@@ -105,7 +105,8 @@ class TrainingSettings(BaseModel):
         max_length=4096,
         description="Start from an earlier adapter instead of a fresh LoRA (SFT then DPO, or "
         "more training): a succeeded job id of yours (`ftjob-...`), its `fine_tuned_model`, or "
-        "one of its checkpoint names (`...:ckpt-step-N`); with `lorafleet train`, a local "
+        "a committed checkpoint name of any job of yours (`...:ckpt-step-N`); with `lorafleet "
+        "train`, a local "
         "adapter folder. Its lora r, alpha and target_modules must equal this job's; the "
         "manifest records the parent and its adapter's sha256.",
     )

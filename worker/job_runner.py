@@ -378,14 +378,14 @@ class JobRunner:
         with session_scope() as session:
             owner = session.get(Job, self.job_id).owner  # type: ignore[union-attr]
             try:
-                _, source = find_adapter(session, owner, reference)
+                source = find_adapter(session, owner, reference).adapter
             except InvalidInput as exc:  # deleted (or gone) since the job was submitted
                 raise InputError(exc.message) from None
         folder = self.work / "inputs" / "init_adapter"
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
         wanted = ("adapter_config.json", "adapter_model.safetensors")
-        if source.tarball:
+        if source.layout == "archive":
             blob = self.work / "inputs" / "init_adapter.tar.gz"
             self.storage.get_file(source.key, blob)
             with tarfile.open(blob) as tar:

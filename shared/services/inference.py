@@ -31,6 +31,7 @@ from shared.config import Settings
 from shared.errors import Conflict, NotFound
 from shared.model_names import parse_model_name
 from shared.models import InferenceServer, Job, utcnow
+from shared.services.adapters import Adapter, AdapterUnavailable, is_adapter_name, locate_adapter
 from shared.services.base_models import list_base_models
 from shared.services.checkpoints import get_checkpoint
 from shared.services.fleet import locate_base_model, stale_after
@@ -65,16 +66,6 @@ __all__ = [
     "resolve_model",
     "route_request",
 ]
-
-
-@dataclass(frozen=True)
-class Adapter:
-    """Where an adapter lives in storage and how to check it."""
-
-    id: str  # job id, or ``<job id>-step-<N>`` for a checkpoint
-    key: str
-    sha256: str
-    layout: str  # "archive" (the final .tar.gz) or "folder" (a checkpoint's loose files)
 
 
 @dataclass(frozen=True)
@@ -117,10 +108,10 @@ def resolve_model(session: Session, owner: str, name: str, settings: Settings) -
     """The base model and adapter ``name`` means for ``owner``.
 
     ``model_not_found`` (404) for an unknown name or another owner's model; Conflict (409,
-    ``model_not_ready``) for a job that has not succeeded yet.
+    ``model_not_ready``) for a job that has not succeeded yet. Adapter names follow
+    ``shared.services.adapters`` (the same rules as ``training.init_adapter``).
     """
-    ref = parse_model_name(name)
-    if ref is None:
+    if not is_adapter_name(name):
         try:
             where = locate_base_model(name, settings)
         except ValueError:
@@ -131,32 +122,12 @@ def resolve_model(session: Session, owner: str, name: str, settings: Settings) -
             raise _not_found(name, "does not exist (GET /v1/models lists yours)")
         return Target(name, name, None)
     try:
-        job = get_job(session, owner, ref.job_id)
-    except NotFound:
-        raise _not_found(name, "does not exist or is not yours") from None
-    if job.deleted_at is not None:
-        raise _not_found(name, f"was deleted with job {job.id}")
-    if ref.step is not None:
-        try:
-            checkpoint = get_checkpoint(session, owner, job.id, ref.step)
-        except NotFound:
-            raise _not_found(name, f"names no checkpoint of job {job.id}") from None
-        if not checkpoint.sha256:
-            raise _not_found(name, "has no recorded checksum; it cannot be served")
-        adapter = Adapter(
-            f"{job.id}-step-{ref.step}", checkpoint.storage_key, checkpoint.sha256, "folder"
-        )
-        return Target(name, job.base_model, adapter)
-    if job.status != SUCCEEDED.value or not job.adapter_key or not job.adapter_sha256:
-        raise Conflict(
-            f"job {job.id} is {job.status}; its model can be called once the job has succeeded "
-            "(a checkpoint name from /v1/fine_tuning/jobs/{id}/checkpoints works before that)",
-            param="model",
-            code="model_not_ready",
-        )
-    return Target(
-        name, job.base_model, Adapter(job.id, job.adapter_key, job.adapter_sha256, "archive")
-    )
+        found = locate_adapter(session, owner, name)
+    except AdapterUnavailable as exc:
+        if exc.reason == "not_ready":
+            raise Conflict(exc.message, param="model", code="model_not_ready") from None
+        raise _not_found(name, f"is not available: {exc.message}") from None
+    return Target(name, found.job.base_model, found.adapter)
 
 
 @dataclass(frozen=True)
