@@ -32,6 +32,7 @@ import shutil
 import tarfile
 import tempfile
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -99,6 +100,7 @@ class AdapterStore:
         self._locks: dict[str, threading.Lock] = {}
         self._pins: Counter[str] = Counter()
         self._guard = threading.Lock()
+        self._clock = 0  # the last mtime written (ns)
         self.downloads = 0  # adapters fetched from storage (the rest came from the cache)
         self.evictions = 0  # adapter folders deleted to keep the bound
 
@@ -138,7 +140,7 @@ class AdapterStore:
         final = self.cache_dir / adapter.sha256
         with self._lock(adapter.sha256):
             if _complete(final):
-                os.utime(final)  # most recently used
+                self._touch(final)
                 return final
             if final.exists():  # not written by this code (renames are whole): never trust it
                 tomb = self._bury(final)
@@ -158,12 +160,19 @@ class AdapterStore:
                 if missing:
                     raise AdapterCorrupt(f"adapter {adapter.id} has no {missing[0]}")
                 folder.rename(final)
-                os.utime(final)
+                self._touch(final)
                 self.downloads += 1
             finally:
                 shutil.rmtree(work, ignore_errors=True)
             self._evict(adapter)
         return final
+
+    def _touch(self, folder: Path) -> None:
+        """Mark ``folder`` the most recently used: its mtime, strictly after the last one this
+        store wrote (two fetches within the clock's resolution keep their order)."""
+        with self._guard:
+            self._clock = max(time.time_ns(), self._clock + 1)
+            os.utime(folder, ns=(self._clock, self._clock))
 
     def _entries(self) -> list[tuple[float, int, str]]:
         """(last use, bytes, sha256) of every cached adapter."""
