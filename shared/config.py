@@ -152,6 +152,13 @@ class Settings(BaseSettings):
     inference_max_adapters: int = Field(
         64, ge=1, le=10_000, description="Adapters kept attached per base model (LRU)."
     )
+    inference_adapter_cache_bytes: int = Field(
+        10 * 1024**3,
+        ge=1,
+        description="Disk the inference server's adapter cache may take (bytes); the least "
+        "recently used adapters are deleted past it (never one in use), and fetched again when "
+        "asked for.",
+    )
     inference_dtype: str = Field(
         "auto",
         pattern="^(auto|float32|bfloat16|float16)$",

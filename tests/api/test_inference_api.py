@@ -358,6 +358,8 @@ def test_twenty_concurrent_streams_each_get_their_own_answer(
             what="the server's heartbeat",
         )
     assert held[0]["url"] == server[1] and held[0]["status"] in ("idle", "busy")
+    health = httpx.get(server[1] + "/healthz", timeout=10).json()
+    assert health["adapter_cache_count"] >= 2 and health["adapter_cache_bytes"] > 0  # on disk
 
 
 def test_a_corrupt_adapter_is_refused_and_the_server_carries_on(

@@ -291,6 +291,7 @@ def test_base_models_and_adapters_are_evicted_least_recently_used(
             assert out.error is None
             assert out.text == first.setdefault(adapter, out.text)
         assert engine.held() == (["tiny"], 2)
+        assert engine.in_use() == {adapters[2], adapters[0]}  # what the adapter cache keeps
         plain = completion_prompt_ids(AutoTokenizer.from_pretrained(tiny_plain_model), "Hello")
         req, out = request(tiny_plain_model, plain, n=4)
         run_until_done(engine, [req])
@@ -298,5 +299,6 @@ def test_base_models_and_adapters_are_evicted_least_recently_used(
         req, out = request(tiny_model, prompt, adapters[1], n=6)
         run_until_done(engine, [req])
         assert out.text == first[adapters[1]] and engine.held() == (["tiny"], 1)
+        assert engine.in_use() == {adapters[1]}
     finally:
         engine.stop()

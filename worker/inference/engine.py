@@ -427,6 +427,7 @@ class Engine:
         self._tokenizers: dict[str, tuple[Any, int | None]] = {}
         self._tokenizer_lock = threading.Lock()
         self._pending: list[Request] = []
+        self._taken: list[Request] = []  # taken from _pending, their adapters not attached yet
         self._wake = threading.Condition()
         self._stopping = False
         self.active_rows = 0
@@ -450,6 +451,16 @@ class Engine:
         with self._models_lock:
             loaded = list(self.models.values())
         return [m.name for m in loaded], sum(len(m.adapters) for m in loaded)
+
+    def in_use(self) -> set[Path]:
+        """The adapter folders the engine still needs (any thread): those of queued requests, of
+        requests being attached, and of attached adapters. The adapter cache never evicts them
+        (``AdapterStore(in_use=engine.in_use)``)."""
+        with self._wake:
+            requests = self._pending + self._taken
+        with self._models_lock:
+            attached = [path for m in self.models.values() for path in m.adapters.values()]
+        return {r.adapter_path for r in requests if r.adapter_path is not None} | set(attached)
 
     def memory(self) -> dict[str, int]:
         """Resident and peak memory of this process (bytes); the device's when it is a GPU."""
@@ -500,7 +511,13 @@ class Engine:
             base = base or self._pending[0].base_model
             taken = [r for r in self._pending if r.base_model == base][:room]
             self._pending = [r for r in self._pending if r not in taken]
+            self._taken = taken
             return taken
+
+    def _attached(self) -> None:
+        """The requests last taken are attached (or failed): ``in_use`` no longer names them."""
+        with self._wake:
+            self._taken = []
 
     def _others_waiting(self, base: str) -> bool:
         with self._wake:
@@ -530,12 +547,14 @@ class Engine:
             log.exception("loading %s failed", base)
             for request in requests:
                 request.sink.fail(f"base model {base} could not be loaded: {exc}")
+            self._attached()
             return
         batch = _Batch(loaded, self.device)
         incoming = requests
         try:
             while True:
                 rows = self._rows(loaded, incoming, batch)
+                self._attached()
                 if rows:
                     batch.admit(rows)
                 if not batch.rows:
@@ -556,6 +575,7 @@ class Engine:
                 request.sink.fail(f"decoding failed: {type(exc).__name__}: {exc}")
         finally:
             self.active_rows = 0
+            self._attached()
 
     def _rows(self, loaded: Loaded, requests: list[Request], batch: _Batch) -> list[_Row]:
         """Rows for ``requests`` whose adapter attaches (the others fail alone)."""
@@ -611,13 +631,15 @@ class Engine:
         assert request.adapter is not None and request.adapter_path is not None
         name = peft_name(request.adapter)
         if request.adapter in loaded.adapters:
-            loaded.adapters.move_to_end(request.adapter)
+            with self._models_lock:
+                loaded.adapters.move_to_end(request.adapter)
             return
         while len(loaded.adapters) >= self.max_adapters:
             victim = next((a for a in loaded.adapters if a not in busy), None)
             if victim is None:
                 break
-            del loaded.adapters[victim]
+            with self._models_lock:  # in_use() reads the attached adapters from other threads
+                del loaded.adapters[victim]
             loaded.model.delete_adapter(peft_name(victim))
             if loaded.active == peft_name(victim):
                 loaded.active = None  # peft activated another one: set it again when needed
@@ -630,7 +652,8 @@ class Engine:
             loaded.active = name
         loaded.model.eval()
         loaded.hook_new_layers()
-        loaded.adapters[request.adapter] = request.adapter_path
+        with self._models_lock:
+            loaded.adapters[request.adapter] = request.adapter_path
 
 
 def run_until_done(engine: Engine, requests: list[Request], timeout: float = 300) -> None:

@@ -123,7 +123,10 @@ def serve(host: str, port: int | None, advertise_url: str | None = None) -> None
     url = (advertise_url or advertised_url(host, bound)).rstrip("/")
     engine = make_engine(settings).start()
     store = AdapterStore(
-        storage_from_settings(settings), settings.data_dir.resolve() / "inference" / "adapters"
+        storage_from_settings(settings),
+        settings.data_dir.resolve() / "inference" / "adapters",
+        max_bytes=settings.inference_adapter_cache_bytes,
+        in_use=engine.in_use,
     )
     token = settings.inference_api_key or secrets.token_urlsafe(32)
     app = create_app(engine, store, settings, token)

@@ -6,9 +6,10 @@ sha256); the body stays OpenAI's own. Every request needs the bearer token this 
 registered, so tenancy is the API's to decide: nobody reaches an adapter around it.
 
 Per request, in a worker thread: render the prompt exactly as training does
-(``worker.training.data``), fetch and verify the adapter (``adapters.AdapterStore``); then the
-engine thread decodes it with whatever else is running (``engine.Engine``), and the answer goes
-back whole or as server-sent events.
+(``worker.training.data``), fetch and verify the adapter (``adapters.AdapterStore``) and queue it,
+the adapter pinned in the cache until the engine holds it; then the engine thread decodes it with
+whatever else is running (``engine.Engine``), and the answer goes back whole or as server-sent
+events.
 """
 
 from __future__ import annotations
@@ -174,10 +175,17 @@ def create_app(engine: Engine, store: AdapterStore, settings: Settings, token: s
 
     secured = [Depends(authorise)]
 
-    def prepare(
-        headers: Any, model: str, render: Callable[[Any], list[int]], field: str, params: Any
+    def submit(
+        headers: Any,
+        model: str,
+        render: Callable[[Any], list[int]],
+        field: str,
+        params: Any,
+        sink: Sink,
     ) -> Job:
-        """Resolve the base model, render the prompt, fetch the adapter (a worker thread)."""
+        """Resolve the base model, render the prompt, fetch the adapter and queue the request
+        (a worker thread). The adapter stays pinned in the cache until the engine has the
+        request, which from then on keeps it from eviction itself (``Engine.in_use``)."""
         base = headers.get(registry.HEADER_BASE) or model
         try:
             where = locate_base_model(base, settings)
@@ -207,32 +215,36 @@ def create_app(engine: Engine, store: AdapterStore, settings: Settings, token: s
                 "context_length_exceeded",
                 field,
             )
-        job = Job(base, str(where), prompt, params, Sink())  # the sink is set by answer()
+        job = Job(base, str(where), prompt, params, sink)
         adapter_id = headers.get(registry.HEADER_ADAPTER)
-        if adapter_id:
-            adapter = registry.Adapter(
-                adapter_id,
-                headers.get(registry.HEADER_KEY, ""),
-                headers.get(registry.HEADER_SHA, ""),
-                headers.get(registry.HEADER_LAYOUT, "archive"),
-            )
-            try:
-                job.adapter_path = store.fetch(adapter)
-            except AdapterMissing as exc:
-                raise ApiError(404, str(exc), "model_not_found", "model") from None
-            except AdapterCorrupt as exc:
-                raise ApiError(500, str(exc), "adapter_corrupt", "model") from None
-            except AdapterError as exc:
-                raise ApiError(500, str(exc), "adapter_unavailable", "model") from None
-            job.adapter = adapter_id
+        if not adapter_id:
+            engine.submit(job)
+            return job
+        adapter = registry.Adapter(
+            adapter_id,
+            headers.get(registry.HEADER_KEY, ""),
+            headers.get(registry.HEADER_SHA, ""),
+            headers.get(registry.HEADER_LAYOUT, "archive"),
+        )
+        try:
+            with store.use(adapter) as path:
+                job.adapter, job.adapter_path = adapter_id, path
+                engine.submit(job)
+        except AdapterMissing as exc:
+            raise ApiError(404, str(exc), "model_not_found", "model") from None
+        except AdapterCorrupt as exc:
+            raise ApiError(500, str(exc), "adapter_corrupt", "model") from None
+        except AdapterError as exc:
+            raise ApiError(500, str(exc), "adapter_unavailable", "model") from None
         return job
 
-    async def answer(job: Job, body: Any, chat: bool) -> Any:
+    def queue_sink(body: Any) -> QueueSink:
         sink = QueueSink(asyncio.get_running_loop())
         sink.streaming = bool(body.stream)
-        job.sink = sink
+        return sink
+
+    async def answer(job: Job, sink: QueueSink, body: Any, chat: bool) -> Any:
         shapes = Shapes(chat, body.model)
-        engine.submit(job)
         if not body.stream:
             parts: list[str] = []
             while True:
@@ -252,28 +264,32 @@ def create_app(engine: Engine, store: AdapterStore, settings: Settings, token: s
     @app.post("/v1/chat/completions", dependencies=secured)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
         messages = body.conversation()
+        sink = queue_sink(body)
         job = await run_in_threadpool(
-            prepare,
+            submit,
             request.headers,
             body.model,
             lambda tokenizer: generation_prompt_ids(tokenizer, messages),
             "messages",
             body.params(settings.inference_max_tokens),
+            sink,
         )
-        return await answer(job, body, chat=True)
+        return await answer(job, sink, body, chat=True)
 
     @app.post("/v1/completions", dependencies=secured)
     async def completions(body: CompletionRequest, request: Request) -> Any:
         text = body.text()
+        sink = queue_sink(body)
         job = await run_in_threadpool(
-            prepare,
+            submit,
             request.headers,
             body.model,
             lambda tokenizer: completion_prompt_ids(tokenizer, text),
             "prompt",
             body.params(settings.inference_max_tokens),
+            sink,
         )
-        return await answer(job, body, chat=False)
+        return await answer(job, sink, body, chat=False)
 
     @app.get("/v1/models", dependencies=secured)
     def models() -> dict[str, Any]:
@@ -287,9 +303,18 @@ def create_app(engine: Engine, store: AdapterStore, settings: Settings, token: s
 
     @app.get("/healthz")
     def healthz() -> dict[str, Any]:
-        """Liveness, what is loaded, and memory (resident and peak; the GPU's when there is one)."""
+        """Liveness, what is loaded, memory (resident and peak; the GPU's when there is one) and
+        the adapter cache on disk."""
         names, adapters = engine.held()
-        return {"status": "ok", "base_models": names, "adapters": adapters, **engine.memory()}
+        cache_bytes, cached = store.usage()
+        return {
+            "status": "ok",
+            "base_models": names,
+            "adapters": adapters,
+            **engine.memory(),
+            "adapter_cache_bytes": cache_bytes,
+            "adapter_cache_count": cached,
+        }
 
     return app
 
