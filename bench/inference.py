@@ -85,7 +85,8 @@ def make_adapters(base: Path, out: Path, count: int) -> list[Path]:
 
 def store_adapter(storage: Any, folder: Path, job_id: str) -> dict[str, str]:
     """Upload as the worker uploads a finished job; the headers a request for it carries."""
-    from worker.job_runner import adapter_key, make_adapter_tarball
+    from worker.adapter_files import make_adapter_tarball
+    from worker.job_runner import adapter_key
 
     tarball = folder.parent / f"{folder.name}.tar.gz"
     sha, _ = make_adapter_tarball(folder, tarball)

@@ -15,12 +15,10 @@ costs nothing, not even an attempt.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
 import re
 import shutil
-import tarfile
 import threading
 import time
 from collections.abc import Callable
@@ -42,6 +40,7 @@ from shared.services.runs import Lease, LeaseLost
 from shared.spec import JobSpec
 from shared.storage import Storage, storage_from_url
 from worker import fleet
+from worker.adapter_files import AdapterError, download_adapter, folder_digest, make_adapter_tarball
 from worker.host_memory import oom_kills
 from worker.training import events
 from worker.training.checkpoints import CheckpointPolicy
@@ -51,7 +50,6 @@ from worker.training.run import MemoryGuard, Outcome, RunResult, StopRequest, Tr
 
 log = logging.getLogger("lorafleet.runner")
 
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "manifest.json", "README.md")
 LOG_KEEP_BYTES = 1024 * 1024  # per rank: the end of a log is what explains a failure
 DISK_FULL_BYTES = 16 * 1024 * 1024  # less free than this under the work dir: "disk full"
 T = TypeVar("T")
@@ -77,28 +75,6 @@ def job_cache_dir(data_dir: Path, job_id: str) -> Path:
     """``cache/<job>``: data prepared once per job (tokenised, packed), reused by every attempt
     on this host and shared by its ranks; removed when an attempt here ends the job."""
     return data_dir.resolve() / "cache" / job_id
-
-
-def folder_digest(folder: Path) -> str:
-    """sha256 over (name, content) of every file of a checkpoint folder, in name order."""
-    digest = hashlib.sha256()
-    for item in sorted(p for p in folder.iterdir() if p.is_file()):
-        digest.update(item.name.encode() + b"\0")
-        with open(item, "rb") as stream:
-            while chunk := stream.read(1 << 20):
-                digest.update(chunk)
-        digest.update(b"\0")
-    return digest.hexdigest()
-
-
-def make_adapter_tarball(folder: Path, dest: Path) -> tuple[str, int]:
-    """A .tar.gz of the peft folder (+ manifest) with a top-level ``adapter/`` directory."""
-    with tarfile.open(dest, "w:gz") as tar:
-        for name in ADAPTER_FILES:
-            if (folder / name).exists():
-                tar.add(folder / name, arcname=f"adapter/{name}")
-    digest = hashlib.sha256(dest.read_bytes()).hexdigest()
-    return digest, dest.stat().st_size
 
 
 class LeaseKeeper(threading.Thread):
@@ -371,7 +347,8 @@ class JobRunner:
     # ------------------------------------------------------------------ inputs
     def _fetch_init_adapter(self, spec: JobSpec) -> Path | None:
         """``training.init_adapter``: the parent's adapter (final or checkpoint) in a local
-        folder, the two peft files only (what the engine loads)."""
+        folder, verified against the digest recorded when it was stored (the same download and
+        check the inference server uses)."""
         reference = spec.training.init_adapter
         if reference is None:
             return None
@@ -381,25 +358,17 @@ class JobRunner:
                 source = find_adapter(session, owner, reference).adapter
             except InvalidInput as exc:  # deleted (or gone) since the job was submitted
                 raise InputError(exc.message) from None
+        scratch = self.work / "inputs" / "init_adapter.download"
         folder = self.work / "inputs" / "init_adapter"
-        shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir(parents=True)
-        wanted = ("adapter_config.json", "adapter_model.safetensors")
-        if source.layout == "archive":
-            blob = self.work / "inputs" / "init_adapter.tar.gz"
-            self.storage.get_file(source.key, blob)
-            with tarfile.open(blob) as tar:
-                for member in tar.getmembers():
-                    name = member.name.rsplit("/", 1)[-1]
-                    if member.isfile() and name in wanted:
-                        stream = tar.extractfile(member)
-                        assert stream is not None
-                        (folder / name).write_bytes(stream.read())
-        else:
-            for name in wanted:
-                self.storage.get_file(source.key + name, folder / name)
-        if not all((folder / name).is_file() for name in wanted):
-            raise InputError(f"training.init_adapter {reference}: its adapter files are missing")
+        for path in (scratch, folder):
+            shutil.rmtree(path, ignore_errors=True)
+            path.mkdir(parents=True)
+        try:
+            download_adapter(self.storage, source, folder, scratch)
+        except AdapterError as exc:
+            raise InputError(f"training.init_adapter {reference}: {exc}") from None
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
         return folder
 
     def _fetch_inputs(self, spec: JobSpec) -> tuple[JobSpec, str]:

@@ -14,9 +14,9 @@ import pytest
 from shared.inference_shapes import GenerationParams
 from shared.services.inference import Adapter
 from shared.storage import LocalStorage
-from worker.inference.adapters import AdapterCorrupt, AdapterMissing, AdapterStore
+from worker.adapter_files import AdapterCorrupt, AdapterMissing, folder_digest, make_adapter_tarball
+from worker.inference.adapters import AdapterStore
 from worker.inference.engine import Engine, Request, Sink
-from worker.job_runner import folder_digest, make_adapter_tarball
 from worker.training.manifest import write_manifest
 
 

@@ -9,13 +9,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 from sqlalchemy.orm import Session
 
 from shared.config import Settings
+from shared.model_names import checkpoint_model_name
 from shared.services import jobs, runs
 from shared.services.runs import Lease
+from shared.spec import JobSpec
 from shared.storage import Storage
-from worker.job_runner import JobRunner, _Upload, attempt_dir
+from worker.job_runner import InputError, JobRunner, _Upload, attempt_dir
 
 
 def _checkpoint(folder: Path, step: int) -> Path:
@@ -78,3 +81,38 @@ def test_a_stale_upload_is_never_committed(
     assert runs.committed_checkpoints(session, job.id) == []
     assert storage.list(f"jobs/{job.id}/checkpoints/") == []  # its objects were removed
     assert attempt_dir(settings.data_dir, live).name == "w2-2"
+
+
+def test_init_adapter_is_fetched_verified(
+    session: Session,
+    settings: Settings,
+    storage: Storage,
+    make_job: Callable[..., Any],
+    tmp_path: Path,
+) -> None:
+    """A job starting from an earlier job's checkpoint gets its peft files only after the digest
+    recorded at commit matches (the inference server's own check); a torn one is refused with
+    the field named, not loaded."""
+    parent = make_job()
+    runner = JobRunner(_claim(session, parent.id, "w1"), 1, settings)
+    folder = _checkpoint(tmp_path / "s4", 4)
+    (folder / "adapter_config.json").write_text(json.dumps({"r": 8}))
+    runner.outbox.uploads.append(_Upload(4, folder, {}))
+    assert runner.outbox.pump(force=True)
+    name = checkpoint_model_name("tiny", "alice", None, parent.id, 4)
+    child = make_job(training={"max_steps": 2, "init_adapter": name})
+    spec = JobSpec.model_validate(child.spec)
+    starter = JobRunner(_claim(session, child.id, "w2"), 1, settings)
+    starter.work.mkdir(parents=True)
+    fetched = starter._fetch_init_adapter(spec)
+    assert fetched is not None
+    assert sorted(p.name for p in fetched.iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
+    assert (fetched / "adapter_model.safetensors").read_bytes() == bytes([4]) * 1000
+    row = runs.committed_checkpoints(session, parent.id)[0]
+    storage.put_stream(row.storage_key + "adapter_model.safetensors", io.BytesIO(b"\0" * 10))
+    with pytest.raises(InputError) as caught:
+        starter._fetch_init_adapter(spec)
+    assert "training.init_adapter" in str(caught.value) and "does not match" in str(caught.value)

@@ -32,7 +32,8 @@ from shared.config import Settings
 from shared.inference_shapes import ChatCompletionRequest, CompletionRequest
 from shared.services import inference as registry
 from shared.services.fleet import locate_base_model
-from worker.inference.adapters import AdapterCorrupt, AdapterError, AdapterMissing, AdapterStore
+from worker.adapter_files import AdapterCorrupt, AdapterError, AdapterMissing
+from worker.inference.adapters import AdapterStore
 from worker.inference.engine import Engine, Sink, Usage
 from worker.inference.engine import Request as Job
 from worker.training.data import completion_prompt_ids, generation_prompt_ids
