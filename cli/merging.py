@@ -1,7 +1,8 @@
 """``lorafleet merge``: an adapter folded into its base model, on the base it was trained on.
 
-The adapter's ``manifest.json`` names the base (``base_model.name``) and fingerprints it (config
-plus the weight files' names and sizes, ``worker.training.manifest.model_fingerprint``). Merging
+The adapter's ``manifest.json`` names the base (``base_model.name``) and fingerprints it (config,
+the weight files' names and sizes, and sampled blocks of their bytes,
+``worker.training.manifest.model_fingerprint``). Merging
 onto another model of the same shape "works" and produces garbage; so the base is found from the
 manifest, fingerprinted again here, and a mismatch is refused unless ``--force``.
 """
