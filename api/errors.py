@@ -14,6 +14,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from shared.errors import (
@@ -69,8 +70,7 @@ def status_of(exc: LorafleetError, invalid_input: int = 422) -> int:
 async def _domain(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, LorafleetError)
     status = status_of(exc)
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-    return error_response(status, exc.message, exc.code, exc.param, headers)
+    return error_response(status, exc.message, exc.code, exc.param, error_headers(exc, status))
 
 
 def field_of(loc: tuple[Any, ...] | list[Any]) -> str:
@@ -105,6 +105,42 @@ async def _http(_request: Request, exc: Exception) -> JSONResponse:
     return error_response(exc.status_code, message, code, headers=exc.headers)
 
 
+DATABASE_RETRY_SECONDS = 2
+
+
+def database_down(exc: Exception) -> Unavailable | None:
+    """A lost or refused database connection (a restart, a failover) as the 503 a client can act
+    on, not a 500; None for any other error. The pool reconnects on the next request
+    (``pool_pre_ping``). Used by the app-wide handler and by ``/v1``'s OpenAI-shaped routes."""
+    lost = isinstance(exc, OperationalError | InterfaceError) or (
+        isinstance(exc, DBAPIError) and exc.connection_invalidated
+    )
+    if not lost:
+        return None
+    log.warning("database unreachable: %s", getattr(exc, "orig", exc))
+    return Unavailable(
+        "the database is unreachable right now; retry in a few seconds (a POST with an "
+        "Idempotency-Key is safe to repeat)",
+        code="database_unavailable",
+    )
+
+
+def error_headers(exc: LorafleetError, status: int) -> dict[str, str] | None:
+    """Headers a domain error's response carries: how to authenticate, when to retry."""
+    if status == 401:
+        return {"WWW-Authenticate": "Bearer"}
+    if exc.code == "database_unavailable":
+        return {"Retry-After": str(DATABASE_RETRY_SECONDS)}
+    return None
+
+
+async def _database(request: Request, exc: Exception) -> JSONResponse:
+    domain = database_down(exc)
+    if domain is None:
+        return await _unexpected(request, exc)
+    return await _domain(request, domain)
+
+
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     # The traceback goes to the server log only: a 500 body names no file, query or setting.
     log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
@@ -114,6 +150,7 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
 def install(app: FastAPI) -> None:
     """Register the handlers on ``app`` (``api.openapi`` documents the bodies they produce)."""
     app.add_exception_handler(Exception, _unexpected)
+    app.add_exception_handler(DBAPIError, _database)
     app.add_exception_handler(LorafleetError, _domain)
     app.add_exception_handler(RequestValidationError, _validation)
     app.add_exception_handler(StarletteHTTPException, _http)

@@ -21,7 +21,7 @@ from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.deps import CurrentOwner, SessionDep, StorageDep
-from api.errors import status_of, validation_problem
+from api.errors import database_down, error_headers, status_of, validation_problem
 from api.uploads import MULTIPART_BODY, upload_dataset
 from shared.errors import LorafleetError, NotFound
 from shared.model_names import parse_model_name
@@ -79,21 +79,27 @@ class OpenAIRoute(APIRoute):
             try:
                 return await handler(request)
             except LorafleetError as exc:
-                # Invalid input is OpenAI's 400 invalid_request_error (the SDK's BadRequestError).
-                status = status_of(exc, invalid_input=400)
-                headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-                return openai_error(status, exc.message, exc.code, exc.param, headers)
+                return _as_openai(exc)
             except RequestValidationError as exc:
                 param, message, _ = validation_problem(exc)
                 return openai_error(400, message, "invalid_request", param)
             except StarletteHTTPException as exc:
                 return openai_error(exc.status_code, str(exc.detail), None, None)
-            except Exception:
+            except Exception as exc:
+                domain = database_down(exc)
+                if domain is not None:
+                    return _as_openai(domain)
                 # As the app-wide handler does: the traceback to the log, nothing in the body.
                 log.exception("unhandled error on %s %s", request.method, request.url.path)
                 return openai_error(500, "internal server error", "internal_error")
 
         return route
+
+
+def _as_openai(exc: LorafleetError) -> Response:
+    # Invalid input is OpenAI's 400 invalid_request_error (the SDK's BadRequestError).
+    status = status_of(exc, invalid_input=400)
+    return openai_error(status, exc.message, exc.code, exc.param, error_headers(exc, status))
 
 
 router = APIRouter(prefix="/v1", tags=["openai"], route_class=OpenAIRoute)

@@ -195,6 +195,10 @@ class TcpProxy:
             listener, self._listener = self._listener, None
             conns, self._conns = self._conns, []
         if listener is not None:
+            # shutdown first: close() alone does not wake the thread blocked in accept(), which
+            # would go on accepting connections on the still-listening socket.
+            with suppress(OSError):
+                listener.shutdown(socket.SHUT_RDWR)
             listener.close()
         for conn in conns:
             with suppress(OSError):
