@@ -16,6 +16,7 @@ import random
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -384,6 +385,46 @@ def test_init_adapter_is_the_dpo_reference(tiny_plain_model: Path, tmp_path: Pat
     checkpoint = tmp_path / "dpo" / "checkpoints" / "step_1"
     assert (checkpoint / REFERENCE_FILE).exists() and (checkpoint / REFERENCE_EVAL_FILE).exists()
     assert json.loads((checkpoint / "state.json").read_text())["dpo_reference"] == "init_adapter"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_init_adapter_reference_on_two_ranks(
+    tiny_plain_model: Path, tmp_path: Path, strategy: str
+) -> None:
+    """Two ranks (DDP, and FSDP where only rank 0 reads the starting adapter) precompute their
+    shares of both tables with the starting adapter on: the same values, and loss log 2."""
+    _, sft_dir = train_sft_adapter(tiny_plain_model, tmp_path)
+    rows, held_out = polite_pairs(6, seed=5), polite_pairs(3, seed=6)
+    spec = dpo_spec(
+        tiny_plain_model,
+        write_jsonl(tmp_path / "pairs.jsonl", rows),
+        max_steps=2,
+        batch_size=4,
+        strategy=strategy,
+        init_adapter=str(sft_dir),
+    ).model_copy(update={"validation_file": str(write_jsonl(tmp_path / "valid.jsonl", held_out))})
+    (tmp_path / "spec.json").write_text(spec.model_dump_json())
+    progress = tmp_path / "progress.jsonl"
+    out = tmp_path / "out"
+    group = launch(
+        tmp_path / "spec.json", out, 2, work_dir=tmp_path / "work", progress_file=progress
+    )
+    assert group.wait() == 0, group.log_tail()
+    records = [parse(line) for line in progress.read_text().splitlines()]
+    assert [r for r in records if isinstance(r, Step)][0].train_loss == pytest.approx(
+        LOG_2, abs=1e-5
+    )
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["strategy"] == strategy and manifest["dpo_reference"] == "init_adapter"
+    checkpoint = out / "checkpoints" / "step_1"
+    for name, data in ((REFERENCE_FILE, rows), (REFERENCE_EVAL_FILE, held_out)):
+        torch.testing.assert_close(
+            torch.from_numpy(np.load(checkpoint / name)),
+            independent_reference(tiny_plain_model, sft_dir, data),
+            atol=1e-4,
+            rtol=0,
+        )
 
 
 def test_init_adapter_reference_survives_resume(tiny_plain_model: Path, tmp_path: Path) -> None:
