@@ -108,7 +108,9 @@ class TrainingSettings(BaseModel):
         "a committed checkpoint name of any job of yours (`...:ckpt-step-N`); with `lorafleet "
         "train`, a local "
         "adapter folder. Its lora r, alpha and target_modules must equal this job's; the "
-        "manifest records the parent and its adapter's sha256.",
+        "manifest records the parent and its adapter's sha256. A DPO job's reference is then "
+        "this starting adapter (base + it), precomputed before the first update for the "
+        "training and validation pairs and kept with the checkpoints.",
     )
 
 
@@ -132,13 +134,15 @@ class DpoSettings(BaseModel):
         gt=0,
         le=100,
         description="Strength of the pull towards the reference (the base model without the "
-        "adapter): higher stays closer. `auto` = 0.1.",
+        "adapter, or the starting adapter of training.init_adapter): higher stays closer. "
+        "`auto` = 0.1.",
     )
     precompute_reference: bool = Field(
         False,
         description="Compute the reference log-probabilities once before training instead of a "
         "forward with the adapter off at every step (saves that forward; kept with the "
-        "checkpoints, so a resumed job uses the same values).",
+        "checkpoints, so a resumed job uses the same values). With training.init_adapter the "
+        "reference (the starting adapter) is always precomputed.",
     )
 
     @field_validator("beta", mode="before")

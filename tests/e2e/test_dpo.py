@@ -135,6 +135,7 @@ def test_sft_then_dpo_through_the_openai_sdk(tiny_dir: Path, tmp_path: Path) -> 
             step_events = [e for e in events if e.type == "metrics"]
             assert step_events and "valid_reward_accuracy" in (step_events[0].data or {})
             assert any("starting from the adapter of" in e.message for e in events)
+            assert any("DPO reference: the starting adapter of" in e.message for e in events)
 
             download = http.get(f"/jobs/{dpo.id}/adapter")
             assert download.status_code == 200
@@ -152,6 +153,7 @@ def test_sft_then_dpo_through_the_openai_sdk(tiny_dir: Path, tmp_path: Path) -> 
     manifest = json.loads(files["manifest.json"])
     sft_manifest = json.loads(sft_files["manifest.json"])
     assert manifest["method"]["type"] == "dpo"
+    assert manifest["dpo_reference"] == "init_adapter"  # the SFT adapter is the reference
     assert manifest["init_adapter"]["job"] == sft["id"]
     assert (
         manifest["init_adapter"]["adapter_sha256"]

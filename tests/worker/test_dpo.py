@@ -16,6 +16,7 @@ import random
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -24,11 +25,18 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from shared.spec import JobSpec
 from tests.worker.conftest import write_jsonl
-from worker.training.engine import REFERENCE_FILE, LoraTrainer, TrainingError, TrainPaths
+from worker.training.engine import (
+    REFERENCE_EVAL_FILE,
+    REFERENCE_FILE,
+    LoraTrainer,
+    TrainingError,
+    TrainPaths,
+)
 from worker.training.events import Event, ListSink, Step, parse
 from worker.training.launch import launch
 
 BETA = 0.2
+LOG_2 = 0.69314718
 
 
 def polite_pairs(n: int, seed: int) -> list[dict[str, str]]:
@@ -84,6 +92,31 @@ def run_inprocess(
     return manifest, trainer
 
 
+def train_sft_adapter(model: Path, tmp_path: Path) -> tuple[dict[str, Any], Path]:
+    """A short SFT run (the politeness the pairs prefer): its manifest and adapter folder."""
+    chat = [
+        {"prompt": f"Describe box {i}.", "completion": f" Sure, happy to help: box {i}."}
+        for i in range(8)
+    ]
+    sft_spec = dpo_spec(
+        model,
+        write_jsonl(tmp_path / "sft.jsonl", chat),
+        method={"type": "supervised"},
+        max_steps=3,
+        batch_size=4,
+        checkpoint_every_steps=None,
+    )
+    manifest, _ = run_inprocess(sft_spec, tmp_path / "sft")
+    return manifest, tmp_path / "sft"
+
+
+def adapter_weights(model: Path, folder: Path) -> list[torch.Tensor]:
+    adapter = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(str(model)), str(folder)
+    )
+    return [p.detach().clone() for n, p in adapter.named_parameters() if "lora" in n]
+
+
 # ------------------------------------------------------------------------ the independent side
 def encode(tokenizer: Any, prompt: str, answer: str) -> tuple[list[int], list[bool]]:
     """BOS + prompt + answer + EOS, loss on the answer and its EOS (the documented format)."""
@@ -99,6 +132,25 @@ def sequence_logp(model: Any, ids: list[int], trained: list[bool]) -> torch.Tens
     logits = model(input_ids=x, use_cache=False).logits[0, :-1].float()
     token_logps = F.log_softmax(logits, dim=-1).gather(1, x[0, 1:, None])[:, 0]
     return (token_logps * torch.tensor(trained[1:], dtype=torch.float32)).sum()
+
+
+def independent_reference(
+    model_dir: Path, adapter_dir: Path, rows: list[dict[str, str]]
+) -> torch.Tensor:
+    """Each pair's (chosen, rejected) summed answer log-probabilities under base + the adapter
+    of ``adapter_dir``, loaded with plain peft: ``2 * len(rows)`` values, chosen first."""
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32),
+        str(adapter_dir),
+    )
+    model.eval()
+    values = []
+    with torch.no_grad():
+        for row in rows:
+            for side in ("chosen", "rejected"):
+                values.append(sequence_logp(model, *encode(tokenizer, row["prompt"], row[side])))
+    return torch.stack(values).double()
 
 
 def independent_dpo(
@@ -269,43 +321,156 @@ def test_method_and_data_must_agree(tiny_plain_model: Path, tmp_path: Path) -> N
 def test_sft_then_dpo_starts_from_the_sft_adapter(tiny_plain_model: Path, tmp_path: Path) -> None:
     """training.init_adapter (a local folder here, as with `lorafleet train`): the DPO run
     starts from the SFT adapter's weights, and the manifest records them by sha256."""
-    chat = [
-        {"prompt": f"Describe box {i}.", "completion": f" Sure, happy to help: box {i}."}
-        for i in range(8)
-    ]
-    sft_spec = dpo_spec(
-        tiny_plain_model,
-        write_jsonl(tmp_path / "sft.jsonl", chat),
-        method={"type": "supervised"},
-        max_steps=3,
-        batch_size=4,
-        checkpoint_every_steps=None,
-    )
-    sft, _ = run_inprocess(sft_spec, tmp_path / "sft")
+    sft, sft_dir = train_sft_adapter(tiny_plain_model, tmp_path)
     pairs = write_jsonl(tmp_path / "pairs.jsonl", polite_pairs(4, seed=4))
     frozen = dpo_spec(  # a learning rate too small to move anything: the output is the input
         tiny_plain_model,
         pairs,
         max_steps=1,
         learning_rate=1e-12,
-        init_adapter=str(tmp_path / "sft"),
+        init_adapter=str(sft_dir),
         checkpoint_every_steps=None,
     )
     sink = ListSink()
     manifest, _ = run_inprocess(frozen, tmp_path / "dpo", sink=sink)
     parent = manifest["init_adapter"]
     assert parent["adapter_sha256"] == sft["files"]["adapter_model.safetensors"]
-    assert parent["reference"] == str(tmp_path / "sft") and parent["job"] is None
-    # The policy starts as base + SFT adapter, the reference is the base: they differ at step 1.
-    assert abs(sink.of(Step)[0].train_loss - 0.69314718) > 1e-4
-    weights = {}
-    for name in ("sft", "dpo"):
-        adapter = PeftModel.from_pretrained(
-            AutoModelForCausalLM.from_pretrained(str(tiny_plain_model)), str(tmp_path / name)
-        )
-        weights[name] = [p.detach().clone() for n, p in adapter.named_parameters() if "lora" in n]
+    assert parent["reference"] == str(sft_dir) and parent["job"] is None
+    weights = {name: adapter_weights(tiny_plain_model, tmp_path / name) for name in ("sft", "dpo")}
     assert max(float((a - b).abs().max()) for a, b in zip(*weights.values(), strict=True)) < 1e-6
     assert max(float(w.abs().max()) for w in weights["sft"]) > 1e-3  # SFT moved the adapter
     other = frozen.model_copy(update={"lora": frozen.lora.model_copy(update={"r": 8})})
     with pytest.raises(TrainingError, match="lora.r: 8 differs from the init adapter's 4"):
         run_inprocess(other, tmp_path / "other")
+
+
+def test_init_adapter_is_the_dpo_reference(tiny_plain_model: Path, tmp_path: Path) -> None:
+    """Starting from an SFT adapter, the DPO reference is base + that adapter (not the bare
+    base): the tables of the training and the validation pairs, precomputed before the first
+    update without being asked, equal plain peft's full-logits log-probabilities, and at step 1
+    the policy equals the reference (loss log 2, rewards 0)."""
+    _, sft_dir = train_sft_adapter(tiny_plain_model, tmp_path)
+    rows, held_out = polite_pairs(6, seed=5), polite_pairs(3, seed=6)
+    spec = dpo_spec(
+        tiny_plain_model,
+        write_jsonl(tmp_path / "pairs.jsonl", rows),
+        max_steps=2,
+        init_adapter=str(sft_dir),
+        eval_every_steps=1,
+    ).model_copy(update={"validation_file": str(write_jsonl(tmp_path / "valid.jsonl", held_out))})
+    sink = ListSink()
+    manifest, trainer = run_inprocess(spec, tmp_path / "dpo", sink=sink)
+    assert trainer.reference is not None and trainer.reference_eval is not None
+    torch.testing.assert_close(
+        torch.from_numpy(trainer.reference),
+        independent_reference(tiny_plain_model, sft_dir, rows),
+        atol=1e-4,
+        rtol=0,
+    )
+    torch.testing.assert_close(
+        torch.from_numpy(trainer.reference_eval),
+        independent_reference(tiny_plain_model, sft_dir, held_out),
+        atol=1e-4,
+        rtol=0,
+    )
+    first = sink.of(Step)[0]
+    assert first.train_loss == pytest.approx(LOG_2, abs=1e-5)
+    assert first.rewards_chosen == pytest.approx(0.0, abs=1e-5)
+    assert first.reward_margin == pytest.approx(0.0, abs=1e-5)
+    messages = [e.message for e in sink.of(Event)]
+    assert f"DPO reference: the starting adapter of {sft_dir}, precomputed for 18 sequences" in (
+        " ".join(messages)
+    )
+    assert manifest["dpo_reference"] == "init_adapter"
+    checkpoint = tmp_path / "dpo" / "checkpoints" / "step_1"
+    assert (checkpoint / REFERENCE_FILE).exists() and (checkpoint / REFERENCE_EVAL_FILE).exists()
+    assert json.loads((checkpoint / "state.json").read_text())["dpo_reference"] == "init_adapter"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_init_adapter_reference_on_two_ranks(
+    tiny_plain_model: Path, tmp_path: Path, strategy: str
+) -> None:
+    """Two ranks (DDP, and FSDP where only rank 0 reads the starting adapter) precompute their
+    shares of both tables with the starting adapter on: the same values, and loss log 2."""
+    _, sft_dir = train_sft_adapter(tiny_plain_model, tmp_path)
+    rows, held_out = polite_pairs(6, seed=5), polite_pairs(3, seed=6)
+    spec = dpo_spec(
+        tiny_plain_model,
+        write_jsonl(tmp_path / "pairs.jsonl", rows),
+        max_steps=2,
+        batch_size=4,
+        strategy=strategy,
+        init_adapter=str(sft_dir),
+    ).model_copy(update={"validation_file": str(write_jsonl(tmp_path / "valid.jsonl", held_out))})
+    (tmp_path / "spec.json").write_text(spec.model_dump_json())
+    progress = tmp_path / "progress.jsonl"
+    out = tmp_path / "out"
+    group = launch(
+        tmp_path / "spec.json", out, 2, work_dir=tmp_path / "work", progress_file=progress
+    )
+    assert group.wait() == 0, group.log_tail()
+    records = [parse(line) for line in progress.read_text().splitlines()]
+    assert [r for r in records if isinstance(r, Step)][0].train_loss == pytest.approx(
+        LOG_2, abs=1e-5
+    )
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["strategy"] == strategy and manifest["dpo_reference"] == "init_adapter"
+    checkpoint = out / "checkpoints" / "step_1"
+    for name, data in ((REFERENCE_FILE, rows), (REFERENCE_EVAL_FILE, held_out)):
+        torch.testing.assert_close(
+            torch.from_numpy(np.load(checkpoint / name)),
+            independent_reference(tiny_plain_model, sft_dir, data),
+            atol=1e-4,
+            rtol=0,
+        )
+
+
+def test_init_adapter_reference_survives_resume(tiny_plain_model: Path, tmp_path: Path) -> None:
+    """A job resumed mid-run restores both reference tables from its checkpoint (the adapter
+    has moved on: recomputing them would give other values) and equals the uninterrupted run,
+    training and evaluation numbers alike; without init_adapter the reference stays the base."""
+    _, sft_dir = train_sft_adapter(tiny_plain_model, tmp_path)
+    spec = dpo_spec(
+        tiny_plain_model,
+        write_jsonl(tmp_path / "pairs.jsonl", polite_pairs(8, seed=7)),
+        max_steps=4,
+        batch_size=2,
+        checkpoint_every_steps=2,
+        eval_every_steps=2,
+        init_adapter=str(sft_dir),
+    ).model_copy(
+        update={"validation_file": str(write_jsonl(tmp_path / "valid.jsonl", polite_pairs(3, 8)))}
+    )
+    full, trainer = run_inprocess(spec, tmp_path / "full")
+    saved = tmp_path / "full" / "checkpoints" / "step_2"
+    sink = ListSink()
+    resumed, again = run_inprocess(spec, tmp_path / "resumed", resume=saved, sink=sink)
+    assert [s.step for s in sink.of(Step)] == [3, 4]
+    assert any("restored from the checkpoint" in e.message for e in sink.of(Event))
+    assert trainer.reference is not None and trainer.reference_eval is not None
+    assert again.reference is not None and again.reference_eval is not None
+    assert (again.reference == trainer.reference).all()
+    assert (again.reference_eval == trainer.reference_eval).all()
+    assert full["final_metrics"] == pytest.approx(resumed["final_metrics"], abs=1e-6)
+    assert full["final_eval_loss"] == pytest.approx(resumed["final_eval_loss"], abs=1e-6)
+    ours, theirs = (adapter_weights(tiny_plain_model, tmp_path / n) for n in ("full", "resumed"))
+    assert max(float((a - b).abs().max()) for a, b in zip(ours, theirs, strict=True)) < 1e-6
+    # A checkpoint without the tables cannot be resumed: they cannot be recomputed.
+    (saved / REFERENCE_EVAL_FILE).unlink()
+    with pytest.raises(TrainingError, match="cannot be recomputed"):
+        run_inprocess(spec, tmp_path / "broken", resume=saved)
+    # Without init_adapter: the base model, in every step, as before.
+    plain = spec.model_copy(
+        update={"training": spec.training.model_copy(update={"init_adapter": None})}
+    )
+    sink = ListSink()
+    manifest, base = run_inprocess(plain, tmp_path / "plain", sink=sink)
+    assert base.reference is None and base.reference_eval is None
+    assert manifest["dpo_reference"] == "base"
+    assert sink.of(Step)[0].train_loss == pytest.approx(LOG_2, abs=1e-5)
+    assert any(
+        "DPO reference: the base model (adapter disabled), computed in every step" in e.message
+        for e in sink.of(Event)
+    )

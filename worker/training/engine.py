@@ -35,6 +35,10 @@ Gotchas recorded:
   pair count. Its reference log-probabilities come from the same model with the adapter
   disabled, in the same step, or once before training (``dpo.precompute_reference``), in which
   case the table is saved in every checkpoint so a resumed run uses the very same values.
+  A job starting from ``training.init_adapter`` (SFT then DPO) has that starting adapter as its
+  reference (the DPO paper's and TRL's setup): tables for the training and the validation rows
+  are always precomputed before the first update, adapter on, and kept in every checkpoint
+  (a resumed job's adapter has moved on: recomputing them would be wrong).
 - gloo sometimes aborts at interpreter exit after a clean teardown; ranks end with os._exit.
 """
 
@@ -150,7 +154,8 @@ class DistInfo:
         )
 
 
-REFERENCE_FILE = "reference_logps.npy"  # in a checkpoint: dpo.precompute_reference's table
+REFERENCE_FILE = "reference_logps.npy"  # in a checkpoint: the training rows' reference table
+REFERENCE_EVAL_FILE = "reference_logps_eval.npy"  # the validation rows' (init_adapter only)
 
 
 class TrainingError(RuntimeError):
@@ -214,7 +219,10 @@ class LoraTrainer:
         # DPO's numbers of the latest step and evaluation (events.DPO_METRICS; eval_ prefixed).
         self.train_metrics: dict[str, Any] = {}
         self.eval_metrics: dict[str, Any] = {}
-        self.reference: np.ndarray | None = None  # dpo.precompute_reference: per sequence
+        self.reference: np.ndarray | None = None  # precomputed DPO reference: per sequence
+        self.reference_eval: np.ndarray | None = None  # the same for eval_rows (init_adapter)
+        # DPO: "init_adapter" (the starting adapter is the reference) or "base" (adapter off)
+        self.dpo_reference: str | None = None
         self.parent: dict[str, Any] | None = None  # training.init_adapter, as the manifest says
         self.resume_state: dict[str, Any] | None = None
 
@@ -620,43 +628,109 @@ class LoraTrainer:
 
     @torch.no_grad()
     def _setup_reference(self) -> None:
-        """``dpo.precompute_reference``: every training sequence's reference log-probability,
-        computed once (each rank its share of the rows, then summed over ranks), or read from
-        the checkpoint being resumed, which keeps the table it trained with."""
+        """Which model is DPO's reference, and its precomputed tables.
+
+        The base model with the adapter disabled, in every step, or once before training
+        (``dpo.precompute_reference``). A job starting from ``training.init_adapter`` has that
+        adapter as its reference instead (SFT then DPO: the SFT model is the reference), which
+        only exists before the first update: its tables, training and validation rows, are
+        always precomputed here, adapter on. A resumed job reads the tables from its checkpoint
+        (and keeps the checkpoint's kind of reference), never recomputes them: its adapter has
+        moved on.
+        """
         dpo = self.spec.method.dpo
-        if dpo is None or not dpo.precompute_reference:
+        if dpo is None:
             return
-        saved = self.paths.resume_from / REFERENCE_FILE if self.paths.resume_from else None
-        if saved is not None and saved.exists():
-            self.reference = np.load(saved)
-            self.event("reference log-probabilities restored from the checkpoint")
+        init = self.spec.training.init_adapter
+        self.dpo_reference = "init_adapter" if init is not None else "base"
+        if self.resume_state is not None:
+            # Checkpoints from before the reference followed init_adapter name none: base.
+            self.dpo_reference = str(self.resume_state.get("dpo_reference", "base"))
+        from_adapter = self.dpo_reference == "init_adapter"
+        what = (
+            f"the starting adapter of {init}"
+            if from_adapter
+            else "the base model (adapter disabled)"
+        )
+        data: dict[str, Any] = {"dpo_reference": self.dpo_reference}
+        if not (from_adapter or dpo.precompute_reference):
+            self.event(f"DPO reference: {what}, computed in every step", **data)
             return
+        folder = self.paths.resume_from
+        if folder is not None and (folder / REFERENCE_FILE).exists():
+            self.reference = self._saved_table(folder / REFERENCE_FILE, self.rows)
+            if from_adapter and self.eval_rows is not None:
+                self.reference_eval = self._saved_table(
+                    folder / REFERENCE_EVAL_FILE, self.eval_rows
+                )
+            self.event(
+                f"DPO reference: {what}, log-probabilities of {self._table_size()} sequences "
+                "restored from the checkpoint",
+                sequences=self._table_size(),
+                **data,
+            )
+            return
+        if from_adapter and folder is not None:
+            raise TrainingError(
+                f"resume: the checkpoint {folder} has no {REFERENCE_FILE}; the DPO reference "
+                "(the starting adapter) cannot be recomputed once training has moved it"
+            )
         started = time.monotonic()
+        self.reference = self._reference_table(self.rows, with_adapter=from_adapter)
+        if from_adapter and self.eval_rows is not None:
+            self.reference_eval = self._reference_table(self.eval_rows, with_adapter=True)
+        seconds = time.monotonic() - started
+        self.event(
+            f"DPO reference: {what}, precomputed for {self._table_size()} sequences in "
+            f"{seconds:.1f} s",
+            sequences=self._table_size(),
+            seconds=round(seconds, 3),
+            **data,
+        )
+
+    def _table_size(self) -> int:
+        return sum(len(t) for t in (self.reference, self.reference_eval) if t is not None)
+
+    @staticmethod
+    def _saved_table(path: Path, rows: datamod.RowSet) -> np.ndarray:
+        """A checkpoint's reference table for ``rows``, checked to be whole."""
+        if not path.exists():
+            raise TrainingError(
+                f"resume: the checkpoint has no {path.name}; the DPO reference (the starting "
+                "adapter) cannot be recomputed once training has moved it"
+            )
+        table = np.load(path)
+        if len(table) != rows.num_sequences:
+            raise TrainingError(
+                f"resume: {path} holds {len(table)} reference log-probabilities for "
+                f"{rows.num_sequences} sequences; resume with the same files"
+            )
+        return cast(np.ndarray, table)
+
+    def _reference_table(self, rows: datamod.RowSet, with_adapter: bool) -> np.ndarray:
+        """Every sequence of ``rows``: its reference log-probability, the adapter off or (the
+        starting adapter, before any update) on. Each rank computes its share of the rows, then
+        the table is summed over ranks."""
         loss = self.loss_module
-        table = torch.zeros(self.rows.num_sequences, dtype=torch.float64, device=self.device)
-        mine = np.arange(self.dist.rank, len(self.rows), self.dist.world_size)
+        table = torch.zeros(rows.num_sequences, dtype=torch.float64, device=self.device)
+        mine = np.arange(self.dist.rank, len(rows), self.dist.world_size)
         bs = self.spec.training.batch_size
         was_training = loss.training
         loss.eval()
         # As many batches on every rank (a short rank's last ones empty), each through the
         # module's forward: under FSDP every forward is a collective.
-        batches = math.ceil(math.ceil(len(self.rows) / self.dist.world_size) / bs)
+        batches = math.ceil(math.ceil(len(rows) / self.dist.world_size) / bs)
         for start in range(0, batches * bs, bs):
-            inputs = self._collate(mine[start : start + bs], self.rows).to(self.device)
+            inputs = self._collate(mine[start : start + bs], rows).to(self.device)
             with self._autocast():
-                logps, _ = loss(**inputs, reference_only=True)
+                logps, _ = loss(**inputs, reference_only=True, reference_with_adapter=with_adapter)
             pair_ids = inputs["pair_ids"]
             both = (pair_ids[:, None] * 2 + torch.arange(2, device=self.device)).reshape(-1)
             table.index_copy_(0, both, logps.double())
         loss.train(was_training)
         if self.dist.enabled:
             dist.all_reduce(table)  # each sequence was computed by exactly one rank
-        self.reference = table.cpu().numpy()
-        self.event(
-            f"reference log-probabilities of {len(self.reference)} sequences precomputed in "
-            f"{time.monotonic() - started:.1f} s",
-            seconds=round(time.monotonic() - started, 3),
-        )
+        return cast(np.ndarray, table.cpu().numpy())
 
     def _announce(self) -> None:
         stats, t = self.token_stats, self.spec.training
@@ -694,7 +768,11 @@ class LoraTrainer:
             segments=self.packed_attention,
             packed=self.spec.training.packing and rows is self.rows,
             pin=self.device.type == "cuda",
-            reference=self.reference if rows is self.rows else None,
+            reference=self.reference
+            if rows is self.rows
+            else self.reference_eval
+            if rows is self.eval_rows
+            else None,
         )
 
     def _host_step(self, step: int) -> StepBatch:
@@ -786,7 +864,8 @@ class LoraTrainer:
     @torch.no_grad()
     def evaluate(self) -> float | None:
         """Mean loss on the validation rows (per target token; DPO: per pair, with the DPO
-        numbers in ``eval_metrics``, the reference computed on the fly)."""
+        numbers in ``eval_metrics``, the reference computed on the fly, or from the table
+        precomputed at start when the starting adapter is the reference)."""
         if self.eval_rows is None:
             return None
         self.model.eval()
@@ -918,10 +997,13 @@ class LoraTrainer:
             }
             if self.reference is not None:
                 np.save(tmp / REFERENCE_FILE, self.reference)
+            if self.reference_eval is not None:
+                np.save(tmp / REFERENCE_EVAL_FILE, self.reference_eval)
             state = {
                 **metrics,
                 "trained_tokens": self.trained_tokens,
                 "dataset_sha256": self.dataset_sha256,
+                "dpo_reference": self.dpo_reference,
             }
             (tmp / "state.json").write_text(json.dumps(state))
             shutil.rmtree(final, ignore_errors=True)
@@ -1003,6 +1085,7 @@ class LoraTrainer:
                     "final_train_loss": self.train_loss,
                     "final_eval_loss": self.eval_loss,
                     "method": self.spec.method.model_dump(),
+                    "dpo_reference": self.dpo_reference,
                     "init_adapter": self.parent,
                     "final_metrics": {**self.train_metrics, **self.eval_metrics} or None,
                     "parameters": {"total": self.total_params, "trainable": self.trainable_params},

@@ -292,7 +292,8 @@ class DpoLoss(CausalLMLoss):
     Per pair, with ``pi`` the summed log-probability of an answer's tokens under the policy (base +
     adapter) and ``ref`` under the reference (the same base with the adapter disabled, peft's
     ``disable_adapter()``, in the same step, without autograd; or precomputed once and passed
-    in as ``reference_logps``):
+    in as ``reference_logps``; a job starting from ``training.init_adapter`` precomputes it
+    with the adapter on, before the first update: the starting adapter is its reference):
 
         loss = -log sigmoid(beta * ((pi_chosen - ref_chosen) - (pi_rejected - ref_rejected)))
 
@@ -322,10 +323,17 @@ class DpoLoss(CausalLMLoss):
 
     @torch.no_grad()
     def reference_sequence_logps(
-        self, target_sequence: torch.Tensor, pair_ids: torch.Tensor, **inputs: Any
+        self,
+        target_sequence: torch.Tensor,
+        pair_ids: torch.Tensor,
+        with_adapter: bool = False,
+        **inputs: Any,
     ) -> torch.Tensor:
-        """The reference's sequence log-probabilities: the base model, adapter disabled."""
-        with self.peft_model.disable_adapter():
+        """The reference's sequence log-probabilities: the base model, adapter disabled; with
+        ``with_adapter``, the model as it is now (only meaningful before the first update, when
+        the starting adapter of ``training.init_adapter`` is the reference)."""
+        context = contextlib.nullcontext() if with_adapter else self.peft_model.disable_adapter()
+        with context:
             return self.sequence_logps(target_sequence, pair_ids.numel(), **inputs)
 
     def forward(  # type: ignore[override]
@@ -340,10 +348,12 @@ class DpoLoss(CausalLMLoss):
         target_index: torch.Tensor | None = None,
         reference_logps: torch.Tensor | None = None,
         reference_only: bool = False,
+        reference_with_adapter: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(summed loss, ``DPO_STATS`` sums); ``reference_only``: (the reference's sequence
         log-probabilities, nothing), for precomputing them through the module's own forward
-        (under FSDP the forward is what gathers the root's parameters)."""
+        (under FSDP the forward is what gathers the root's parameters), with the adapter off or
+        (``reference_with_adapter``) on."""
         inputs: dict[str, Any] = {
             "input_ids": input_ids,
             "targets": targets,
@@ -354,7 +364,9 @@ class DpoLoss(CausalLMLoss):
         }
         pairs = pair_ids.numel()
         if reference_only:
-            reference = self.reference_sequence_logps(target_sequence, pair_ids, **inputs)
+            reference = self.reference_sequence_logps(
+                target_sequence, pair_ids, reference_with_adapter, **inputs
+            )
             return reference, reference.new_zeros(0)
         if reference_logps is None:
             # First, so its activations are gone before the policy's graph is built.
