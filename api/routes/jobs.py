@@ -13,6 +13,7 @@ from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import CurrentOwner, SessionDep, StorageDep
+from api.errors import database_down
 from api.openapi import error_doc
 from shared.db import session_factory
 from shared.errors import NotFound
@@ -208,7 +209,20 @@ async def _sse(request: Request, job_id: str, after_id: int) -> AsyncIterator[st
     last_sent = time.monotonic()
     last_progress: str | None = None
     while True:
-        events, status, progress = await run_in_threadpool(_poll, job_id, after_id)
+        try:
+            events, status, progress = await run_in_threadpool(_poll, job_id, after_id)
+        except Exception as exc:
+            if database_down(exc) is None:
+                raise
+            # The database restarts or fails over: the watcher sees a pause (keep-alives), not a
+            # broken stream, and the events written meanwhile arrive once it is back.
+            if time.monotonic() - last_sent > SSE_KEEPALIVE_S:
+                yield ": keep-alive\n\n"
+                last_sent = time.monotonic()
+            if await request.is_disconnected():
+                return
+            await asyncio.sleep(SSE_POLL_S)
+            continue
         for event in events:
             after_id = event.id
             yield f"id: {event.id}\ndata: {event.model_dump_json()}\n\n"
