@@ -103,6 +103,7 @@ from worker.training.model import (
     CausalLMLoss,
     DpoLoss,
     apply_lora,
+    disable_dropout,
     load_base_model,
     load_tokenizer,
     with_default_targets,
@@ -220,6 +221,7 @@ class LoraTrainer:
         self.train_metrics: dict[str, Any] = {}
         self.eval_metrics: dict[str, Any] = {}
         self.reference: np.ndarray | None = None  # precomputed DPO reference: per sequence
+        self.base_dropouts_disabled = 0  # DPO: the base's dropouts set to zero
         self.reference_eval: np.ndarray | None = None  # the same for eval_rows (init_adapter)
         # DPO: "init_adapter" (the starting adapter is the reference) or "base" (adapter off)
         self.dpo_reference: str | None = None
@@ -477,6 +479,8 @@ class LoraTrainer:
                 gradient_checkpointing_kwargs={"use_reentrant": False}
             )
         self.lora = with_default_targets(base, self.spec.lora)
+        if self.spec.method.is_dpo:
+            self.base_dropouts_disabled = disable_dropout(base)
         torch.manual_seed(t.seed)
         try:
             peft_model = apply_lora(base, self.lora)
@@ -751,6 +755,12 @@ class LoraTrainer:
             attention="segments" if self.packed_attention else "mask",
             method=self.spec.method.type,
         )
+        if self.base_dropouts_disabled:
+            self.event(
+                f"DPO: the base model's {self.base_dropouts_disabled} dropout(s) set to 0 so the "
+                "reference and the policy see the same deterministic model (lora.dropout kept)",
+                dropouts_disabled=self.base_dropouts_disabled,
+            )
         if stats.truncated:
             self.event(
                 f"{stats.truncated} example(s) longer than max_seq_length "

@@ -67,6 +67,28 @@ def with_default_targets(model: nn.Module, lora: LoraSettings) -> LoraSettings:
     return lora.model_copy(update={"target_modules": default_target_modules(suffixes)})
 
 
+def disable_dropout(model: nn.Module) -> int:
+    """Zero every dropout of ``model``: its ``nn.Dropout`` modules and the attention dropout rate
+    attention modules keep as a number. Returns how many were non-zero.
+
+    DPO compares the policy's log-probabilities with the reference's, both from this model: with
+    the base's own dropout on (GPT-2 ships 0.1), both are noisy, the reference is not the policy
+    at step 1 (the loss does not start at log 2) and the precomputed reference differs from a
+    per-step one. TRL's ``DPOTrainer`` does the same by default (``disable_dropout``). Called on
+    the base before peft wraps it, so the adapter's own ``lora.dropout`` stays as the job set it.
+    """
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, nn.Dropout) and module.p > 0:
+            module.p = 0.0
+            changed += 1
+        rate = getattr(module, "attention_dropout", None)
+        if isinstance(rate, float) and rate > 0:
+            setattr(module, "attention_dropout", 0.0)  # noqa: B010 (nn.Module typing)
+            changed += 1
+    return changed
+
+
 def apply_lora(model: PreTrainedModel, lora: LoraSettings) -> PeftModel:
     """Wrap with peft; everything but the adapters is frozen by peft itself.
 
