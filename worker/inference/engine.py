@@ -35,15 +35,13 @@ from typing import Any
 
 import torch
 from peft import PeftModel
-from peft.tuners.lora import LoraLayer
 from transformers import AutoConfig, DynamicCache
 
 from shared.inference_shapes import GenerationParams
+from worker.inference.mixed_lora import BASE, Router, install
 from worker.training.model import load_base_model, load_tokenizer
 
 log = logging.getLogger("lorafleet.inference")
-
-BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
 
 
 class EngineError(Exception):
@@ -107,18 +105,18 @@ class Loaded:
     stop_ids: frozenset[int]
     context_length: int | None
     adapters: OrderedDict[str, Path] = field(default_factory=OrderedDict)
-    # Per row of the running batch, the peft adapter name (BASE for none); None: every row uses
-    # the active adapter (peft's ordinary forward). Read by the pre-forward hooks below.
-    row_adapters: list[str] | None = None
+    # Which adapter each row of the next forward uses; read by the routed LoRA layers.
+    router: Router = field(default_factory=Router)
     active: str | None = None  # the adapter peft's ordinary forward applies
 
     def route(self, names: list[str]) -> None:
         """Make the next forward apply ``names[i]`` to row ``i``.
 
         One adapter for every row takes peft's ordinary path (the active adapter, exactly what
-        ``PeftModel.generate`` runs); different ones take its mixed-batch path. The row names
-        reach the LoRA layers through pre-forward hooks installed once per layer, rather than
-        through ``adapter_names=``, for which peft walks every module twice per forward.
+        ``PeftModel.generate`` runs); different ones take the gathered mixed-batch path of
+        ``mixed_lora``. The rows reach the LoRA layers through the router that the layers'
+        installed forwards read, rather than through ``adapter_names=``, for which peft walks
+        every module twice per forward.
         """
         if not isinstance(self.model, PeftModel):
             return
@@ -126,25 +124,15 @@ class Loaded:
             if self.active != names[0]:
                 self.model.set_adapter(names[0])
                 self.active = names[0]
-            self.row_adapters = None
+            self.router.single()
         else:
-            self.row_adapters = list(names)
+            self.router.mixed(names, self.model.device)
 
-    def hook_new_layers(self) -> None:
-        """Install the row-routing hook on LoRA layers that have none yet (an adapter with other
-        target modules than the ones before creates new layers)."""
-        for module in self.model.modules():
-            if isinstance(module, LoraLayer) and not getattr(module, "_lorafleet_routed", False):
-                assert isinstance(module, torch.nn.Module)
-                module.register_forward_pre_hook(self._pass_names, with_kwargs=True)
-                setattr(module, "_lorafleet_routed", True)  # noqa: B010 (nn.Module typing)
-
-    def _pass_names(
-        self, _module: Any, args: Any, kwargs: dict[str, Any]
-    ) -> tuple[Any, dict[str, Any]]:
-        if self.row_adapters is not None:
-            kwargs["adapter_names"] = self.row_adapters
-        return args, kwargs
+    def adapters_changed(self) -> None:
+        """After an adapter is attached or deleted: route the LoRA layers it created and rebuild
+        the mixed-batch stacks."""
+        install(self.model, self.router)
+        self.router.invalidate()
 
 
 def default_device() -> torch.device:
@@ -186,6 +174,7 @@ class _Row:
         self.request = request
         self.loaded = loaded
         self.max_new = max_new
+        self.adapter_name = peft_name(request.adapter) if request.adapter else BASE
         self.tokens: list[int] = []
         self.sent = 0  # characters of the decoded text already sent
         self.done = False
@@ -265,9 +254,7 @@ class _Batch:
         self.logits: torch.Tensor | None = None  # [rows, vocab]: next-token logits
 
     def _route(self, rows: list[_Row]) -> None:
-        self.loaded.route(
-            [peft_name(r.request.adapter) if r.request.adapter else BASE for r in rows]
-        )
+        self.loaded.route([r.adapter_name for r in rows])
 
     def prefill(self, rows: list[_Row]) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Run the prompts of ``rows`` (left-padded): their cache, mask, positions, logits."""
@@ -609,7 +596,7 @@ class Engine:
         ):
             with self._models_lock:
                 evicted, _ = self.models.popitem(last=False)
-            gc.collect()  # the routing hooks make a reference cycle: free the weights now
+            gc.collect()  # the routed layers make a reference cycle: free the weights now
             log.info("evicting base model %s (memory bound %d bytes)", evicted, self.memory_bytes)
         if nbytes > self.memory_bytes:
             log.warning(
@@ -641,6 +628,7 @@ class Engine:
             with self._models_lock:  # in_use() reads the attached adapters from other threads
                 del loaded.adapters[victim]
             loaded.model.delete_adapter(peft_name(victim))
+            loaded.adapters_changed()
             if loaded.active == peft_name(victim):
                 loaded.active = None  # peft activated another one: set it again when needed
         if isinstance(loaded.model, PeftModel):
@@ -651,7 +639,7 @@ class Engine:
             )
             loaded.active = name
         loaded.model.eval()
-        loaded.hook_new_layers()
+        loaded.adapters_changed()
         with self._models_lock:
             loaded.adapters[request.adapter] = request.adapter_path
 
