@@ -20,7 +20,9 @@ from worker.inference.mixed_lora import BASE, RoutedLayer, Router, install
 # overlap only in part, so some layers carry one adapter's rows on zero slots.
 LLAMA = {
     "a1": LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
-    "a2": LoraConfig(r=8, lora_alpha=32, target_modules=["q_proj", "k_proj", "o_proj", "down_proj"]),
+    "a2": LoraConfig(
+        r=8, lora_alpha=32, target_modules=["q_proj", "k_proj", "o_proj", "down_proj"]
+    ),
     "a3": LoraConfig(r=2, lora_alpha=3, target_modules=["v_proj", "gate_proj"]),
 }
 GPT2 = {

@@ -135,6 +135,25 @@ class Loaded:
         self.router.invalidate()
 
 
+def decode_layout(model: torch.nn.Module, device: torch.device) -> None:
+    """On CPU, store each ``nn.Linear`` weight as the transpose of a contiguous [in, out] tensor
+    (the same values, shape and bytes; ``weight`` becomes a strided view).
+
+    ``F.linear(x, w)`` then runs as ``x @ w_t`` on contiguous operands, which MKL's sgemm does
+    2.3-2.5x faster for the few rows of a decoding step (8 rows x 512 x 1536: 385 -> 160 us on
+    the AVX-512 machine the benchmark ran on; 1 row: 1.0-1.3x; 160 rows, a prefill: 0.8-1.0x).
+    A decoding step is mostly these matmuls, so batched decoding gains ~20-25% per step. The
+    values are those of the model as loaded; only the summation order inside a dot product may
+    differ, as it already does between batch sizes. GPUs: left alone (cuBLAS takes either layout
+    at the same speed).
+    """
+    if device.type != "cpu":
+        return
+    for module in model.modules():
+        if type(module) is torch.nn.Linear:
+            module.weight.data = module.weight.data.t().contiguous().t()
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -589,6 +608,7 @@ class Engine:
         tokenizer, context = self.tokenizer(name, request.base_path)
         model: Any = load_base_model(request.base_path, self.dtype)
         model = model.to(self.device).eval()
+        decode_layout(model, self.device)
         nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
         nbytes += sum(b.numel() * b.element_size() for b in model.buffers())
         while self.models and sum(m.nbytes for m in self.models.values()) + nbytes > (
