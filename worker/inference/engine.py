@@ -144,14 +144,21 @@ def decode_layout(model: torch.nn.Module, device: torch.device) -> None:
     the AVX-512 machine the benchmark ran on; 1 row: 1.0-1.3x; 160 rows, a prefill: 0.8-1.0x).
     A decoding step is mostly these matmuls, so batched decoding gains ~20-25% per step. The
     values are those of the model as loaded; only the summation order inside a dot product may
-    differ, as it already does between batch sizes. GPUs: left alone (cuBLAS takes either layout
-    at the same speed).
+    differ, as it already does between batch sizes.
+
+    The other parameters are copied too: the loaded ones are views of the safetensors file's
+    memory map, which stays mapped (and resident, once read) while any of them is alive; copying
+    all of them lets it go, so the process holds the weights once. GPUs: left alone (cuBLAS
+    takes either layout at the same speed, and the weights were copied onto the device).
     """
     if device.type != "cpu":
         return
     for module in model.modules():
-        if type(module) is torch.nn.Linear:
-            module.weight.data = module.weight.data.t().contiguous().t()
+        for param in module.parameters(recurse=False):
+            if type(module) is torch.nn.Linear and param is module.weight:
+                param.data = param.data.t().contiguous().t()
+            else:
+                param.data = param.data.clone()
 
 
 def default_device() -> torch.device:
