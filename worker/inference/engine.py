@@ -4,8 +4,10 @@ One thread owns torch. Requests arrive from the HTTP handlers (already tokenised
 already fetched and verified) into a pending list; the engine thread takes the requests of one
 base model, up to ``max_batch``, and decodes them as one batch:
 
-- every row names its adapter (peft's mixed-adapter batches, ``adapter_names=[...]``; the bare
-  base is ``__base__``), so requests for different adapters share each forward pass;
+- every row names its adapter (the bare base is ``__base__``), so requests for different adapters
+  share each forward pass: a batch on one adapter runs peft's ordinary forward, a mixed one the
+  gathered LoRA path of ``mixed_lora`` (per layer, each row's A and B gathered from a stack of the
+  batch's adapters, two ``bmm``), which gives what peft's ``adapter_names=`` gives, faster;
 - prompts are left-padded, positions counted per row, and a KV cache kept for the batch;
 - a request arriving while a batch runs joins it at the next step (its prompt is prefilled alone,
   then its cache is left-padded to the batch's length and stacked onto it), so nobody waits for
@@ -14,9 +16,10 @@ base model, up to ``max_batch``, and decodes them as one batch:
   ``generate(do_sample=False)``; sampled rows draw from their own seeded generator, so a seed
   repeats whatever else shares the batch.
 
-Base models are loaded with the training engine's own loaders (``worker.training.model``) and
-kept while they fit ``memory_bytes`` together, least recently used evicted first. Adapters are
-attached with peft's ``load_adapter`` (kept up to ``max_adapters`` per base, LRU).
+Base models are loaded with the training engine's own loaders (``worker.training.model``), their
+linear weights re-laid out for few-row matmuls on CPU (``decode_layout``), and kept while they
+fit ``memory_bytes`` together, least recently used evicted first. Adapters are attached with
+peft's ``load_adapter`` (kept up to ``max_adapters`` per base, LRU).
 """
 
 from __future__ import annotations
