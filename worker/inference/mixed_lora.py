@@ -86,7 +86,8 @@ class RoutedLayer:
         if self.version != router.version:
             self.stack = self._build(router.adapters)
             self.version = router.version
-        if self.stack is None:  # not a plain LoRA Linear: peft's mixed path
+        if self.stack is None or x.shape[0] != len(router.names):
+            # Not a plain LoRA Linear (or not one row per name, which peft reports): peft's path.
             return self.peft_forward(x, *args, adapter_names=router.names, **kwargs)  # type: ignore[no-any-return]
         result: torch.Tensor = self.layer.base_layer(x, *args, **kwargs)
         a, b, scale = self.stack
@@ -94,8 +95,7 @@ class RoutedLayer:
             return result
         assert router.slots is not None
         slots = router.slots
-        rows = x.shape[0]
-        h = torch.bmm(x.reshape(rows, -1, x.shape[-1]).to(a.dtype), a.index_select(0, slots))
+        h = torch.bmm(x.reshape(len(slots), -1, x.shape[-1]).to(a.dtype), a.index_select(0, slots))
         delta = torch.bmm(h, b.index_select(0, slots)) * scale.index_select(0, slots)
         return result + delta.reshape(result.shape).to(result.dtype)
 
