@@ -18,7 +18,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from shared.datasets import Example, Message
 from shared.inference_shapes import GenerationParams
-from worker.inference.engine import Engine, Request, Sink, Usage, run_until_done
+from worker.inference.engine import (
+    Engine,
+    Request,
+    Sink,
+    Usage,
+    run_until_done,
+    stop_token_ids,
+)
 from worker.training.data import (
     IGNORE_INDEX,
     completion_prompt_ids,
@@ -302,3 +309,32 @@ def test_base_models_and_adapters_are_evicted_least_recently_used(
         assert engine.in_use() == {adapters[1]}
     finally:
         engine.stop()
+
+
+def test_mixed_batch_on_gpt2_equals_peft_generate(
+    engine: Engine, gpt2_model: Path, tmp_path: Path
+) -> None:
+    """GPT-2 (Conv1D layers, tied embeddings; on CPU the engine re-lays its weights out): two
+    adapters with other targets and the bare base in one batch, each row what peft's
+    ``generate`` gives it alone."""
+    first = make_adapter(gpt2_model, tmp_path / "g0", 10, ["c_attn"])
+    second = make_adapter(gpt2_model, tmp_path / "g1", 11, ["c_proj", "c_fc"])
+    tokenizer = AutoTokenizer.from_pretrained(gpt2_model)
+    prompts = [
+        completion_prompt_ids(tokenizer, text)
+        for text in ("The quick brown fox", "Numbers: one two three", "Hello")
+    ]
+    owners: list[Path | None] = [first, second, None]
+    stops = set(stop_token_ids(AutoModelForCausalLM.from_pretrained(gpt2_model), tokenizer))
+    wanted = []
+    for prompt, adapter in zip(prompts, owners, strict=True):
+        tokens = reference(gpt2_model, adapter, prompt, 10)
+        end = next((i + 1 for i, t in enumerate(tokens) if t in stops), len(tokens))
+        wanted.append(tokenizer.decode(tokens[:end], skip_special_tokens=True))
+    engine.max_rows_seen = 0
+    batch = [request(gpt2_model, p, a, n=10) for p, a in zip(prompts, owners, strict=True)]
+    run_until_done(engine, [r for r, _ in batch])
+    assert [out.error for _, out in batch] == [None] * 3
+    assert [out.text for _, out in batch] == wanted
+    assert engine.max_rows_seen == 3
+    assert len(set(wanted)) == 3

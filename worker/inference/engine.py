@@ -4,8 +4,10 @@ One thread owns torch. Requests arrive from the HTTP handlers (already tokenised
 already fetched and verified) into a pending list; the engine thread takes the requests of one
 base model, up to ``max_batch``, and decodes them as one batch:
 
-- every row names its adapter (peft's mixed-adapter batches, ``adapter_names=[...]``; the bare
-  base is ``__base__``), so requests for different adapters share each forward pass;
+- every row names its adapter (the bare base is ``__base__``), so requests for different adapters
+  share each forward pass: a batch on one adapter runs peft's ordinary forward, a mixed one the
+  gathered LoRA path of ``mixed_lora`` (per layer, each row's A and B gathered from a stack of the
+  batch's adapters, two ``bmm``), which gives what peft's ``adapter_names=`` gives, faster;
 - prompts are left-padded, positions counted per row, and a KV cache kept for the batch;
 - a request arriving while a batch runs joins it at the next step (its prompt is prefilled alone,
   then its cache is left-padded to the batch's length and stacked onto it), so nobody waits for
@@ -14,9 +16,10 @@ base model, up to ``max_batch``, and decodes them as one batch:
   ``generate(do_sample=False)``; sampled rows draw from their own seeded generator, so a seed
   repeats whatever else shares the batch.
 
-Base models are loaded with the training engine's own loaders (``worker.training.model``) and
-kept while they fit ``memory_bytes`` together, least recently used evicted first. Adapters are
-attached with peft's ``load_adapter`` (kept up to ``max_adapters`` per base, LRU).
+Base models are loaded with the training engine's own loaders (``worker.training.model``), their
+linear weights re-laid out for few-row matmuls on CPU (``decode_layout``), and kept while they
+fit ``memory_bytes`` together, least recently used evicted first. Adapters are attached with
+peft's ``load_adapter`` (kept up to ``max_adapters`` per base, LRU).
 """
 
 from __future__ import annotations
@@ -35,15 +38,13 @@ from typing import Any
 
 import torch
 from peft import PeftModel
-from peft.tuners.lora import LoraLayer
 from transformers import AutoConfig, DynamicCache
 
 from shared.inference_shapes import GenerationParams
+from worker.inference.mixed_lora import BASE, Router, install
 from worker.training.model import load_base_model, load_tokenizer
 
 log = logging.getLogger("lorafleet.inference")
-
-BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
 
 
 class EngineError(Exception):
@@ -107,18 +108,18 @@ class Loaded:
     stop_ids: frozenset[int]
     context_length: int | None
     adapters: OrderedDict[str, Path] = field(default_factory=OrderedDict)
-    # Per row of the running batch, the peft adapter name (BASE for none); None: every row uses
-    # the active adapter (peft's ordinary forward). Read by the pre-forward hooks below.
-    row_adapters: list[str] | None = None
+    # Which adapter each row of the next forward uses; read by the routed LoRA layers.
+    router: Router = field(default_factory=Router)
     active: str | None = None  # the adapter peft's ordinary forward applies
 
     def route(self, names: list[str]) -> None:
         """Make the next forward apply ``names[i]`` to row ``i``.
 
         One adapter for every row takes peft's ordinary path (the active adapter, exactly what
-        ``PeftModel.generate`` runs); different ones take its mixed-batch path. The row names
-        reach the LoRA layers through pre-forward hooks installed once per layer, rather than
-        through ``adapter_names=``, for which peft walks every module twice per forward.
+        ``PeftModel.generate`` runs); different ones take the gathered mixed-batch path of
+        ``mixed_lora``. The rows reach the LoRA layers through the router that the layers'
+        installed forwards read, rather than through ``adapter_names=``, for which peft walks
+        every module twice per forward.
         """
         if not isinstance(self.model, PeftModel):
             return
@@ -126,25 +127,41 @@ class Loaded:
             if self.active != names[0]:
                 self.model.set_adapter(names[0])
                 self.active = names[0]
-            self.row_adapters = None
+            self.router.single()
         else:
-            self.row_adapters = list(names)
+            self.router.mixed(names, self.model.device)
 
-    def hook_new_layers(self) -> None:
-        """Install the row-routing hook on LoRA layers that have none yet (an adapter with other
-        target modules than the ones before creates new layers)."""
-        for module in self.model.modules():
-            if isinstance(module, LoraLayer) and not getattr(module, "_lorafleet_routed", False):
-                assert isinstance(module, torch.nn.Module)
-                module.register_forward_pre_hook(self._pass_names, with_kwargs=True)
-                setattr(module, "_lorafleet_routed", True)  # noqa: B010 (nn.Module typing)
+    def adapters_changed(self) -> None:
+        """After an adapter is attached or deleted: route the LoRA layers it created and rebuild
+        the mixed-batch stacks."""
+        install(self.model, self.router)
+        self.router.invalidate()
 
-    def _pass_names(
-        self, _module: Any, args: Any, kwargs: dict[str, Any]
-    ) -> tuple[Any, dict[str, Any]]:
-        if self.row_adapters is not None:
-            kwargs["adapter_names"] = self.row_adapters
-        return args, kwargs
+
+def decode_layout(model: torch.nn.Module, device: torch.device) -> None:
+    """On CPU, store each ``nn.Linear`` weight as the transpose of a contiguous [in, out] tensor
+    (the same values, shape and bytes; ``weight`` becomes a strided view).
+
+    ``F.linear(x, w)`` then runs as ``x @ w_t`` on contiguous operands, which MKL's sgemm does
+    2.3-2.5x faster for the few rows of a decoding step (8 rows x 512 x 1536: 385 -> 160 us on
+    the AVX-512 machine the benchmark ran on; 1 row: 1.0-1.3x; 160 rows, a prefill: 0.8-1.0x).
+    A decoding step is mostly these matmuls, so batched decoding gains ~20-25% per step. The
+    values are those of the model as loaded; only the summation order inside a dot product may
+    differ, as it already does between batch sizes.
+
+    The other parameters are copied too: the loaded ones are views of the safetensors file's
+    memory map, which stays mapped (and resident, once read) while any of them is alive; copying
+    all of them lets it go, so the process holds the weights once. GPUs: left alone (cuBLAS
+    takes either layout at the same speed, and the weights were copied onto the device).
+    """
+    if device.type != "cpu":
+        return
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            if type(module) is torch.nn.Linear and param is module.weight:
+                param.data = param.data.t().contiguous().t()
+            else:
+                param.data = param.data.clone()
 
 
 def default_device() -> torch.device:
@@ -186,6 +203,7 @@ class _Row:
         self.request = request
         self.loaded = loaded
         self.max_new = max_new
+        self.adapter_name = peft_name(request.adapter) if request.adapter else BASE
         self.tokens: list[int] = []
         self.sent = 0  # characters of the decoded text already sent
         self.done = False
@@ -265,9 +283,7 @@ class _Batch:
         self.logits: torch.Tensor | None = None  # [rows, vocab]: next-token logits
 
     def _route(self, rows: list[_Row]) -> None:
-        self.loaded.route(
-            [peft_name(r.request.adapter) if r.request.adapter else BASE for r in rows]
-        )
+        self.loaded.route([r.adapter_name for r in rows])
 
     def prefill(self, rows: list[_Row]) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Run the prompts of ``rows`` (left-padded): their cache, mask, positions, logits."""
@@ -602,6 +618,7 @@ class Engine:
         tokenizer, context = self.tokenizer(name, request.base_path)
         model: Any = load_base_model(request.base_path, self.dtype)
         model = model.to(self.device).eval()
+        decode_layout(model, self.device)
         nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
         nbytes += sum(b.numel() * b.element_size() for b in model.buffers())
         while self.models and sum(m.nbytes for m in self.models.values()) + nbytes > (
@@ -609,7 +626,7 @@ class Engine:
         ):
             with self._models_lock:
                 evicted, _ = self.models.popitem(last=False)
-            gc.collect()  # the routing hooks make a reference cycle: free the weights now
+            gc.collect()  # the routed layers make a reference cycle: free the weights now
             log.info("evicting base model %s (memory bound %d bytes)", evicted, self.memory_bytes)
         if nbytes > self.memory_bytes:
             log.warning(
@@ -641,6 +658,7 @@ class Engine:
             with self._models_lock:  # in_use() reads the attached adapters from other threads
                 del loaded.adapters[victim]
             loaded.model.delete_adapter(peft_name(victim))
+            loaded.adapters_changed()
             if loaded.active == peft_name(victim):
                 loaded.active = None  # peft activated another one: set it again when needed
         if isinstance(loaded.model, PeftModel):
@@ -651,7 +669,7 @@ class Engine:
             )
             loaded.active = name
         loaded.model.eval()
-        loaded.hook_new_layers()
+        loaded.adapters_changed()
         with self._models_lock:
             loaded.adapters[request.adapter] = request.adapter_path
 
