@@ -103,6 +103,34 @@ def peak_rss_bytes() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
+class StepClock:
+    """A training-progress sink for our engine that notes when each step was reported (and keeps
+    every record, for the numbers a benchmark reads afterwards)."""
+
+    def __init__(self, times: list[float]) -> None:
+        self.times = times
+        self.records: list[Any] = []
+
+    def log(self, record: Any) -> None:
+        from worker.training import events
+
+        self.records.append(record)
+        if isinstance(record, events.Step):
+            self.times.append(time.perf_counter())
+
+
+def trainer_step_clock(times: list[float]) -> Any:
+    """The same for a transformers ``Trainer`` (TRL's included): a callback noting each step's
+    end, so every contender's step times are taken at the same point."""
+    from transformers import TrainerCallback
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            times.append(time.perf_counter())
+
+    return Clock()
+
+
 def rss_bytes() -> int:
     with open("/proc/self/status") as status:
         for line in status:

@@ -62,19 +62,6 @@ def bench_pairs(n: int, seed: int = 0) -> list[dict[str, str]]:
     return pairs
 
 
-class _StepClock:
-    def __init__(self, times: list[float]) -> None:
-        self.times = times
-        self.records: list[Any] = []
-
-    def log(self, record: Any) -> None:
-        from worker.training import events
-
-        self.records.append(record)
-        if isinstance(record, events.Step):
-            self.times.append(time.perf_counter())
-
-
 def run_ours(cfg: dict[str, Any]) -> dict[str, Any]:
     import torch
 
@@ -104,7 +91,7 @@ def run_ours(cfg: dict[str, Any]) -> dict[str, Any]:
         }
     )
     times: list[float] = []
-    clock = _StepClock(times)
+    clock = common.StepClock(times)
     trainer = LoraTrainer(
         spec,
         TrainPaths(model=cfg["model"], output_dir=Path(tempfile.mkdtemp(prefix="bench-dpo-"))),
@@ -146,7 +133,7 @@ def run_trl(cfg: dict[str, Any]) -> dict[str, Any]:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, TrainerCallback
+    from transformers import AutoModelForCausalLM
     from trl import DPOConfig, DPOTrainer
     from trl.trainer.dpo_trainer import DataCollatorForPreference
 
@@ -166,10 +153,6 @@ def run_trl(cfg: dict[str, Any]) -> dict[str, Any]:
         return batch
 
     times: list[float] = []
-
-    class Clock(TrainerCallback):
-        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            times.append(time.perf_counter())
 
     args = DPOConfig(
         output_dir=tempfile.mkdtemp(prefix="bench-trl-"),
@@ -205,7 +188,7 @@ def run_trl(cfg: dict[str, Any]) -> dict[str, Any]:
             bias="none",
             task_type="CAUSAL_LM",
         ),
-        callbacks=[Clock()],
+        callbacks=[common.trainer_step_clock(times)],
     )
     rss_before = common.rss_bytes()
     start = time.perf_counter()
@@ -442,7 +425,10 @@ def main(argv: list[str] | None = None) -> int:
         ("ours-precompute", {**base, "precompute": True}),
     ]
     for round_no in range(args.repeats):
-        for name, cfg in list(plan):
+        index = 0
+        while index < len(plan):  # the peers join the plan during the first round
+            name, cfg = plan[index]
+            index += 1
             print(f"[bench] {name} (round {round_no + 1}) ...", file=sys.stderr, flush=True)
             result = spawn(name, cfg, args.timeout)
             # Best of the rounds: noise on a shared machine only ever slows a run down.

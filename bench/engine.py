@@ -36,21 +36,11 @@ from pathlib import Path
 from typing import Any
 
 from bench import common
-from worker.training import events
 
 PEER_NAMES = ("peer", "peer-grouped", "peer-mem")
 
 
 # --------------------------------------------------------------------------- children
-class _StepClock:
-    """A sink that notes when each step was reported."""
-
-    def __init__(self, times: list[float]) -> None:
-        self.times = times
-
-    def log(self, record: events.Record) -> None:
-        if isinstance(record, events.Step):
-            self.times.append(time.perf_counter())
 
 
 def _doc_pairs(position_ids: list[int], real: int) -> int:
@@ -99,7 +89,7 @@ def run_ours(cfg: dict[str, Any]) -> dict[str, Any]:
     trainer = LoraTrainer(
         spec,
         TrainPaths(model=cfg["model"], output_dir=out),
-        sink=_StepClock(times),
+        sink=common.StepClock(times),
     )
     trainer.setup()
     if cfg.get("compile"):
@@ -152,7 +142,6 @@ def run_peer(cfg: dict[str, Any]) -> dict[str, Any]:
         AutoModelForCausalLM,
         DataCollatorForSeq2Seq,
         Trainer,
-        TrainerCallback,
         TrainingArguments,
     )
 
@@ -207,10 +196,6 @@ def run_peer(cfg: dict[str, Any]) -> dict[str, Any]:
 
     times: list[float] = []
 
-    class Clock(TrainerCallback):
-        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            times.append(time.perf_counter())
-
     args = TrainingArguments(
         output_dir=tempfile.mkdtemp(prefix="bench-peer-"),
         per_device_train_batch_size=cfg["batch"],
@@ -238,7 +223,7 @@ def run_peer(cfg: dict[str, Any]) -> dict[str, Any]:
         train_dataset=dataset,  # type: ignore[arg-type]
         data_collator=collate,
         processing_class=tokenizer,
-        callbacks=[Clock()],
+        callbacks=[common.trainer_step_clock(times)],
     )
     rss_before = common.rss_bytes()
     start = time.perf_counter()

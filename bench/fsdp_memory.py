@@ -73,15 +73,6 @@ def model_dir(size: str) -> Path:
 
 
 # --------------------------------------------------------------------------- rank (child)
-class _StepClock:
-    def __init__(self, times: list[float]) -> None:
-        self.times = times
-
-    def log(self, record: Any) -> None:
-        from worker.training import events
-
-        if isinstance(record, events.Step):
-            self.times.append(time.perf_counter())
 
 
 def _reset_peak() -> bool:
@@ -125,7 +116,7 @@ def rank_main(cfg_path: str, result_dir: str) -> int:
     trainer = LoraTrainer(
         spec,
         TrainPaths(model=cfg["model"], output_dir=out, cache_dir=Path(cfg["cache"])),
-        sink=_StepClock(times),
+        sink=common.StepClock(times),
         dist_info=info,
     )
     rss_start = common.rss_bytes()

@@ -77,7 +77,9 @@ def test_frozen_worker_thawed_late_harms_nothing(
         ) as dep,
         _start(dep) as http,
     ):
-        body = job_body(upload(http, ROWS), max_steps=40, checkpoint_every_steps=5, batch_size=2)
+        # Long enough that A is still training when the test freezes it (a fast engine ran 40
+        # steps before the first commit was visible on a loaded machine).
+        body = job_body(upload(http, ROWS), max_steps=80, checkpoint_every_steps=5, batch_size=2)
         job_id = http.post("/jobs", json=body).json()["id"]
         worker_a = dep.start_worker("worker-a")
         wait_for(
@@ -110,9 +112,9 @@ def test_frozen_worker_thawed_late_harms_nothing(
         again = http.get(f"/jobs/{job_id}").json()
         assert again["status"] == "succeeded" and again["finished_at"] == final["finished_at"]
         metrics = http.get(f"/jobs/{job_id}/metrics").json()["data"]
-        assert [m["step"] for m in metrics] == list(range(1, 41))
+        assert [m["step"] for m in metrics] == list(range(1, 81))
         manifest = final.get("manifest") or {}
-        assert manifest.get("steps", 40) == 40
+        assert manifest.get("steps", 80) == 80
         step = int(resumed.split()[3])
         assert step == committed >= 10, (step, committed)
         assert all(epoch == 2 for _, epoch, _ in _checkpoint_rows(pg_schema, job_id))
@@ -145,8 +147,10 @@ def test_upload_frozen_mid_way_is_never_used(
             ) as dep,
             _start(dep) as http,
         ):
+            # Long enough that A is still training (its attempt folder there) once a commit of
+            # its is visible: 30 steps could end before the first commit showed up under load.
             body = job_body(
-                upload(http, ROWS), max_steps=30, checkpoint_every_steps=5, batch_size=2
+                upload(http, ROWS), max_steps=120, checkpoint_every_steps=5, batch_size=2
             )
             job_id = http.post("/jobs", json=body).json()["id"]
             worker_a = dep.start_worker(
