@@ -36,7 +36,7 @@ def test_two_workers_three_jobs(tmp_path: Path, tiny_dir: Path) -> None:
             assert "resources.gpu_type" in refused.text and "H100" in refused.text
 
             ids = [
-                http.post("/jobs", json=job_body(file_id, max_steps=40)).json()["id"]
+                http.post("/jobs", json=job_body(file_id, max_steps=80)).json()["id"]
                 for _ in range(3)
             ]
 
