@@ -31,7 +31,9 @@ from tests.e2e.live import (
 from worker.training.engine import LoraTrainer, TrainPaths
 
 ROWS = chat_rows(60)
-LONG = {"max_steps": 100, "checkpoint_every_steps": 15, "batch_size": 2}
+# Long enough that both kills land mid-run however fast the engine is (100 steps could end
+# between the test seeing step 50 and its kill on a loaded machine).
+LONG = {"max_steps": 300, "checkpoint_every_steps": 15, "batch_size": 2}
 
 
 def _step(http: httpx.Client, job_id: str) -> int:
@@ -49,6 +51,7 @@ def _kill_worker_mid_run(
     wait_for(lambda: _step(http, job_id) > after_step, 240, 0.1, f"step > {after_step}")
     children = descendants(worker.pid)
     assert children, "the worker should have training processes"
+    assert http.get(f"/jobs/{job_id}").json()["status"] == "running", "the kill must land mid-run"
     os.kill(worker.pid, signal.SIGKILL)
     worker.wait()
     wait_for(lambda: not alive(children), 15, 0.2, "training processes to die with the worker")
