@@ -216,27 +216,21 @@ async def _sse(request: Request, job_id: str, after_id: int) -> AsyncIterator[st
                 raise
             # The database restarts or fails over: the watcher sees a pause (keep-alives), not a
             # broken stream, and the events written meanwhile arrive once it is back.
-            if time.monotonic() - last_sent > SSE_KEEPALIVE_S:
-                yield ": keep-alive\n\n"
+        else:
+            for event in events:
+                after_id = event.id
+                yield f"id: {event.id}\ndata: {event.model_dump_json()}\n\n"
                 last_sent = time.monotonic()
-            if await request.is_disconnected():
+            if progress is not None:
+                frame = progress.model_dump_json()
+                if frame != last_progress:
+                    last_progress = frame
+                    yield f"event: progress\ndata: {frame}\n\n"
+                    last_sent = time.monotonic()
+            if status is None or (status in FINAL and len(events) < SSE_BATCH):
                 return
-            await asyncio.sleep(SSE_POLL_S)
-            continue
-        for event in events:
-            after_id = event.id
-            yield f"id: {event.id}\ndata: {event.model_dump_json()}\n\n"
-            last_sent = time.monotonic()
-        if progress is not None:
-            frame = progress.model_dump_json()
-            if frame != last_progress:
-                last_progress = frame
-                yield f"event: progress\ndata: {frame}\n\n"
-                last_sent = time.monotonic()
-        if status is None or (status in FINAL and len(events) < SSE_BATCH):
-            return
-        if len(events) == SSE_BATCH:
-            continue
+            if len(events) == SSE_BATCH:
+                continue
         if time.monotonic() - last_sent > SSE_KEEPALIVE_S:
             yield ": keep-alive\n\n"
             last_sent = time.monotonic()
