@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from shared.inference_shapes import GenerationParams
-from shared.services.inference import Adapter
+from shared.services.adapters import Adapter
 from shared.storage import LocalStorage
 from worker.adapter_files import AdapterCorrupt, AdapterMissing, folder_digest, make_adapter_tarball
 from worker.inference.adapters import AdapterStore

@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from shared.services.inference import Adapter
+from shared.services.adapters import Adapter
 from shared.storage import Storage
 from worker.adapter_files import (
     PEFT_FILES,
